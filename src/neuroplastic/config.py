@@ -1,0 +1,383 @@
+"""Typed run configuration: dataclasses loaded from YAML recipes plus dotted overrides.
+
+A recipe is a YAML file with the sections of :class:`RunConfig`::
+
+    model: {n_layer: 4, n_embd: 128}
+    data:  {source: synthetic, tokenizer: byte}
+    train: {max_steps: 300, lr: 3e-3}
+
+``neuroplastic train tiny model.n_layer=2 train.max_steps=50`` applies overrides on
+top. Unknown keys name the closest valid keys; wrong types say the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neuroplastic.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style transformer (see :mod:`neuroplastic.models.transformer`)."""
+
+    arch: str = "gpt"
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    block_size: int = 256  # maximum context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    pos: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    tie_weights: bool = True
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it becomes token blocks."""
+
+    source: str = "synthetic"  # synthetic | registry name | file | directory | hf:NAME
+    field: str = "text"  # jsonl / HF datasets field holding the text
+    tokenizer: str = "byte"  # byte | bpe | path to a tokenizer dir or GPT-2 files
+    bpe_vocab_size: int = 2048
+    block_size: int = 0  # 0: model.block_size
+    val_fraction: float = 0.05
+    max_chars: int = 0  # 0: no limit; otherwise truncate the corpus (quick runs)
+    data_dir: str = ""  # searched first for registry corpora ("" -> env / ../shared/data)
+    synthetic_seed: int = 0
+    stages: list[str] = field(default_factory=list)  # synthetic stages to use ([] = all)
+
+
+@dataclass
+class TrainConfig:
+    """The one trainer's knobs."""
+
+    out_dir: str = "runs/{name}"
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    compile: bool = False
+    eval_interval: int = 200
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 200
+    keep_last: int = 2
+    keep_best: bool = True
+    sample_interval: int = 0  # 0: only at the end
+    sample_tokens: int = 64
+    sample_prompt: str = ""
+    max_nonfinite: int = 5
+    resume: str = "none"  # none | auto | path to a checkpoint dir
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> RunConfig:
+        """Check values a type check cannot; raise UserError naming the key."""
+        t, m, d = self.train, self.model, self.data
+        positive = {
+            "train.max_steps": t.max_steps,
+            "train.batch_size": t.batch_size,
+            "train.grad_accum": t.grad_accum,
+            "train.eval_batches": t.eval_batches,
+            "model.block_size": m.block_size,
+            "model.n_layer": m.n_layer,
+            "model.n_head": m.n_head,
+            "model.n_embd": m.n_embd,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{key} must be a positive integer, got {value}.")
+        nonneg = {
+            "train.lr": t.lr,
+            "train.min_lr": t.min_lr,
+            "train.weight_decay": t.weight_decay,
+            "train.warmup_steps": t.warmup_steps,
+            "train.grad_clip": t.grad_clip,
+            "model.dropout": m.dropout,
+            "data.block_size": d.block_size,
+            "data.max_chars": d.max_chars,
+        }
+        for key, value in nonneg.items():
+            if value < 0:
+                raise UserError(f"{key} must be >= 0, got {value}.")
+        if t.lr == 0:
+            raise UserError("train.lr must be > 0, got 0.")
+        if not 0 <= m.dropout < 1:
+            raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}.")
+        if not 0 < d.val_fraction < 1:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
+        if m.n_embd % m.n_head:
+            raise UserError(
+                f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})."
+            )
+        if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
+            raise UserError(
+                f"RoPE needs an even head size, but model.n_embd / model.n_head = "
+                f"{m.n_embd // m.n_head}; change model.n_head or use model.pos=learned."
+            )
+        if d.block_size > m.block_size:
+            raise UserError(
+                f"data.block_size ({d.block_size}) is larger than the model context "
+                f"model.block_size ({m.block_size}); lower data.block_size or raise model.block_size."
+            )
+        choices = {
+            "model.norm": (m.norm, ("rmsnorm", "layernorm")),
+            "model.pos": (m.pos, ("rope", "learned")),
+            "model.arch": (m.arch, ("gpt",)),
+            "train.amp": (t.amp, ("auto", "bf16", "fp16", "none")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"{key} must be one of {', '.join(allowed)}; got {value!r}.")
+        return self
+
+    @property
+    def block_size(self) -> int:
+        """The training sequence length."""
+        return self.data.block_size or self.model.block_size
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string already YAML-parsed) to ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"{key} expects {_type_name(tp)}, got {value!r}.")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{key} expects a list, got {value!r}.")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} expects a mapping, got {value!r}.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{key} expects a boolean (true/false), got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{key} expects an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise UserError(f"{key} expects an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{key} expects a number, got {value!r}.")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key} expects a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{key} expects a string, got {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key} expects a mapping of {tp.__name__} fields, got {value!r}.")
+        return _build(tp, value, key)
+    return value
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "valid keys: " + ", ".join(candidates) + "."
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            all_keys = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise UserError(f"Unknown config key {full!r}; {_closest(full, all_keys)}")
+        kwargs[k] = _coerce(v, hints[k], full)
+    return cls(**kwargs)
+
+
+def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class (leaves only)."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(all_keys(hints[f.name], full))
+        else:
+            keys.append(full)
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"model.n_layer=4"`` -> ``("model.n_layer", 4)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise UserError(
+            f"Override {text!r} is not of the form key=value (e.g. train.max_steps=200)."
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"Override {text!r} has an empty key.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, checking the key exists."""
+    parts = key.split(".")
+    cls: Any = RunConfig
+    node = tree
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            so_far = ".".join(parts[:i])
+            names = [f"{so_far}.{n}" if so_far else n for n in hints]
+            leaf_keys = [k for k in all_keys() if k.startswith(so_far)] if so_far else all_keys()
+            raise UserError(
+                f"Unknown config key {key!r}; {_closest(key, leaf_keys or names)}"
+            )
+        tp = hints[part]
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise UserError(f"Config key {'.'.join(parts[: i + 1])!r} has no sub-keys.")
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+            cls = tp
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    if not isinstance(values, dict):
+        raise UserError("A recipe must be a YAML mapping with sections model, data, train.")
+    return _build(RunConfig, values)
+
+
+def available_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """Raw mapping of a built-in recipe name or a YAML file path."""
+    recipes = available_recipes()
+    path = recipes.get(name_or_path)
+    if path is None:
+        candidate = Path(name_or_path)
+        if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+            if not candidate.is_file():
+                raise UserError(f"Recipe file {str(candidate)!r} does not exist.")
+            path = candidate
+        else:
+            close = difflib.get_close_matches(name_or_path, list(recipes), n=3, cutoff=0.4)
+            hint = ("did you mean " + " or ".join(close) + "?") if close else (
+                "available: " + ", ".join(recipes) + "."
+            )
+            raise UserError(f"Unknown recipe {name_or_path!r}; {hint}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"Recipe {str(path)!r} is not valid YAML ({first}).") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"Recipe {str(path)!r} must be a YAML mapping.")
+    values.setdefault("name", path.stem)
+    return values
+
+
+def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe by name (``tiny``) or path and apply ``key=value`` overrides."""
+    values = read_recipe(recipe)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(values, key, value)
+    return config_from_dict(values).validate()
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
