@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ class DataConfig:
     max_chars: int = 0  # 0: no limit; otherwise truncate the corpus (quick runs)
     data_dir: str = ""  # searched first for registry corpora ("" -> env / ../shared/data)
     synthetic_seed: int = 0
-    stages: list[str] = field(default_factory=list)  # synthetic stages to use ([] = all)
+    stages: list[str] = dataclasses.field(default_factory=list)  # synthetic stages to use ([] = all)
 
 
 @dataclass
@@ -100,9 +100,9 @@ class TrainConfig:
 class RunConfig:
     name: str = "run"
     description: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

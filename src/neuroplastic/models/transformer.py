@@ -1,0 +1,420 @@
+"""A GPT-style decoder-only transformer, readable in one sitting (after karpathy/nanoGPT).
+
+Options come from :class:`neuroplastic.config.ModelConfig`:
+
+- ``norm``: ``rmsnorm`` or ``layernorm`` (pre-norm blocks plus a final norm);
+- ``pos``: ``rope`` (rotary embeddings on queries and keys, base ``rope_theta``) or
+  ``learned`` (absolute position embeddings, nanoGPT style);
+- ``bias``, ``dropout``, ``mlp_ratio`` (GELU MLP), ``tie_weights`` (output projection
+  shares the token embedding).
+
+Attention always goes through :func:`torch.nn.functional.scaled_dot_product_attention`.
+Generation uses a :class:`KVCache`; see :meth:`GPT.generate`.
+
+Weight tying: when ``tie_weights`` is true there is no separate ``lm_head`` module; the
+output projection reads ``transformer.wte.weight``. The state dict therefore holds no
+shared tensors and can be written with ``safetensors.torch.save_file`` directly.
+
+Meta-device construction (``with torch.device("meta"): GPT(cfg)``) works; after
+``model.to_empty(device=...)`` call :meth:`GPT.init_weights` to get real values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neuroplastic.config import ModelConfig
+from neuroplastic.errors import UserError
+
+__all__ = ["GPT", "KVCache", "apply_rope", "rope_angles"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of the rotary angles, each ``(T, head_dim // 2)`` in float32."""
+    inv_freq = theta ** (
+        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs ``(x[..., i], x[..., i + d/2])`` of ``x`` ``(B, nh, T, d)``
+    ("rotate-half" layout, as in GPT-NeoX / Llama)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+    return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+
+
+class KVCache:
+    """Keys and values of past positions for incremental decoding.
+
+    One preallocated tensor each for keys and values, ``(n_layer, B, n_head, max_len,
+    head_dim)``, allocated on the first :meth:`update` with that call's batch size,
+    dtype and device (so it follows autocast). ``pos`` counts the positions already
+    stored; the model advances it once per forward, after all layers have written.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.pos = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` ``(B, nh, T, hd)`` at ``pos`` for ``layer``; return all keys
+        and values up to ``pos + T``."""
+        B, nh, T, hd = k.shape
+        if self.k is None or self.k.shape[1] != B or self.k.dtype != k.dtype:
+            if self.pos != 0:
+                raise ValueError(
+                    "KVCache holds positions for another batch size or dtype; call reset()."
+                )
+            shape = (self.n_layer, B, nh, self.max_len, hd)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KVCache is full: {end} positions requested, room for {self.max_len}.")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        """Forget all positions (the buffers are kept and overwritten)."""
+        self.pos = 0
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None,
+        layer: int,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        is_causal = True
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(layer, k, v)
+            # Queries sit at positions past..past+T-1 and see every key up to their own
+            # position. SDPA's is_causal aligns the mask top-left, which is only right
+            # when there is no past; a single query sees everything; otherwise an explicit
+            # mask (built once per forward by the model) is used.
+            is_causal = past == 0 and T > 1
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if is_causal else attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.n_embd)
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = _norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, kv_cache, layer, attn_mask):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, layer, attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    if cfg.vocab_size <= 0:
+        raise UserError(
+            f"model.vocab_size must be positive to build a GPT, got {cfg.vocab_size}; "
+            "set it from the tokenizer before building the model."
+        )
+    for key in ("block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"model.{key} must be a positive integer, got {getattr(cfg, key)}.")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(
+            f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})."
+        )
+    if cfg.norm not in ("rmsnorm", "layernorm"):
+        raise UserError(f"model.norm must be one of rmsnorm, layernorm; got {cfg.norm!r}.")
+    if cfg.pos not in ("rope", "learned"):
+        raise UserError(f"model.pos must be one of rope, learned; got {cfg.pos!r}.")
+    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        raise UserError(
+            f"RoPE needs an even head size, but model.n_embd / model.n_head = "
+            f"{cfg.n_embd // cfg.n_head}; change model.n_head or use model.pos=learned."
+        )
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"model.dropout must be in [0, 1), got {cfg.dropout}.")
+    if int(cfg.mlp_ratio * cfg.n_embd) <= 0:
+        raise UserError(f"model.mlp_ratio must be positive, got {cfg.mlp_ratio}.")
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model.
+
+    ``logits, loss = model(idx, targets)``: ``idx`` and ``targets`` are ``(B, T)`` token
+    ids, ``logits`` is ``(B, T, vocab_size)`` and ``loss`` the mean cross-entropy over
+    targets that are not ``-100`` (``None`` without targets).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        _check_config(cfg)
+        self.config = cfg
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=_norm(cfg),
+            )
+        )
+        if cfg.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # Tied: the output projection is transformer.wte.weight (no second module, so the
+        # state dict has no shared tensors).
+        self.lm_head = None if cfg.tie_weights else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init / stats
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02) for linear and embedding weights, zero biases, unit norm
+        weights, and residual output projections (``c_proj``) at 0.02 / sqrt(2 n_layer)."""
+        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = proj_std if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters. With ``non_embedding`` (nanoGPT's convention) position
+        embeddings are left out, and so is the token embedding unless it is tied to the
+        output projection (then it does matmul work per token and counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer["wpe"].weight.numel()
+            if self.lm_head is not None:
+                n -= self.transformer["wte"].weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): ``6 N + 12 L H Q T`` with N the
+        non-embedding parameters, L layers, H heads, Q head size and T the sequence length
+        (``block_size`` by default). PaLM appendix B, as in nanoGPT's ``estimate_mfu``."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        return float(6 * self.num_params(True) + 12 * cfg.n_layer * cfg.n_head * self.head_dim * T)
+
+    # ------------------------------------------------------------------ forward
+
+    def _output_weight(self) -> torch.Tensor:
+        return self.transformer["wte"].weight if self.lm_head is None else self.lm_head.weight
+
+    def _hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states ``(B, T, C)``."""
+        cfg = self.config
+        B, T = idx.shape
+        past = 0 if kv_cache is None else kv_cache.pos
+        if past + T > cfg.block_size:
+            if kv_cache is None:
+                raise ValueError(
+                    f"Cannot forward a sequence of length {T}: the model's block_size is "
+                    f"{cfg.block_size}. Crop the input to the last {cfg.block_size} tokens."
+                )
+            raise ValueError(
+                f"Positions {past}..{past + T - 1} exceed the model's block_size "
+                f"{cfg.block_size}; reset the KV cache and recompute on a cropped context."
+            )
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.transformer["wte"](idx)
+        rope = None
+        if cfg.pos == "learned":
+            x = x + self.transformer["wpe"](pos)
+        else:
+            rope = rope_angles(pos, self.head_dim, cfg.rope_theta)
+        x = self.transformer["drop"](x)
+        attn_mask = None
+        if kv_cache is not None and past > 0 and T > 1:
+            # query i (absolute position past + i) sees keys 0..past + i
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(past)
+        for i, block in enumerate(self.transformer["h"]):
+            x = block(x, rope, kv_cache, i, attn_mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.transformer["ln_f"](x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._hidden(idx, kv_cache)
+        logits = F.linear(x, self._output_weight())
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+            )
+        return logits, loss
+
+    # ------------------------------------------------------------------ generation
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Next token ids ``(B, 1)`` from last-position logits ``(B, V)``."""
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None and top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the tokens before it already reach top_p (the first stays)
+            drop = probs.cumsum(dim=-1) - probs > top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``idx`` ``(B, T)`` by up to ``max_new_tokens`` tokens; returns
+        ``(B, T + new)``.
+
+        ``temperature=0`` is greedy; ``top_k`` / ``top_p`` filter before sampling with
+        ``generator``. With ``eos_id``, a row that emitted it keeps emitting it and
+        generation stops once every row has. The model is put in eval mode for the call
+        and restored afterwards.
+
+        With ``use_cache`` the prompt is run once and each new token is fed alone against
+        a :class:`KVCache`. Once the context would pass ``block_size``, the cache is reset
+        and the last ``block_size`` tokens are recomputed at every step (the same cropping
+        as without a cache), so both paths produce the same tokens.
+        """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"generate() needs a (B, T) prompt with T >= 1, got {tuple(idx.shape)}.")
+        block_size = self.config.block_size
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.new_kv_cache() if use_cache else None
+            finished = None
+            if eos_id is not None:
+                finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            out = idx
+            for _ in range(max_new_tokens):
+                if cache is not None and 0 < cache.pos < block_size:
+                    ctx = out[:, -1:]  # everything before it is cached
+                else:
+                    ctx = out[:, -block_size:]
+                    if cache is not None:
+                        cache.reset()
+                h = self._hidden(ctx, cache)[:, -1]
+                logits = F.linear(h, self._output_weight())
+                nxt = self._sample(logits, temperature, top_k, top_p, generator)
+                if finished is not None:
+                    nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
+                    finished = finished | (nxt.squeeze(1) == eos_id)
+                out = torch.cat((out, nxt), dim=1)
+                if finished is not None and bool(finished.all()):
+                    break
+            return out
+        finally:
+            self.train(was_training)

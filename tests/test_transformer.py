@@ -1,0 +1,235 @@
+"""Tests for the GPT transformer (neuroplastic.models.transformer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuroplastic.config import ModelConfig
+from neuroplastic.errors import UserError
+from neuroplastic.models import GPT, build_model
+from neuroplastic.models.transformer import KVCache
+
+VARIANTS = [
+    ("rmsnorm", "rope"),
+    ("rmsnorm", "learned"),
+    ("layernorm", "rope"),
+    ("layernorm", "learned"),
+]
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=48, block_size=24, n_layer=2, n_head=4, n_embd=32, mlp_ratio=2.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def sharp_model(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A model with large random weights: peaked logits and position-dependent attention,
+    so that bugs in caching or positions change the generated tokens."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm,pos", VARIANTS)
+def test_cached_forward_matches_full_forward(norm, pos):
+    cfg = tiny_cfg(norm=norm, pos=pos, bias=True)
+    model = sharp_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    full, _ = model(idx)
+    cache = KVCache(cfg.n_layer, cfg.block_size)
+    # prefill 5, then 4 at once (explicit mask with past keys), then 1, then 2
+    pieces = []
+    for a, b in [(0, 5), (5, 9), (9, 10), (10, 12)]:
+        logits, _ = model(idx[:, a:b], kv_cache=cache)
+        pieces.append(logits)
+        assert cache.pos == b
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm,pos", VARIANTS)
+def test_greedy_cache_equals_no_cache(norm, pos):
+    cfg = tiny_cfg(norm=norm, pos=pos)
+    model = sharp_model(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
+    # 30 new tokens: the context passes block_size (24), exercising the crop fallback
+    a = model.generate(prompt, 30, temperature=0.0, use_cache=True)
+    b = model.generate(prompt, 30, temperature=0.0, use_cache=False)
+    assert a.shape == (3, 35)
+    assert torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b)
+    assert len(set(a[0, 5:].tolist())) > 3  # not a degenerate repeat of one token
+
+
+@pytest.mark.parametrize("norm,pos", VARIANTS)
+def test_sampling_cache_equals_no_cache(norm, pos):
+    cfg = tiny_cfg(norm=norm, pos=pos)
+    model = sharp_model(cfg, seed=3)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 4), generator=torch.Generator().manual_seed(4))
+    kw = dict(temperature=0.8, top_k=20, top_p=0.95)
+    a = model.generate(prompt, 28, use_cache=True, generator=torch.Generator().manual_seed(7), **kw)
+    b = model.generate(prompt, 28, use_cache=False, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(a, b)
+    c = model.generate(prompt, 28, use_cache=True, generator=torch.Generator().manual_seed(8), **kw)
+    assert not torch.equal(a, c)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    cfg = tiny_cfg()
+    model = sharp_model(cfg, seed=5)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 3), generator=torch.Generator().manual_seed(6))
+    greedy = model.generate(prompt, 15, temperature=0.0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(prompt, 15, temperature=1.3, top_k=1, generator=g), greedy)
+    assert torch.equal(model.generate(prompt, 15, temperature=1.3, top_p=1e-6, generator=g), greedy)
+
+
+def test_eos_stops_early_and_pads_finished_rows():
+    cfg = tiny_cfg()
+    model = sharp_model(cfg, seed=5)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 3), generator=torch.Generator().manual_seed(6))
+    greedy = model.generate(prompt, 15, temperature=0.0)
+    eos = int(greedy[0, 3])  # the first token row 0 emits
+    out = model.generate(prompt, 15, temperature=0.0, eos_id=eos)
+    row1 = greedy[1, 3:].tolist()
+    if eos in row1:  # stops once row 1 also emitted it
+        assert out.size(1) == 3 + row1.index(eos) + 1
+    else:
+        assert out.size(1) == greedy.size(1)
+    assert (out[0, 3:] == eos).all()
+
+
+def test_generate_restores_training_mode():
+    model = GPT(tiny_cfg(dropout=0.1)).train()
+    model.generate(torch.zeros(1, 2, dtype=torch.long), 3)
+    assert model.training
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    data = torch.randint(0, cfg.vocab_size, (4, 17))
+    x, y = data[:, :-1], data[:, 1:]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.1
+
+
+def test_loss_ignores_minus_100():
+    cfg = tiny_cfg()
+    model = sharp_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    y = torch.randint(0, cfg.vocab_size, (2, 8))
+    logits, _ = model(x)
+    y_masked = y.clone()
+    y_masked[:, :4] = -100
+    _, loss = model(x, y_masked)
+    ref = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, cfg.vocab_size), y[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_seed_size_config_on_meta_device():
+    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=2048)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert next(model.parameters()).device.type == "meta"
+    n = model.num_params()
+    assert 1.2e9 <= n <= 1.4e9
+    assert model.config is cfg
+    # 6N + 12 L H Q T
+    assert model.flops_per_token() == 6 * n + 12 * 24 * 16 * 128 * 1024
+    assert model.flops_per_token(256) == 6 * n + 12 * 24 * 16 * 128 * 256
+
+
+def test_num_params_conventions():
+    tied = GPT(tiny_cfg(pos="learned"))
+    wpe = tied.transformer["wpe"].weight.numel()
+    assert tied.num_params(non_embedding=False) - tied.num_params() == wpe
+    untied = GPT(tiny_cfg(tie_weights=False))
+    wte = untied.transformer["wte"].weight.numel()
+    assert untied.num_params(non_embedding=False) - untied.num_params() == wte
+    # tied weights: one tensor, no duplicate in the state dict
+    assert "lm_head.weight" not in tied.state_dict()
+    assert "lm_head.weight" in untied.state_dict()
+
+
+@pytest.mark.parametrize("norm,pos", VARIANTS)
+def test_causality(norm, pos):
+    cfg = tiny_cfg(norm=norm, pos=pos)
+    model = sharp_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    t = 9
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % cfg.vocab_size
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+def test_too_long_input_raises():
+    cfg = tiny_cfg(block_size=8)
+    model = GPT(cfg)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    model(torch.zeros(1, 8, dtype=torch.long))  # exactly block_size is fine
+    cache = KVCache(cfg.n_layer, cfg.block_size)
+    model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+
+
+def test_bad_configs_raise_user_error():
+    with pytest.raises(UserError, match="vocab_size"):
+        GPT(tiny_cfg(vocab_size=0))
+    with pytest.raises(UserError, match="divisible"):
+        GPT(tiny_cfg(n_embd=30, n_head=4))
+    with pytest.raises(UserError, match="norm"):
+        GPT(tiny_cfg(norm="batchnorm"))
+    with pytest.raises(UserError, match="arch"):
+        build_model(tiny_cfg(arch="mamba"))
+
+
+def test_build_model():
+    model = build_model(tiny_cfg())
+    assert isinstance(model, GPT)
+
+
+@pytest.mark.parametrize("norm,pos", [("rmsnorm", "rope"), ("layernorm", "learned")])
+def test_bf16_autocast_forward(norm, pos):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(norm=norm, pos=pos, bias=True)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    y = torch.randint(0, cfg.vocab_size, (2, 16))
+    _, ref = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, y)
+        out = model.generate(x[:, :4], 6, temperature=0.0)
+    assert logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert abs(loss.item() - ref.item()) < 0.05
+    assert out.shape == (2, 10)
+    loss.backward()  # gradients flow under autocast
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_init_std():
+    cfg = ModelConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, n_embd=128)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    blk = model.transformer["h"][0]
+    assert abs(blk.attn.c_attn.weight.std().item() - 0.02) < 0.002
+    assert abs(blk.mlp.c_proj.weight.std().item() - 0.02 / 4) < 0.001  # 1/sqrt(2*8)
+    assert abs(blk.attn.c_proj.weight.std().item() - 0.02 / 4) < 0.001
