@@ -1,0 +1,312 @@
+"""The ``neuroplastic`` command line: the only place that prints for humans and exits.
+
+Errors a user can cause are :class:`~neuroplastic.errors.UserError`: one sentence on
+stderr and exit code 2 (``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from neuroplastic.errors import UserError
+
+
+def _echo(text: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text)
+    except Exception:  # pragma: no cover - tqdm is a core dependency
+        print(text)
+
+
+def _format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def _describe(trainer) -> str:
+    m = trainer.model
+    n = sum(p.numel() for p in m.parameters())
+    d = trainer.data
+    return (
+        f"model: {trainer.cfg.model.n_layer} layers x {trainer.cfg.model.n_embd} dim, "
+        f"{n / 1e6:.2f}M params | data: {d.description}, {len(d.train_tokens):,} train / "
+        f"{len(d.val_tokens):,} val tokens ({trainer.tokenizer.kind} tokenizer, vocab "
+        f"{trainer.tokenizer.vocab_size}) | device: {trainer.device}"
+    )
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from neuroplastic.config import load_config
+    from neuroplastic.training.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("train.resume=auto")
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    cfg = load_config(args.recipe, overrides)
+    trainer = Trainer(cfg, echo=_echo).setup()
+    print(_describe(trainer))
+    if trainer.resumed_from:
+        print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+    summary = trainer.train()
+    ev = summary["last_eval"]
+    if ev:
+        print(f"val loss {ev['loss']:.4f} | ppl {ev['ppl']:.2f} | bits/byte {ev['bpb']:.4f}")
+    print(f"run dir: {summary['run_dir']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from neuroplastic.config import load_config
+    from neuroplastic.training.trainer import Trainer, clear_run_dir
+
+    overrides = [f"train.out_dir={args.out}"]
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    overrides.extend(args.overrides)
+    cfg = load_config("tiny", overrides)
+    clear_run_dir(Path(cfg.train.out_dir.format(name=cfg.name)))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, echo=_echo).setup()
+    print("neuroplastic demo: training the `tiny` recipe on the embedded synthetic curriculum")
+    print(_describe(trainer))
+    prompts = [cfg.train.sample_prompt or "The", "Student: What is a planet?\nTeacher:"]
+    before = trainer.evaluate()
+    samples_before = [trainer.sample(p, 80, seed=0) for p in prompts]
+    summary = trainer.train()
+    after = trainer.evaluate()
+    samples_after = [trainer.sample(p, 80, seed=0) for p in prompts]
+    elapsed = time.perf_counter() - t0
+
+    print()
+    print("Validation (held-out synthetic documents):")
+    rows = [
+        ["loss (nats/token)", f"{before['loss']:.4f}", f"{after['loss']:.4f}"],
+        ["perplexity", f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"],
+        ["bits per byte", f"{before['bpb']:.4f}", f"{after['bpb']:.4f}"],
+    ]
+    print(_format_table(rows, ["metric", "before", f"after {summary['step']} steps"]))
+    print()
+    for p, b, a in zip(prompts, samples_before, samples_after):
+        print(f"prompt: {p!r}")
+        print(f"  before: {b[len(p):]!r}")
+        print(f"  after:  {a[len(p):]!r}")
+    print()
+    run_dir = Path(summary["run_dir"])
+    print(f"finished in {elapsed:.0f} s; run dir: {run_dir}")
+    print(f"  metrics:    {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+    if summary["loss_curve"]:
+        print(f"  loss curve: {summary['loss_curve']}")
+    print(f"  checkpoint: {run_dir / 'checkpoints'}")
+    print(f"next: neuroplastic generate {run_dir} --prompt \"Gravity is\"")
+    (run_dir / "demo_results.json").write_text(
+        json.dumps({"before": before, "after": after, "elapsed_s": elapsed,
+                    "samples_before": samples_before, "samples_after": samples_after}, indent=2),
+        encoding="utf-8",
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from neuroplastic.data.batching import join_documents, sequential_blocks
+    from neuroplastic.data.pipeline import prepare_data, token_byte_lengths
+    from neuroplastic.evaluation.lm import lm_metrics
+    from neuroplastic.training.inference import load_trained
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok, cfg, directory = load_trained(args.checkpoint, device=device)
+    block = cfg.block_size
+    if args.data:
+        from neuroplastic.data.sources import load_documents
+
+        docs = load_documents(args.data, field=args.field, data_dir=args.data_dir)
+        tokens = join_documents([tok.encode(d) for d in docs], tok.eos_id)
+        what = args.data
+    else:
+        if args.data_dir:
+            cfg.data.data_dir = args.data_dir
+        tokens = prepare_data(cfg.data, tokenizer_dir=directory / "tokenizer").val_tokens
+        what = f"validation split of {cfg.data.source}"
+    batches = sequential_blocks(tokens, block, args.batch_size, args.batches)
+    metrics = lm_metrics(model, batches, torch.from_numpy(token_byte_lengths(tok)), device)
+    metrics["checkpoint"] = str(directory)
+    metrics["data"] = what
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"checkpoint: {directory}")
+        print(f"data: {what} ({metrics['tokens']:,} tokens)")
+        print(_format_table(
+            [["loss (nats/token)", f"{metrics['loss']:.4f}"], ["perplexity", f"{metrics['ppl']:.2f}"],
+             ["bits per byte", f"{metrics['bpb']:.4f}"]],
+            ["metric", "value"],
+        ))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from neuroplastic.training.inference import load_trained
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be a positive integer.")
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0 (0 means greedy).")
+    model, tok, cfg, directory = load_trained(args.checkpoint, device=device)
+    ids = tok.encode(args.prompt) or [tok.eos_id]
+    ids = ids[-cfg.model.block_size :]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    for i in range(args.num_samples):
+        out = model.generate(
+            torch.tensor([ids], device=device), args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+            eos_id=tok.eos_id, generator=gen,
+        )
+        text = tok.decode(out[0, len(ids):].tolist())
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + text)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from neuroplastic.config import available_recipes, read_recipe
+
+    rows = []
+    for name in available_recipes():
+        rows.append([name, str(read_recipe(name).get("description", ""))])
+    print(_format_table(rows, ["recipe", "description"]))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from neuroplastic.data.registry import status
+
+    rows = []
+    for e in status(args.data_dir):
+        size = e.get("size_bytes")
+        rows.append([
+            e["name"], "yes" if e["available"] else "no",
+            _human_size(size) if size else "-", e.get("path") or "-", e.get("description", ""),
+        ])
+    print(_format_table(rows, ["name", "local", "size", "path", "description"]))
+    print("Lookup order: --data-dir, $NEUROPLASTIC_DATA, ../shared/data, the download cache.")
+    return 0
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ------------------------------------------------------------------ parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own convention)
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="neuroplastic",
+        description="Train and evaluate language models with neuroplasticity-inspired learning.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a recipe: neuroplastic train tiny model.n_layer=4")
+    t.add_argument("recipe", help="recipe name (see `neuroplastic recipes`) or a YAML file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    t.add_argument("--out", help="output directory (train.out_dir)")
+    t.add_argument("--data-dir", help="directory searched first for named corpora")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="train the tiny recipe on the embedded data and show before/after")
+    d.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo, replaced)")
+    d.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("evaluate", help="loss / perplexity / bits per byte of a checkpoint")
+    e.add_argument("checkpoint", help="checkpoint directory or run directory")
+    e.add_argument("--data", help="text source (file, dir, jsonl, registry name); default: the run's validation split")
+    e.add_argument("--field", default="text", help="jsonl field holding the text")
+    e.add_argument("--data-dir", help="directory searched first for named corpora")
+    e.add_argument("--batches", type=int, default=50, help="at most this many batches")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("checkpoint", help="checkpoint directory or run directory")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r.set_defaults(func=cmd_recipes)
+
+    da = sub.add_parser("data", help="named corpora and whether each is available locally")
+    da.add_argument("--data-dir", help="directory searched first")
+    da.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("NEUROPLASTIC_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"neuroplastic: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("neuroplastic: interrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `neuroplastic ... | head`
+        return 0

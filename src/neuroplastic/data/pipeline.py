@@ -1,0 +1,115 @@
+"""From a :class:`~neuroplastic.config.DataConfig` to a tokenizer and token streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neuroplastic.config import DataConfig
+from neuroplastic.data.batching import join_documents
+from neuroplastic.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    tokenizer: object
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    description: str
+    train_documents: int
+    val_documents: int
+
+
+def _synthetic_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
+
+    stages = cfg.stages or list(STAGES)
+    for s in stages:
+        if s not in STAGES:
+            raise UserError(f"Unknown synthetic stage {s!r} in data.stages; valid: {', '.join(STAGES)}.")
+    cur = SyntheticCurriculum(seed=cfg.synthetic_seed)
+    train, val = [], []
+    for s in stages:
+        train.extend(cur.documents(s))
+        val.extend(cur.validation_documents(s))
+    return train, val
+
+
+def _split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Hold out the tail of the corpus (by characters) for validation."""
+    if len(docs) == 1 or len(docs) < 20:
+        text = "\n\n".join(docs)
+        cut = int(len(text) * (1 - val_fraction))
+        return [text[:cut]], [text[cut:]]
+    total = sum(len(d) for d in docs)
+    target = total * (1 - val_fraction)
+    acc = 0
+    for i, d in enumerate(docs):
+        acc += len(d)
+        if acc >= target:
+            cut = max(1, min(i + 1, len(docs) - 1))
+            return docs[:cut], docs[cut:]
+    return docs[:-1], docs[-1:]
+
+
+def _truncate(docs: list[str], max_chars: int) -> list[str]:
+    if max_chars <= 0:
+        return docs
+    out, n = [], 0
+    for d in docs:
+        if n >= max_chars:
+            break
+        out.append(d[: max_chars - n])
+        n += len(out[-1])
+    return out
+
+
+def prepare_data(cfg: DataConfig, tokenizer_dir: Path | None = None) -> PreparedData:
+    """Load documents, build (or reload) the tokenizer and tokenize train/val streams.
+
+    ``tokenizer_dir``: a saved tokenizer to use instead of building one (resume).
+    """
+    from neuroplastic.data.sources import load_documents
+    from neuroplastic.data.tokenizers import build_tokenizer, load_tokenizer
+
+    if cfg.source == "synthetic":
+        train_docs, val_docs = _synthetic_documents(cfg)
+        desc = "embedded synthetic curriculum"
+    else:
+        docs = load_documents(cfg.source, field=cfg.field, data_dir=cfg.data_dir or None)
+        docs = [d for d in docs if d]
+        if not docs:
+            raise UserError(f"Data source {cfg.source!r} contains no text.")
+        train_docs, val_docs = _split_documents(docs, cfg.val_fraction)
+        desc = cfg.source
+    train_docs = _truncate(train_docs, cfg.max_chars)
+    if cfg.max_chars > 0:
+        val_docs = _truncate(val_docs, max(1, int(cfg.max_chars * cfg.val_fraction)))
+
+    if tokenizer_dir is not None:
+        tok = load_tokenizer(tokenizer_dir)
+    else:
+        tok = build_tokenizer(cfg.tokenizer, lambda: iter(train_docs), cfg.bpe_vocab_size)
+
+    def encode_all(docs: list[str]) -> np.ndarray:
+        return join_documents([tok.encode(d) for d in docs], tok.eos_id)
+
+    train = encode_all(train_docs)
+    val = encode_all(val_docs)
+    if len(val) < 2:
+        raise UserError("The validation split is empty; raise data.val_fraction or use more data.")
+    return PreparedData(tok, train, val, desc, len(train_docs), len(val_docs))
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """Bytes of text each token id stands for (0 for special tokens), for bits per byte."""
+    n = tokenizer.vocab_size
+    out = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        try:
+            out[i] = len(tokenizer.decode_bytes([i]))
+        except Exception:  # ids a tokenizer cannot decode alone (specials) count as 0 bytes
+            out[i] = 0
+    return out

@@ -1,0 +1,608 @@
+"""The one trainer.
+
+Recipes configure it; plasticity rules plug in as callbacks with the hook points of
+the design map (``penalty`` -> ``after_backward`` -> optimizer step -> ``after_step``).
+Everything stateful is checkpointed, so ``train.resume=auto`` continues a run exactly:
+the losses of an interrupted-and-resumed run equal those of an uninterrupted one bit
+for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuroplastic.config import RunConfig, config_from_dict, dump_config
+from neuroplastic.data.batching import PackedBlocks, sequential_blocks
+from neuroplastic.errors import UserError
+from neuroplastic.evaluation.lm import lm_metrics
+from neuroplastic.training import checkpoint as ckpt
+from neuroplastic.training.metrics import MetricsLogger, plot_loss_curve
+
+
+class Callback:
+    """Hook points a plasticity engine (or anything else) can implement.
+
+    ``name`` keys the callback's state inside checkpoints.
+    """
+
+    name = "callback"
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def penalty(self, trainer: Trainer) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, trainer: Trainer) -> None: ...
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise UserError(f"train.device {spec!r} is not a device (use auto, cpu, cuda or cuda:N).") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device is {spec!r} but CUDA is not available; use train.device=cpu.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"train.device is {spec!r} but MPS is not available; use train.device=cpu.")
+    return dev
+
+
+def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if spec == "fp16" and device.type != "cuda":
+        raise UserError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or none on CPU.")
+    return torch.bfloat16 if spec == "bf16" else torch.float16
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"Cannot write to output directory {str(directory)!r} ({exc.strerror or exc}); "
+            "choose another with train.out_dir=PATH."
+        ) from exc
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k} ({va!r} in the checkpoint, {vb!r} now)"
+    return None
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, stop.
+
+    A second Ctrl-C interrupts immediately.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Train a model from a :class:`RunConfig`; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        callbacks: Sequence[Callback] = (),
+        echo: Callable[[str], None] | None = None,
+        model_factory: Callable[[Any], torch.nn.Module] | None = None,
+    ):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.echo = echo or (lambda s: None)
+        self.model_factory = model_factory
+        self.step = 0
+        self.tokens_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.best_val = float("inf")
+        self.best_step = -1
+        self.last_eval: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []  # per-step train records (kept in memory)
+        self._setup_done = False
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir.format(name=self.cfg.name))
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _resume_path(self) -> Path | None:
+        spec = self.cfg.train.resume
+        if spec in ("", "none"):
+            existing = ckpt.list_checkpoints(self.ckpt_dir)
+            if existing:
+                raise UserError(
+                    f"Run directory {str(self.run_dir)!r} already holds checkpoints; continue it "
+                    "with train.resume=auto (or --resume), or pick another train.out_dir."
+                )
+            return None
+        if spec == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_dir)
+        path = Path(spec)
+        if not path.exists():
+            raise UserError(f"Checkpoint {spec!r} given in train.resume does not exist.")
+        return path
+
+    def setup(self) -> Trainer:
+        if self._setup_done:
+            return self
+        cfg = self.cfg
+        check_writable(self.run_dir)
+        resume_path = self._resume_path()
+        loaded = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+        if loaded is not None:
+            import yaml
+
+            saved_cfg = config_from_dict(yaml.safe_load(loaded["config_text"]))
+            now_model = cfg.to_dict()["model"]
+            if now_model["vocab_size"] == 0:  # 0 = "from the tokenizer", which the checkpoint fixed
+                now_model["vocab_size"] = saved_cfg.model.vocab_size
+            diff = _first_difference({"model": saved_cfg.to_dict()["model"]}, {"model": now_model})
+            if diff is None:
+                saved_data = saved_cfg.to_dict()["data"]
+                now_data = cfg.to_dict()["data"]
+                saved_data.pop("data_dir", None)
+                now_data.pop("data_dir", None)
+                diff = _first_difference({"data": saved_data}, {"data": now_data})
+            if diff is not None:
+                raise UserError(
+                    f"Cannot resume from {str(resume_path)!r}: config differs at {diff}; "
+                    "resume with the settings the checkpoint was trained with."
+                )
+
+        self.device = resolve_device(cfg.train.device)
+        self.amp = amp_dtype(cfg.train.amp, self.device)
+        seed_everything(cfg.train.seed)
+
+        from neuroplastic.data.pipeline import prepare_data, token_byte_lengths
+
+        tok_dir = (resume_path / "tokenizer") if loaded is not None else None
+        if tok_dir is not None and not tok_dir.is_dir():
+            raise UserError(f"Checkpoint {str(resume_path)!r} has no tokenizer/; it is incomplete.")
+        self.data = prepare_data(cfg.data, tokenizer_dir=tok_dir)
+        self.tokenizer = self.data.tokenizer
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer))
+
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        elif cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise UserError(
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"vocabulary ({self.tokenizer.vocab_size}); set model.vocab_size=0 to match it."
+            )
+        self.block_size = cfg.block_size
+        self.train_data = PackedBlocks(
+            self.data.train_tokens, self.block_size, cfg.train.batch_size, seed=cfg.train.seed
+        )
+        self.val_batches = sequential_blocks(
+            self.data.val_tokens, self.block_size, cfg.train.batch_size, cfg.train.eval_batches
+        )
+
+        if self.model_factory is not None:
+            model = self.model_factory(cfg.model)
+        else:
+            from neuroplastic.models import build_model
+
+            model = build_model(cfg.model)
+        self.model = model.to(self.device)
+        self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        )
+
+        if loaded is not None:
+            self._restore(loaded)
+        self.logger = MetricsLogger(
+            self.run_dir, tensorboard=cfg.train.tensorboard,
+            resume_step=self.step if loaded is not None else None,
+        )
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        self.resumed_from = resume_path
+        self._setup_done = True
+        return self
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_streak": self.nonfinite_streak,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "data": self.train_data.state_dict(),
+            "rng": rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def _restore(self, loaded: dict[str, Any]) -> None:
+        path = loaded["path"]
+        ckpt.load_model_weights(self.model, path / "model.safetensors")
+        try:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(
+                f"The optimizer state in {str(path)!r} does not fit this model ({exc})."
+            ) from exc
+        s = loaded["state"]
+        self.step = int(s["step"])
+        self.tokens_seen = int(s["tokens_seen"])
+        self.nonfinite_total = int(s["nonfinite_total"])
+        self.nonfinite_streak = int(s["nonfinite_streak"])
+        self.best_val = float(s["best_val"])
+        self.best_step = int(s["best_step"])
+        self.train_data.load_state_dict(s["data"])
+        if self.scaler is not None and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        saved_cbs = s.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.name in saved_cbs:
+                cb.load_state_dict(saved_cbs[cb.name])
+        set_rng_state(s["rng"])
+
+    def save(self, best: bool = False) -> Path:
+        """Write a full checkpoint for the current step (atomically); prune old ones."""
+        name = "best" if best else ckpt.checkpoint_name(self.step)
+        path = ckpt.save_checkpoint(
+            self.ckpt_dir / name,
+            model=self.model,
+            state=self.state(),
+            optimizer_state=self.optimizer.state_dict(),
+            config_text=dump_config(self.cfg),
+            tokenizer=self.tokenizer,
+        )
+        if not best:
+            ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+        return path
+
+    # ------------------------------------------------------------------ eval
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats/token), perplexity and bits per byte."""
+        return lm_metrics(
+            self.forward_model, self.val_batches, self.byte_lengths, self.device, self._autocast
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int | None = None,
+    ) -> str:
+        """A generation from ``prompt`` that does not disturb the training RNG."""
+        prompt = self.cfg.train.sample_prompt if prompt is None else prompt
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
+        ids = ids[-self.cfg.model.block_size :]
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.cfg.train.seed + self.step if seed is None else seed)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            torch.tensor([ids], device=self.device),
+            max_new_tokens or self.cfg.train.sample_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            eos_id=self.tokenizer.eos_id,
+            generator=gen,
+        )
+        self.model.train(was_training)
+        return prompt + self.tokenizer.decode(out[0, len(ids) :].tolist())
+
+    # ------------------------------------------------------------------ train
+
+    def train(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Run until ``train.max_steps`` (or ``stop_at``, for tests and tools).
+
+        Returns a summary dict. Ctrl-C / SIGTERM finish the current step, save a
+        checkpoint and return with ``summary["interrupted"] = True``.
+        """
+        self.setup()
+        cfg, tc = self.cfg, self.cfg.train
+        end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+        model = self.model
+        model.train()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        interrupted = False
+        window_tokens, window_start = 0, time.perf_counter()
+        start_step = self.step
+        t_start = time.perf_counter()
+        bar = None
+        if tc.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=end, initial=self.step, desc=cfg.name, unit="step",
+                dynamic_ncols=True, file=sys.stderr, leave=True,
+            )
+        try:
+            with _StopRequest() as stop:
+                while self.step < end:
+                    record = self._train_step()
+                    window_tokens += record["tokens"]
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % tc.log_interval == 0 or self.step == end:
+                        now = time.perf_counter()
+                        tps = window_tokens / max(now - window_start, 1e-9)
+                        window_tokens, window_start = 0, now
+                        record["tokens_per_s"] = tps
+                        self.logger.log("train", self.step, **{
+                            k: v for k, v in record.items() if k != "tokens"
+                        })
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                    if tc.eval_interval and (self.step % tc.eval_interval == 0 or self.step == tc.max_steps):
+                        self._eval_and_log()
+                    if tc.sample_interval and self.step % tc.sample_interval == 0:
+                        self._sample_and_log()
+                    if (tc.ckpt_interval and self.step % tc.ckpt_interval == 0) or self.step == tc.max_steps:
+                        self.save()
+                    if stop.requested:
+                        interrupted = True
+                        if not ckpt.list_checkpoints(self.ckpt_dir) or ckpt.latest_checkpoint(
+                            self.ckpt_dir
+                        ).name != ckpt.checkpoint_name(self.step):
+                            self.save()
+                        self.echo(f"Stopped at step {self.step}; checkpoint saved. Resume with train.resume=auto.")
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = time.perf_counter() - t_start
+        if self.step >= tc.max_steps and not interrupted:
+            if not tc.sample_interval:
+                self._sample_and_log()
+            png = plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", cfg.name)
+        else:
+            png = None
+        self.logger.close()
+        return {
+            "step": self.step,
+            "steps_run": self.step - start_step,
+            "elapsed_s": elapsed,
+            "tokens_seen": self.tokens_seen,
+            "interrupted": interrupted,
+            "nonfinite_steps": self.nonfinite_total,
+            "last_eval": dict(self.last_eval),
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "run_dir": str(self.run_dir),
+            "loss_curve": str(png) if png else None,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+        }
+
+    def _train_step(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        penalty_value = 0.0
+        tokens = 0
+        for _ in range(tc.grad_accum):
+            x, y = self.train_data.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                _, loss = self.forward_model(x, y)
+            total = loss / tc.grad_accum
+            for cb in self.callbacks:
+                pen = cb.penalty(self)
+                if pen is not None:
+                    total = total + pen / tc.grad_accum
+                    penalty_value += float(pen.detach()) / tc.grad_accum
+            if self.scaler is not None:
+                self.scaler.scale(total).backward()
+            else:
+                total.backward()
+            loss_sum += loss.detach().float()
+            tokens += x.numel()
+        loss_value = float(loss_sum) / tc.grad_accum
+        self.tokens_seen += tokens
+        record: dict[str, Any] = {"loss": loss_value, "lr": lr, "tokens": tokens}
+        if penalty_value:
+            record["penalty"] = penalty_value
+        if not (math.isfinite(loss_value) and math.isfinite(penalty_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            self.step += 1
+            record["skipped"] = True
+            self.logger.log("nonfinite", self.step, loss=str(loss_value), penalty=str(penalty_value))
+            if self.nonfinite_streak >= tc.max_nonfinite:
+                raise UserError(
+                    f"The loss was not finite for {self.nonfinite_streak} steps in a row "
+                    f"(last at step {self.step}); lower train.lr, enable train.grad_clip, or "
+                    "check the data. The last good checkpoint is untouched."
+                )
+            return record
+        self.nonfinite_streak = 0
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            record["grad_norm"] = float(grad_norm)
+        for cb in self.callbacks:
+            cb.after_backward(self)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        for cb in self.callbacks:
+            cb.after_step(self, record)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.history.append({"step": self.step, "loss": loss_value})
+        return record
+
+    def _eval_and_log(self) -> None:
+        metrics = self.evaluate()
+        self.last_eval = metrics
+        self.logger.log("eval", self.step, **metrics)
+        if metrics["loss"] < self.best_val:
+            self.best_val = metrics["loss"]
+            self.best_step = self.step
+            if self.cfg.train.keep_best:
+                self.save(best=True)
+
+    def _sample_and_log(self) -> None:
+        text = self.sample()
+        self.logger.log("sample", self.step, text=text)
+        self.echo(f"[step {self.step}] sample: {text!r}")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove a previous run's outputs (used by ``neuroplastic demo`` for its own dir)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)

@@ -1,0 +1,85 @@
+"""Bad input through the real CLI in a subprocess: one sentence on stderr, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import run_cli, tiny_overrides
+
+
+def _assert_clean_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_unknown_recipe():
+    _assert_clean_error(run_cli("train", "tiyn"), "Unknown recipe", "tiny")
+
+
+def test_unknown_and_mistyped_keys(tmp_path):
+    _assert_clean_error(run_cli("train", "tiny", "model.n_layers=4"), "model.n_layer")
+    _assert_clean_error(run_cli("train", "tiny", "model.n_layer=many"), "expects an integer")
+
+
+def test_negative_lr_and_block_size_over_context(tmp_path):
+    _assert_clean_error(run_cli("train", "tiny", "train.lr=-0.1"), "train.lr")
+    _assert_clean_error(
+        run_cli("train", "tiny", "data.block_size=512", "model.block_size=128"),
+        "larger than the model context",
+    )
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "binary"])
+def test_bad_data_files(tmp_path, kind):
+    p = tmp_path / f"{kind}.txt"
+    if kind == "empty":
+        p.write_text("")
+    elif kind == "binary":
+        p.write_bytes(bytes(range(256)) * 50 + b"\x00" * 100)
+    r = run_cli("train", "tiny", *tiny_overrides(p, tmp_path / "out"))
+    _assert_clean_error(r, str(p.name))
+
+
+def test_unwritable_out_dir(tmp_path, text_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, blocker / "run"))
+    _assert_clean_error(r, "Cannot write")
+
+
+def test_checkpoint_of_other_shape(tmp_path, text_file):
+    out = tmp_path / "run"
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{"train.max_steps": 4}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{"model.n_embd": 64}), "--resume")
+    _assert_clean_error(r, "model.n_embd")
+
+
+def test_train_evaluate_generate_roundtrip(tmp_path, text_file):
+    out = tmp_path / "run"
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val loss" in r.stdout
+    r = run_cli("evaluate", str(out), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    metrics = json.loads(r.stdout)
+    assert metrics["loss"] > 0 and metrics["bpb"] > 0
+    r = run_cli("evaluate", str(out), "--data", str(text_file))
+    assert r.returncode == 0 and "bits per byte" in r.stdout
+    r = run_cli("generate", str(out), "--prompt", "The heart", "--max-new-tokens", "10",
+                "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("The heart")
+    _assert_clean_error(run_cli("evaluate", str(tmp_path / "nope")), "does not exist")
+
+
+def test_recipes_and_help():
+    r = run_cli("recipes")
+    assert r.returncode == 0 and "tiny" in r.stdout
+    r = run_cli("--help")
+    assert r.returncode == 0 and "demo" in r.stdout

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuroplastic.config import load_config
+from neuroplastic.errors import UserError
+from neuroplastic.training import checkpoint as ckpt
+from neuroplastic.training.metrics import read_metrics
+from neuroplastic.training.trainer import Callback, Trainer
+from tests.conftest import tiny_overrides
+
+
+def _cfg(data, out, **extra):
+    return load_config("tiny", tiny_overrides(data, out, **extra))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        # grad accumulation, an epoch boundary inside the run, dropout (RNG state matters)
+        {"train.grad_accum": 2, "data.max_chars": 1200, "model.dropout": 0.1},
+    ],
+    ids=["plain", "accum-epochwrap-dropout"],
+)
+def test_resume_matches_uninterrupted_bitwise(text_file, tmp_path, extra):
+    straight = Trainer(_cfg(text_file, tmp_path / "a", **extra))
+    straight.train()
+    ref = [h["loss"] for h in straight.history]
+    assert len(ref) == 8
+
+    part1 = Trainer(_cfg(text_file, tmp_path / "b", **extra))
+    part1.train(stop_at=6)  # "killed" at step 6: only the step-4 checkpoint survives
+    assert ckpt.latest_checkpoint(part1.ckpt_dir).name == ckpt.checkpoint_name(4)
+    if "data.max_chars" in extra:
+        assert part1.train_data.epoch >= 1  # the run really crossed an epoch boundary
+    part2 = Trainer(_cfg(text_file, tmp_path / "b", **{**extra, "train.resume": "auto"}))
+    part2.train()
+    assert part2.resumed_from is not None and part2.resumed_from.name == ckpt.checkpoint_name(4)
+    combined = [h["loss"] for h in part1.history[:4]] + [h["loss"] for h in part2.history]
+    assert combined == ref  # bitwise: == on Python floats
+    for a, b in zip(straight.model.parameters(), part2.model.parameters()):
+        assert torch.equal(a, b)
+    for sa, sb in zip(straight.optimizer.state.values(), part2.optimizer.state.values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    # metrics.jsonl reads like one run: one train record per step
+    steps = [r["step"] for r in read_metrics(part2.logger.path) if r["kind"] == "train"]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_refuses_other_model_shape(text_file, tmp_path):
+    Trainer(_cfg(text_file, tmp_path / "a")).train(stop_at=4)
+    with pytest.raises(UserError, match="model.n_layer"):
+        Trainer(_cfg(text_file, tmp_path / "a", **{"train.resume": "auto", "model.n_layer": 3})).setup()
+
+
+def test_fresh_run_refuses_dir_with_checkpoints(text_file, tmp_path):
+    Trainer(_cfg(text_file, tmp_path / "a")).train(stop_at=4)
+    with pytest.raises(UserError, match="resume"):
+        Trainer(_cfg(text_file, tmp_path / "a")).setup()
+
+
+class _NanPenalty(Callback):
+    name = "nan"
+
+    def __init__(self, bad_steps):
+        self.bad_steps = set(bad_steps)
+
+    def penalty(self, trainer):
+        if trainer.step in self.bad_steps:
+            return torch.tensor(float("nan"))
+        return None
+
+
+def test_nonfinite_step_is_skipped(text_file, tmp_path):
+    t = Trainer(_cfg(text_file, tmp_path / "a"), callbacks=[_NanPenalty({2})])
+    t.setup()
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.train(stop_at=2)
+    mid = [p.detach().clone() for p in t.model.parameters()]
+    t.train(stop_at=3)  # the NaN step: parameters must not move
+    after = [p.detach().clone() for p in t.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(mid, after))
+    assert not all(torch.equal(a, b) for a, b in zip(before, mid))
+    assert t.nonfinite_total == 1
+    summary = t.train()
+    assert summary["step"] == 8 and summary["nonfinite_steps"] == 1
+    assert all(math.isfinite(p.sum().item()) for p in t.model.parameters())
+
+
+def test_nonfinite_streak_stops_and_keeps_checkpoint(text_file, tmp_path):
+    cfg = _cfg(text_file, tmp_path / "a", **{"train.max_nonfinite": 3, "train.max_steps": 20})
+    t = Trainer(cfg, callbacks=[_NanPenalty(range(5, 20))])
+    with pytest.raises(UserError, match="not finite for 3 steps"):
+        t.train()
+    latest = ckpt.latest_checkpoint(t.ckpt_dir)
+    assert latest is not None and latest.name == ckpt.checkpoint_name(4)
+    ckpt.load_checkpoint(latest)
+
+
+def test_training_writes_outputs_and_loss_falls(text_file, tmp_path):
+    cfg = _cfg(text_file, tmp_path / "run", **{"train.max_steps": 40, "train.eval_interval": 20,
+                                               "train.lr": 0.01, "train.tensorboard": True})
+    t = Trainer(cfg)
+    before = t.setup().evaluate()
+    summary = t.train()
+    assert summary["last_eval"]["loss"] < before["loss"] - 0.5
+    run = tmp_path / "run"
+    assert (run / "metrics.jsonl").stat().st_size > 0
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert any((run / "tensorboard").iterdir())
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    kinds = {r["kind"] for r in read_metrics(run / "metrics.jsonl")}
+    assert {"train", "eval", "sample"} <= kinds
+    # keep_last=2 pruning
+    assert len(ckpt.list_checkpoints(run / "checkpoints")) <= 2
+    assert 0 < summary["last_eval"]["bpb"] < 8
