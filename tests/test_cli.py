@@ -83,3 +83,28 @@ def test_recipes_and_help():
     assert r.returncode == 0 and "tiny" in r.stdout
     r = run_cli("--help")
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_demo_short_run_val_loss_falls(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--steps", "60", "--out", str(out), "train.eval_interval=30",
+                "train.ckpt_interval=30", "train.progress=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    res = json.loads((out / "demo_results.json").read_text())
+    assert res["after"]["loss"] < res["before"]["loss"] - 1.0
+    assert "before" in r.stdout and "bits per byte" in r.stdout
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "step_0000060" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    """The real `neuroplastic demo` (its wall time is recorded in docs/BENCHMARKS.md)."""
+    import json
+
+    r = run_cli("demo", "--out", str(tmp_path / "demo"), cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert res["after"]["loss"] < 0.5 * res["before"]["loss"]

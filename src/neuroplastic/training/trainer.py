@@ -463,6 +463,8 @@ class Trainer:
             bar = tqdm(
                 total=end, initial=self.step, desc=cfg.name, unit="step",
                 dynamic_ncols=True, file=sys.stderr, leave=True,
+                # redraw rarely when stderr is a log file rather than a terminal
+                mininterval=0.1 if sys.stderr.isatty() else 15.0,
             )
         try:
             with _StopRequest() as stop:
