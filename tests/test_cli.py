@@ -108,3 +108,69 @@ def test_full_demo(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert res["after"]["loss"] < 0.5 * res["before"]["loss"]
+
+
+def _start_training(tmp_path, text_file, out, **extra):
+    import os
+    import subprocess
+    import sys
+
+    args = tiny_overrides(text_file, out, **{"train.max_steps": 100000, "train.ckpt_interval": 20,
+                                             "train.eval_interval": 0, **extra})
+    env = dict(os.environ)
+    return subprocess.Popen([sys.executable, "-m", "neuroplastic", "train", "tiny", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_checkpoint(out, timeout=120):
+    import time
+
+    from neuroplastic.training import checkpoint as ckpt
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if ckpt.latest_checkpoint(out / "checkpoints") is not None:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_ctrl_c_saves_and_resume_continues(tmp_path, text_file):
+    import signal
+
+    from neuroplastic.training import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    proc = _start_training(tmp_path, text_file, out)
+    _wait_for_checkpoint(out)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    stopped_at = int(latest.name.split("_")[1])
+    assert stopped_at >= 20 and "Stopped at step" in stderr + stdout
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{
+        "train.max_steps": stopped_at + 3, "train.eval_interval": 0}), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from {latest}" in r.stdout
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == ckpt.checkpoint_name(stopped_at + 3)
+
+
+def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path, text_file):
+    from neuroplastic.training import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    proc = _start_training(tmp_path, text_file, out, **{"train.ckpt_interval": 5})
+    _wait_for_checkpoint(out)
+    import time
+
+    time.sleep(1.0)
+    proc.kill()
+    proc.communicate(timeout=60)
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    step = int(latest.name.split("_")[1])
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{
+        "train.max_steps": step + 2, "train.eval_interval": 0}), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
