@@ -67,3 +67,16 @@ def test_all_keys_are_dotted_leaves():
     keys = all_keys()
     assert "model.n_layer" in keys and "train.lr" in keys and "data.source" in keys
     assert "model" not in keys
+
+
+def test_recipe_base_inheritance(tmp_path):
+    p = tmp_path / "child.yaml"
+    p.write_text("base: tiny\nmodel: {n_layer: 3}\n")
+    cfg = load_config(str(p))
+    assert cfg.model.n_layer == 3
+    assert cfg.model.n_embd == load_config("tiny").model.n_embd  # inherited
+    assert cfg.name == "child"
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(UserError, match="nest too deeply"):
+        load_config(str(loop))

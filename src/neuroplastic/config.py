@@ -97,12 +97,62 @@ class TrainConfig:
 
 
 @dataclass
+class PlasticityConfig:
+    """Plasticity rules attached to the trainer (see :mod:`neuroplastic.plasticity`).
+
+    ``rules`` is a list of mappings ``{type: traces, params: "*.weight", ...}`` whose
+    other keys are the rule's constructor arguments.
+    """
+
+    rules: list[dict] = dataclasses.field(default_factory=list)
+    baseline_decay: float = 0.99  # EMA decay of the reward baseline (advantage = r - baseline)
+    normalize_advantage: bool = False
+
+
+@dataclass
+class RewardConfig:
+    """Reward on sampled generations against curriculum references, every ``interval`` steps."""
+
+    interval: int = 0  # 0: no reward (reward-modulated rules then never update)
+    weights: dict = dataclasses.field(
+        default_factory=lambda: {"rouge_l": 0.4, "coherence": 0.2, "diversity": 0.2, "perplexity": 0.2}
+    )
+    num_prompts: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: int = 50
+    perplexity_form: str = "linear"  # linear (seed): clip(1 - (ppl-1)/10, 0, 1) | exp: exp(-(ppl-1)/tau) | inverse: 1/ppl
+    perplexity_tau: float = 10.0
+
+
+@dataclass
+class CurriculumConfig:
+    """Stages of training data, e.g. definitions -> explanations -> dialogues.
+
+    A stage is a synthetic stage name (when ``data.source`` is ``synthetic``) or any
+    data source spec. ``advance``: ``steps`` (at ``boundaries``, fractions of
+    ``train.max_steps``; default equal thirds) or ``plateau`` (when the stage's
+    validation loss has not improved by ``min_delta`` for ``patience`` evals).
+    """
+
+    stages: list[str] = dataclasses.field(default_factory=list)  # [] = no curriculum
+    advance: str = "steps"  # steps | plateau
+    boundaries: list[float] = dataclasses.field(default_factory=list)
+    patience: int = 3
+    min_delta: float = 0.01
+    cumulative: bool = False  # train on all stages so far instead of the current one only
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     description: str = ""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    plasticity: PlasticityConfig = dataclasses.field(default_factory=PlasticityConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +212,24 @@ class RunConfig:
             "model.arch": (m.arch, ("gpt",)),
             "train.amp": (t.amp, ("auto", "bf16", "fp16", "none")),
         }
+        c = self.curriculum
+        choices["curriculum.advance"] = (c.advance, ("steps", "plateau"))
+        choices["reward.perplexity_form"] = (self.reward.perplexity_form, ("linear", "exp", "inverse"))
+        if c.boundaries:
+            if len(c.boundaries) != max(len(c.stages) - 1, 0):
+                raise UserError(
+                    f"curriculum.boundaries needs {max(len(c.stages) - 1, 0)} values (one per stage "
+                    f"change), got {len(c.boundaries)}."
+                )
+            if any(not 0 < b < 1 for b in c.boundaries) or c.boundaries != sorted(c.boundaries):
+                raise UserError("curriculum.boundaries must be increasing fractions in (0, 1).")
+        if self.reward.interval < 0:
+            raise UserError(f"reward.interval must be >= 0, got {self.reward.interval}.")
+        for i, rule in enumerate(self.plasticity.rules):
+            if not isinstance(rule, dict) or "type" not in rule:
+                raise UserError(
+                    f"plasticity.rules[{i}] must be a mapping with a 'type' key (e.g. type: traces)."
+                )
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}; got {value!r}.")
@@ -343,8 +411,11 @@ def available_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
 
 
-def read_recipe(name_or_path: str) -> dict[str, Any]:
-    """Raw mapping of a built-in recipe name or a YAML file path."""
+def read_recipe(name_or_path: str, _depth: int = 0) -> dict[str, Any]:
+    """Raw mapping of a built-in recipe name or a YAML file path.
+
+    A recipe may name another as ``base:``; its mapping is deep-merged underneath.
+    """
     recipes = available_recipes()
     path = recipes.get(name_or_path)
     if path is None:
@@ -366,8 +437,26 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
         raise UserError(f"Recipe {str(path)!r} is not valid YAML ({first}).") from exc
     if not isinstance(values, dict):
         raise UserError(f"Recipe {str(path)!r} must be a YAML mapping.")
+    base = values.pop("base", None)
+    if base is not None:
+        if _depth >= 8:
+            raise UserError(f"Recipe {str(path)!r}: 'base' recipes nest too deeply (a cycle?).")
+        parent = read_recipe(str(base), _depth + 1)
+        parent.pop("name", None)
+        parent.pop("description", None)
+        values = _deep_merge(parent, values)
     values.setdefault("name", path.stem)
     return values
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:

@@ -113,3 +113,65 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
         except Exception:  # ids a tokenizer cannot decode alone (specials) count as 0 bytes
             out[i] = 0
     return out
+
+
+@dataclass
+class PreparedStages:
+    tokenizer: object
+    train: dict[str, np.ndarray]
+    val: dict[str, np.ndarray]
+    description: str
+
+
+def stage_documents(cfg: DataConfig, stages: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """Train/val documents per curriculum stage.
+
+    With ``data.source=synthetic`` a stage is a synthetic stage name (definitions,
+    explanations, dialogues); otherwise each stage is a data source spec of its own.
+    """
+    from neuroplastic.data.sources import load_documents
+
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    if cfg.source == "synthetic":
+        from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
+
+        cur = SyntheticCurriculum(seed=cfg.synthetic_seed)
+        for s in stages:
+            if s not in STAGES:
+                raise UserError(
+                    f"Unknown synthetic stage {s!r} in curriculum.stages; valid: {', '.join(STAGES)}."
+                )
+            out[s] = (cur.documents(s), cur.validation_documents(s))
+    else:
+        for s in stages:
+            docs = [d for d in load_documents(s, field=cfg.field, data_dir=cfg.data_dir or None) if d]
+            if not docs:
+                raise UserError(f"Curriculum stage {s!r} contains no text.")
+            out[s] = _split_documents(docs, cfg.val_fraction)
+    if cfg.max_chars > 0:
+        per = max(1, cfg.max_chars // len(stages))
+        out = {
+            s: (_truncate(tr, per), _truncate(va, max(1, int(per * cfg.val_fraction))))
+            for s, (tr, va) in out.items()
+        }
+    return out
+
+
+def prepare_stages(cfg: DataConfig, stages: list[str], tokenizer_dir: Path | None = None) -> PreparedStages:
+    from neuroplastic.data.tokenizers import build_tokenizer, load_tokenizer
+
+    docs = stage_documents(cfg, stages)
+    if tokenizer_dir is not None:
+        tok = load_tokenizer(tokenizer_dir)
+    else:
+        tok = build_tokenizer(
+            cfg.tokenizer, lambda: (d for tr, _ in docs.values() for d in tr), cfg.bpe_vocab_size
+        )
+    train, val = {}, {}
+    for s, (tr, va) in docs.items():
+        train[s] = join_documents([tok.encode(d) for d in tr], tok.eos_id)
+        val[s] = join_documents([tok.encode(d) for d in va], tok.eos_id)
+        if len(val[s]) < 2:
+            raise UserError(f"The validation split of curriculum stage {s!r} is empty.")
+    desc = ("synthetic curriculum " if cfg.source == "synthetic" else "curriculum ") + " -> ".join(stages)
+    return PreparedStages(tok, train, val, desc)

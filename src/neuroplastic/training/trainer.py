@@ -49,6 +49,9 @@ class Callback:
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
 
+    def on_stage_change(self, trainer: Trainer, old: int, new: int) -> None:
+        """The curriculum moved from stage ``old`` to ``new`` (indices)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -282,6 +285,11 @@ class Trainer:
                 saved_data.pop("data_dir", None)
                 now_data.pop("data_dir", None)
                 diff = _first_difference({"data": saved_data}, {"data": now_data})
+            if diff is None:
+                diff = _first_difference(
+                    {"curriculum": saved_cfg.to_dict()["curriculum"]},
+                    {"curriculum": cfg.to_dict()["curriculum"]},
+                )
             if diff is not None:
                 raise UserError(
                     f"Cannot resume from {str(resume_path)!r}: config differs at {diff}; "
@@ -292,13 +300,19 @@ class Trainer:
         self.amp = amp_dtype(cfg.train.amp, self.device)
         seed_everything(cfg.train.seed)
 
-        from neuroplastic.data.pipeline import prepare_data, token_byte_lengths
+        from neuroplastic.data.pipeline import prepare_data, prepare_stages, token_byte_lengths
 
         tok_dir = (resume_path / "tokenizer") if loaded is not None else None
         if tok_dir is not None and not tok_dir.is_dir():
             raise UserError(f"Checkpoint {str(resume_path)!r} has no tokenizer/; it is incomplete.")
-        self.data = prepare_data(cfg.data, tokenizer_dir=tok_dir)
-        self.tokenizer = self.data.tokenizer
+        self.curriculum = None
+        if cfg.curriculum.stages:
+            staged = prepare_stages(cfg.data, cfg.curriculum.stages, tokenizer_dir=tok_dir)
+            self.tokenizer = staged.tokenizer
+            self.data = staged
+        else:
+            self.data = prepare_data(cfg.data, tokenizer_dir=tok_dir)
+            self.tokenizer = self.data.tokenizer
         self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer))
 
         if cfg.model.vocab_size == 0:
@@ -309,12 +323,31 @@ class Trainer:
                 f"vocabulary ({self.tokenizer.vocab_size}); set model.vocab_size=0 to match it."
             )
         self.block_size = cfg.block_size
-        self.train_data = PackedBlocks(
-            self.data.train_tokens, self.block_size, cfg.train.batch_size, seed=cfg.train.seed
-        )
-        self.val_batches = sequential_blocks(
-            self.data.val_tokens, self.block_size, cfg.train.batch_size, cfg.train.eval_batches
-        )
+        tc = cfg.train
+        if cfg.curriculum.stages:
+            from neuroplastic.curriculum import Curriculum, CurriculumStream
+
+            cc = cfg.curriculum
+            self.curriculum = Curriculum(
+                cc.stages, tc.max_steps, cc.advance, cc.boundaries, cc.patience, cc.min_delta
+            )
+            self.train_data = CurriculumStream(
+                self.data.train, self.curriculum, self.block_size, tc.batch_size,
+                seed=tc.seed, cumulative=cc.cumulative,
+            )
+            self.val_sets = {
+                name: sequential_blocks(v, self.block_size, tc.batch_size, tc.eval_batches)
+                for name, v in self.data.val.items()
+            }
+        else:
+            self.train_data = PackedBlocks(
+                self.data.train_tokens, self.block_size, tc.batch_size, seed=tc.seed
+            )
+            self.val_sets = {
+                "val": sequential_blocks(
+                    self.data.val_tokens, self.block_size, tc.batch_size, tc.eval_batches
+                )
+            }
 
         if self.model_factory is not None:
             model = self.model_factory(cfg.model)
@@ -328,6 +361,26 @@ class Trainer:
         self.scaler = (
             torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         )
+        self.engine = None
+        if cfg.plasticity.rules:
+            from neuroplastic.plasticity import PlasticityEngine
+            from neuroplastic.plasticity.registry import build_rule
+            from neuroplastic.training.plastic import EngineCallback
+
+            self.engine = PlasticityEngine(
+                self.model,
+                [build_rule(r) for r in cfg.plasticity.rules],
+                optimizer=self.optimizer,
+                baseline_decay=cfg.plasticity.baseline_decay,
+                normalize_advantage=cfg.plasticity.normalize_advantage,
+            )
+            self.callbacks.append(EngineCallback(self.engine))
+        if cfg.reward.interval > 0:
+            from neuroplastic.training.reward import RewardCallback
+
+            # the reward must be computed before the engine applies it: run first
+            self.callbacks.insert(0, RewardCallback(cfg.reward))
+        self.reward: float | None = None  # set by a reward callback for the current step
 
         if loaded is not None:
             self._restore(loaded)
@@ -379,6 +432,11 @@ class Trainer:
         for cb in self.callbacks:
             if cb.name in saved_cbs:
                 cb.load_state_dict(saved_cbs[cb.name])
+            elif cb.state_dict():
+                raise UserError(
+                    f"The checkpoint {str(path)!r} has no state for {cb.name!r}; it was trained "
+                    "without it, so resume with the settings it was started with."
+                )
         set_rng_state(s["rng"])
 
     def save(self, best: bool = False) -> Path:
@@ -403,11 +461,35 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp)
 
+    @property
+    def val_batches(self):
+        """Validation batches of the current curriculum stage (or the only split)."""
+        if self.curriculum is not None:
+            return self.val_sets[self.curriculum.stage]
+        return self.val_sets["val"]
+
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits per byte."""
-        return lm_metrics(
-            self.forward_model, self.val_batches, self.byte_lengths, self.device, self._autocast
-        )
+        """Validation loss (nats/token), perplexity and bits per byte.
+
+        With a curriculum, every stage is evaluated: ``loss``/``ppl``/``bpb`` are the
+        means over stages, ``<stage>/loss`` each stage's, ``stage_loss`` the current one's.
+        """
+        results = {
+            name: lm_metrics(self.forward_model, batches, self.byte_lengths, self.device, self._autocast)
+            for name, batches in self.val_sets.items()
+        }
+        if self.curriculum is None:
+            return results["val"]
+        out: dict[str, float] = {}
+        for key in ("loss", "bpb"):
+            out[key] = sum(r[key] for r in results.values()) / len(results)
+        out["ppl"] = math.exp(min(out["loss"], 50.0))
+        out["tokens"] = sum(r["tokens"] for r in results.values())
+        for name, r in results.items():
+            out[f"{name}/loss"] = r["loss"]
+        out["stage_loss"] = results[self.curriculum.stage]["loss"]
+        out["stage"] = self.curriculum.current
+        return out
 
     @torch.no_grad()
     def sample(
@@ -478,6 +560,8 @@ class Trainer:
                         tps = window_tokens / max(now - window_start, 1e-9)
                         window_tokens, window_start = 0, now
                         record["tokens_per_s"] = tps
+                        if self.engine is not None:
+                            record.update(self.engine.stats())
                         self.logger.log("train", self.step, **{
                             k: v for k, v in record.items() if k != "tokens"
                         })
@@ -526,6 +610,7 @@ class Trainer:
     def _train_step(self) -> dict[str, Any]:
         tc = self.cfg.train
         lr = lr_at(self.step, tc)
+        self.reward = None
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
@@ -568,6 +653,7 @@ class Trainer:
                 )
             return record
         self.nonfinite_streak = 0
+        self.last_loss = loss_value
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if tc.grad_clip > 0:
@@ -585,11 +671,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.history.append({"step": self.step, "loss": loss_value})
+        if self.curriculum is not None and self.curriculum.advance == "steps":
+            old = self.curriculum.current
+            if self.curriculum.update(self.step):
+                self._stage_changed(old)
         return record
+
+    def _stage_changed(self, old: int) -> None:
+        new = self.curriculum.current
+        self.logger.log("curriculum", self.step, stage=new, name=self.curriculum.stage)
+        self.echo(f"[step {self.step}] curriculum: {self.curriculum.stages[old]} -> {self.curriculum.stage}")
+        for cb in self.callbacks:
+            cb.on_stage_change(self, old, new)
 
     def _eval_and_log(self) -> None:
         metrics = self.evaluate()
         self.last_eval = metrics
+        if self.curriculum is not None and self.curriculum.advance == "plateau":
+            old = self.curriculum.current
+            if self.curriculum.update(self.step, metrics["stage_loss"]):
+                self._stage_changed(old)
         self.logger.log("eval", self.step, **metrics)
         if metrics["loss"] < self.best_val:
             self.best_val = metrics["loss"]

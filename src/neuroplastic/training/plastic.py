@@ -1,0 +1,69 @@
+"""The plasticity engine as a trainer callback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neuroplastic.data.batching import sequential_blocks
+from neuroplastic.plasticity.engine import PlasticityEngine
+from neuroplastic.training.trainer import Callback
+
+
+class EngineCallback(Callback):
+    """Calls the engine's hooks at the trainer's hook points.
+
+    - ``penalty``: added to the loss (EWC and friends).
+    - ``after_backward``: rules with ``observe(loss)`` (AdaptiveLR) first see the step's
+      loss, then every rule reads the (clipped) gradients.
+    - ``after_step``: plastic updates, modulated by ``trainer.reward`` (set this step by
+      a reward callback, otherwise ``None``: reward-modulated rules do not update).
+    - ``on_stage_change``: EWC-like rules with ``consolidate(batches, loss_fn)``
+      consolidate on the stage just finished.
+    """
+
+    name = "plasticity"
+
+    def __init__(self, engine: PlasticityEngine, consolidate_batches: int = 8):
+        self.engine = engine
+        self.consolidate_batches = consolidate_batches
+
+    def penalty(self, trainer) -> Any:
+        return self.engine.penalty()
+
+    def after_backward(self, trainer) -> None:
+        for rule in self.engine.rules:
+            observe = getattr(rule, "observe", None)
+            if observe is not None:
+                observe(trainer.last_loss)
+        self.engine.after_backward()
+
+    def after_step(self, trainer, metrics: dict[str, Any]) -> None:
+        adv = self.engine.after_step(reward=trainer.reward)
+        if adv is not None:
+            metrics["advantage"] = adv
+
+    def on_stage_change(self, trainer, old: int, new: int) -> None:
+        rules = [r for r in self.engine.rules if hasattr(r, "consolidate")]
+        if not rules or trainer.curriculum is None:
+            return
+        stage = trainer.curriculum.stages[old]
+        batches = sequential_blocks(
+            trainer.data.train[stage], trainer.block_size, trainer.cfg.train.batch_size,
+            self.consolidate_batches,
+        )
+        device = trainer.device
+
+        def loss_fn(model, batch):
+            x, y = batch
+            return model(x.to(device), y.to(device))[1]
+
+        for rule in rules:
+            rule.consolidate(batches, loss_fn)
+        trainer.logger.log("consolidate", trainer.step, stage=stage,
+                           rules=",".join(r.name for r in rules))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
