@@ -57,8 +57,14 @@ class EngineCallback(Callback):
             x, y = batch
             return model(x.to(device), y.to(device))[1]
 
-        for rule in rules:
-            rule.consolidate(batches, loss_fn)
+        # eval mode: no dropout in the Fisher, and Hebbian hooks record nothing
+        was_training = trainer.model.training
+        trainer.model.eval()
+        try:
+            for rule in rules:
+                rule.consolidate(batches, loss_fn)
+        finally:
+            trainer.model.train(was_training)
         trainer.logger.log("consolidate", trainer.step, stage=stage,
                            rules=",".join(r.name for r in rules))
 
