@@ -37,12 +37,24 @@ def _describe(trainer) -> str:
     m = trainer.model
     n = sum(p.numel() for p in m.parameters())
     d = trainer.data
-    return (
+    if hasattr(d, "train_tokens"):
+        n_train, n_val = len(d.train_tokens), len(d.val_tokens)
+    else:  # curriculum: per-stage streams
+        n_train = sum(len(v) for v in d.train.values())
+        n_val = sum(len(v) for v in d.val.values())
+    text = (
         f"model: {trainer.cfg.model.n_layer} layers x {trainer.cfg.model.n_embd} dim, "
-        f"{n / 1e6:.2f}M params | data: {d.description}, {len(d.train_tokens):,} train / "
-        f"{len(d.val_tokens):,} val tokens ({trainer.tokenizer.kind} tokenizer, vocab "
+        f"{n / 1e6:.2f}M params | data: {d.description}, {n_train:,} train / "
+        f"{n_val:,} val tokens ({trainer.tokenizer.kind} tokenizer, vocab "
         f"{trainer.tokenizer.vocab_size}) | device: {trainer.device}"
     )
+    if trainer.engine is not None:
+        text += "\nplasticity: " + ", ".join(
+            f"{r.name} ({len(r.params)} tensors)" for r in trainer.engine.rules
+        )
+        if trainer.cfg.reward.interval:
+            text += f"; reward every {trainer.cfg.reward.interval} steps"
+    return text
 
 
 # ------------------------------------------------------------------ commands
@@ -135,6 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, cfg, directory = load_trained(args.checkpoint, device=device)
+    if args.task != "lm":
+        return _evaluate_task(args, model, tok, device, directory)
     block = cfg.block_size
     if args.data:
         from neuroplastic.data.sources import load_documents
@@ -161,6 +175,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
              ["bits per byte", f"{metrics['bpb']:.4f}"]],
             ["metric", "value"],
         ))
+    return 0
+
+
+def _evaluate_task(args, model, tok, device, directory) -> int:
+    from neuroplastic.evaluation.multiple_choice import evaluate_task, make_scorer
+
+    if args.limit is not None and args.limit <= 0:
+        raise UserError("--limit must be a positive integer.")
+    if args.shots < 0:
+        raise UserError("--shots must be >= 0.")
+    scorer = make_scorer(model, tok, device, args.batch_size)
+    res = evaluate_task(
+        scorer, args.task, data_path=args.data, data_dir=args.data_dir, limit=args.limit,
+        shots=args.shots,
+    )
+    res["checkpoint"] = str(directory)
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=2), encoding="utf-8")
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "items"}, indent=2))
+        return 0
+    print(f"checkpoint: {directory}")
+    print(f"task: {args.task}, {res['n']} items, {args.shots}-shot")
+    rows = [["acc", f"{res['acc']:.4f}"], ["acc_norm", f"{res['acc_norm']:.4f}"]]
+    per = res.get("per_subject") or {}
+    if "macro_acc" in per:
+        rows.append(["macro acc (per subject)", f"{per['macro_acc']:.4f}"])
+    print(_format_table(rows, ["metric", "value"]))
+    subjects = {k: v for k, v in per.items() if k != "macro_acc"}
+    if subjects and args.per_subject:
+        print(_format_table([[k, f"{v:.4f}"] for k, v in sorted(subjects.items())], ["subject", "acc"]))
+    if args.output:
+        print(f"per-item records: {args.output}")
     return 0
 
 
@@ -191,6 +238,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(args.prompt + text)
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from neuroplastic.training.ablate import run_ablation
+
+    overrides = list(args.overrides)
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    rules = [r for spec in args.rule for r in spec.split(",") if r]
+    report = run_ablation(
+        args.recipe, rules, seeds=args.seeds, overrides=overrides, out_dir=args.out,
+        mc_limit=args.mc_limit, echo=_echo,
+    )
+    print()
+    print(report.markdown())
+    out = report.out_dir
+    print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
     return 0
 
 
@@ -259,13 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="loss / perplexity / bits per byte of a checkpoint")
     e.add_argument("checkpoint", help="checkpoint directory or run directory")
-    e.add_argument("--data", help="text source (file, dir, jsonl, registry name); default: the run's validation split")
+    e.add_argument("--data", help="lm: text source (file, dir, jsonl, registry name; default: the "
+                   "run's validation split); tasks: the task's file or directory")
     e.add_argument("--field", default="text", help="jsonl field holding the text")
     e.add_argument("--data-dir", help="directory searched first for named corpora")
     e.add_argument("--batches", type=int, default=50, help="at most this many batches")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--task", default="lm",
+                   choices=["lm", "mmlu", "hellaswag", "synthetic-mc", "synthetic-completion"],
+                   help="lm: loss/ppl/bpb; or a multiple-choice task (acc, acc_norm)")
+    e.add_argument("--limit", type=int, default=None,
+                   help="items per task (MMLU: per subject, as lm-eval)")
+    e.add_argument("--shots", type=int, default=0, help="few-shot examples per item")
+    e.add_argument("--per-subject", action="store_true", help="print per-subject accuracy")
+    e.add_argument("--output", help="write all results incl. per-item records to this JSON file")
     e.set_defaults(func=cmd_evaluate)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -279,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("ablate", help="with vs without plasticity rule(s) over seeds, with 95% CIs")
+    a.add_argument("recipe", help="recipe name or YAML file")
+    a.add_argument("overrides", nargs="*", help="dotted overrides key=value (both arms)")
+    a.add_argument("--rule", action="append", required=True,
+                   help="rule type to ablate (repeat or comma-separate): traces, ewc, hebbian, ...")
+    a.add_argument("--seeds", type=int, default=3, help="number of seeds (paired runs)")
+    a.add_argument("--steps", type=int, default=0, help="training steps per run (default: the recipe's)")
+    a.add_argument("--mc-limit", type=int, default=200,
+                   help="synthetic multiple-choice items scored per run (0: skip)")
+    a.add_argument("--out", help="output directory (default runs/ablate-RECIPE-RULES)")
+    a.set_defaults(func=cmd_ablate)
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(func=cmd_recipes)

@@ -429,6 +429,13 @@ class Trainer:
         if self.scaler is not None and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
         saved_cbs = s.get("callbacks", {})
+        current = {cb.name for cb in self.callbacks}
+        for name, st in saved_cbs.items():
+            if st and name not in current:
+                raise UserError(
+                    f"The checkpoint {str(path)!r} holds {name!r} state (e.g. plasticity rules) that "
+                    "this run does not have; resume with the settings it was started with."
+                )
         for cb in self.callbacks:
             if cb.name in saved_cbs:
                 cb.load_state_dict(saved_cbs[cb.name])

@@ -1,0 +1,156 @@
+"""Statistics and report of an ablation: with vs without a rule, over several seeds.
+
+For each metric: the mean and 95% confidence interval (Student t) of each arm, the
+paired difference (with - without, paired by seed) with its 95% CI, and a verdict:
+
+- ``helps``: the CI of the paired difference excludes 0 on the metric's good side;
+- ``hurts``: it excludes 0 on the bad side;
+- ``no detectable effect``: the CI contains 0 (or fewer than 2 seeds).
+
+Nothing is claimed beyond what the interval supports: with 3 seeds the t quantile is
+4.30, so only large, consistent effects are detected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# two-sided 95% Student t quantiles t_{0.975, df}
+_T975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+    9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+    17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
+    25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000,
+    120: 1.980,
+}
+
+
+def t_quantile(df: int) -> float:
+    """t_{0.975, df} (scipy when installed, else a table, conservative between entries)."""
+    if df < 1:
+        return float("nan")
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:
+        pass
+    # between table entries use the smaller df (a slightly wider, conservative interval)
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% CI); half-width is nan for fewer than 2 values."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, t_quantile(n - 1) * math.sqrt(var / n)
+
+
+def verdict(diff_mean: float, half: float, higher_is_better: bool) -> str:
+    if not math.isfinite(half) or not math.isfinite(diff_mean):
+        return "no detectable effect"
+    lo, hi = diff_mean - half, diff_mean + half
+    if lo > 0:
+        return "helps" if higher_is_better else "hurts"
+    if hi < 0:
+        return "hurts" if higher_is_better else "helps"
+    return "no detectable effect"
+
+
+@dataclass
+class MetricSummary:
+    name: str
+    higher_is_better: bool
+    without: list[float]
+    with_: list[float]
+    without_mean: float = 0.0
+    without_ci: float = 0.0
+    with_mean: float = 0.0
+    with_ci: float = 0.0
+    diff_mean: float = 0.0
+    diff_ci: float = 0.0
+    verdict: str = ""
+
+    def compute(self) -> MetricSummary:
+        self.without_mean, self.without_ci = mean_ci(self.without)
+        self.with_mean, self.with_ci = mean_ci(self.with_)
+        diffs = [b - a for a, b in zip(self.without, self.with_)]
+        self.diff_mean, self.diff_ci = mean_ci(diffs)
+        self.verdict = verdict(self.diff_mean, self.diff_ci, self.higher_is_better)
+        return self
+
+
+@dataclass
+class AblationReport:
+    title: str
+    rules: list[str]
+    seeds: list[int]
+    metrics: list[MetricSummary] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        def f(m: float, h: float) -> str:
+            if not math.isfinite(m):
+                return "n/a"
+            return f"{m:.4f} ± {h:.4f}" if math.isfinite(h) else f"{m:.4f}"
+
+        lines = [
+            f"### {self.title}",
+            "",
+            f"Rules ablated: {', '.join(self.rules)}; seeds: {', '.join(map(str, self.seeds))} "
+            "(mean ± 95% CI, Student t; difference = with − without, paired by seed).",
+            "",
+            "| metric | better | without | with | difference | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in self.metrics:
+            lines.append(
+                f"| {m.name} | {'higher' if m.higher_is_better else 'lower'} | "
+                f"{f(m.without_mean, m.without_ci)} | {f(m.with_mean, m.with_ci)} | "
+                f"{f(m.diff_mean, m.diff_ci)} | {m.verdict} |"
+            )
+        for n in self.notes:
+            lines += ["", n]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "rules": self.rules,
+            "seeds": self.seeds,
+            "metrics": [m.__dict__ for m in self.metrics],
+            "notes": self.notes,
+        }
+
+    def plot(self, path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = len(self.metrics)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6), dpi=110, squeeze=False)
+        for ax, m in zip(axes[0], self.metrics):
+            for a, b in zip(m.without, m.with_):
+                ax.plot([0, 1], [a, b], "-o", color="0.7", lw=1, ms=3)
+            for x, mean, ci in ((0, m.without_mean, m.without_ci), (1, m.with_mean, m.with_ci)):
+                ax.errorbar([x], [mean], yerr=[ci if math.isfinite(ci) else 0], fmt="s",
+                            color="C0" if x == 0 else "C1", capsize=5, ms=7)
+            ax.set_xticks([0, 1], ["without", "with"])
+            ax.set_xlim(-0.4, 1.4)
+            ax.set_title(f"{m.name}\n{m.verdict}", fontsize=9)
+            ax.grid(alpha=0.3)
+        fig.suptitle(self.title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return Path(path)
