@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 
-    a = sub.add_parser("ablate", help="with vs without plasticity rule(s) over seeds, with 95% CIs")
+    a = sub.add_parser("ablate", help="with vs without plasticity rule(s) over seeds, with 95%% CIs")
     a.add_argument("recipe", help="recipe name or YAML file")
     a.add_argument("overrides", nargs="*", help="dotted overrides key=value (both arms)")
     a.add_argument("--rule", action="append", required=True,
