@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import run_cli, tiny_overrides
@@ -174,3 +176,22 @@ def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path, text_file):
         "train.max_steps": step + 2, "train.eval_interval": 0}), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_evaluate_task_malformed_files_exit_2(tmp_path, text_file):
+    out = tmp_path / "run"
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{"train.max_steps": 2}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    bad = tmp_path / "astronomy_val.csv"
+    bad.write_text("What is the Sun?,A star,A planet,A moon,A comet,A\nBroken row,only two\n")
+    r = run_cli("evaluate", str(out), "--task", "mmlu", "--data", str(bad))
+    _assert_clean_error(r, "astronomy_val.csv", "line 2")
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}\n{"ctx": "x"\n')
+    r = run_cli("evaluate", str(out), "--task", "hellaswag", "--data", str(hs))
+    _assert_clean_error(r, "hs.jsonl", "line 2")
+    good = tmp_path / "good_val.csv"
+    good.write_text("What is the Sun?,A star,A planet,A moon,A comet,A\n")
+    r = run_cli("evaluate", str(out), "--task", "mmlu", "--data", str(good), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 0.0 <= json.loads(r.stdout)["acc"] <= 1.0
