@@ -205,39 +205,48 @@ class Traces(Rule):
         )
         params = self.params
         torch._foreach_add_(params, self.momentum, alpha=a)
-        sq = torch.zeros((), dtype=torch.float32, device=self.momentum[0].device)
+        # ||a*m + b*U@V||^2 = a^2 ||m||^2 + (2ab + b^2) ||V||^2, because U has orthonormal
+        # columns and V = U^T m (so <m, U@V> = ||U@V||^2 = ||V||^2): no full-size temporaries
+        v_sq = torch.zeros((), dtype=torch.float32, device=self.momentum[0].device)
         for idx in self._lr_groups:
-            uv, m = self._update_low_rank(idx)
-            torch._foreach_add_([params[i] for i in idx], list(uv.unbind(0)), alpha=b)
-            sq = sq + (a * m + b * uv).square().sum().to(sq.device)
-        if self._plain:
-            norms = torch._foreach_norm([self.momentum[i] for i in self._plain])
-            sq = sq + (a * a) * torch.stack([n.to(sq.device) for n in norms]).square().sum()
-        self._last_update_norm = sq.sqrt()
+            U, V = self._update_low_rank(idx)
+            for j, i in enumerate(idx):
+                p = params[i]
+                if p.dtype == torch.float32:
+                    p.addmm_(U[j], V[j], alpha=b)  # in place, no U@V temporary
+                else:
+                    p.add_((U[j] @ V[j]).to(p.dtype), alpha=b)
+            v_sq = v_sq + V.square().sum().to(v_sq.device)
+        m_sq = torch.stack([n.to(v_sq.device) for n in torch._foreach_norm(self.momentum)]).square().sum()
+        self._last_update_norm = (a * a * m_sq + (2 * a * b + b * b) * v_sq).clamp_min(0).sqrt()
 
     # ---------------------------------------------------------------- low rank
 
     def _update_low_rank(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refresh U/V of the same-shape matrices ``idx``; returns (U@V, momentum) stacked."""
-        M = torch.stack([self.momentum[i] for i in idx])  # (B, m, n)
-        k = self._k(M.shape[1:])
+        """Refresh U/V of the same-shape matrices ``idx``; returns (U, V) stacked.
+
+        The power step works matrix by matrix on the momentum (no stacked copy of the
+        full-size momenta); only the thin ``m x k`` / ``k x n`` factors are batched.
+        """
+        mom = [self.momentum[i] for i in idx]
+        k = self._k(mom[0].shape)
         ready = all(self.U[i].numel() > 0 for i in idx)
         if self.low_rank_method == "svd" or not ready:
-            Uf, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            Uf, S, Vh = torch.linalg.svd(torch.stack(mom), full_matrices=False)
             U = Uf[..., :k]
             V = S[..., :k, None] * Vh[..., :k, :]
         else:
             V = torch.stack([self.V[i] for i in idx])  # (B, k, n)
             for _ in range(self.power_iters):
                 Vb = torch.linalg.qr(V.transpose(-1, -2)).Q  # (B, n, k) right basis
-                U = torch.linalg.qr(M @ Vb).Q  # (B, m, k)
-                V = U.transpose(-1, -2) @ M  # (B, k, n)
+                U = torch.linalg.qr(torch.stack([m @ Vb[j] for j, m in enumerate(mom)])).Q
+                V = torch.stack([U[j].transpose(0, 1) @ m for j, m in enumerate(mom)])
         U = U.contiguous()
         V = V.contiguous()
         for j, i in enumerate(idx):
             self.U[i] = U[j].clone()
             self.V[i] = V[j].clone()
-        return U @ V, M
+        return U, V
 
     def low_rank_approx(self) -> list[torch.Tensor | None]:
         """Current ``U @ V`` per selected parameter (``None`` where there is none)."""
