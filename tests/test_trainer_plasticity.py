@@ -79,3 +79,22 @@ def test_bad_rule_config_is_clear(tmp_path):
         Trainer(_cfg(tmp_path / "a", **{"plasticity.rules": "[{type: traces, plasticity_rate: 1}]"})).setup()
     with pytest.raises(UserError, match="matched no parameters"):
         Trainer(_cfg(tmp_path / "a", **{"plasticity.rules": "[{type: traces, params: 'nothing*'}]"})).setup()
+
+
+def test_replay_batches_are_interleaved_and_resume_exactly(tmp_path):
+    extra = {"plasticity.rules": "[{type: consolidation, params: '*.c_fc.weight', replay_capacity: 5}]",
+             "plasticity.replay_every": 2, "reward.interval": 0, "curriculum.stages": "[definitions]",
+             "data.max_chars": 4000, "train.max_steps": 8}
+    straight = Trainer(_cfg(tmp_path / "a", **extra))
+    straight.train()
+    recs = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "train"]
+    assert any("replay_loss" in r for r in recs)
+    assert len(straight.replay) == 5
+    part1 = Trainer(_cfg(tmp_path / "b", **extra))
+    part1.train(stop_at=6)
+    part2 = Trainer(_cfg(tmp_path / "b", **{**extra, "train.resume": "auto"}))
+    part2.train()
+    combined = [h["loss"] for h in part1.history[:4]] + [h["loss"] for h in part2.history]
+    assert combined == [h["loss"] for h in straight.history]
+    for a, b in zip(straight.model.parameters(), part2.model.parameters()):
+        assert torch.equal(a, b)

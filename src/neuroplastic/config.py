@@ -107,6 +107,10 @@ class PlasticityConfig:
     rules: list[dict] = dataclasses.field(default_factory=list)
     baseline_decay: float = 0.99  # EMA decay of the reward baseline (advantage = r - baseline)
     normalize_advantage: bool = False
+    # replay: with a rule that keeps a buffer (consolidation with replay_capacity > 0), every
+    # `replay_every` steps one past batch joins the step as an extra micro-batch
+    replay_every: int = 0
+    replay_weight: float = 1.0
 
 
 @dataclass

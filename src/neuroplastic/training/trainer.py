@@ -623,8 +623,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         penalty_value = 0.0
         tokens = 0
-        for _ in range(tc.grad_accum):
+        replay_loss = self._replay_step()
+        for micro in range(tc.grad_accum):
             x, y = self.train_data.next_batch()
+            if micro == 0 and self.replay is not None:
+                self.replay.add((x.clone(), y.clone()))
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 _, loss = self.forward_model(x, y)
@@ -645,6 +648,9 @@ class Trainer:
         record: dict[str, Any] = {"loss": loss_value, "lr": lr, "tokens": tokens}
         if penalty_value:
             record["penalty"] = penalty_value
+        if replay_loss is not None:
+            record["replay_loss"] = replay_loss
+            penalty_value += 0.0 * replay_loss  # a non-finite replay loss skips the step too
         if not (math.isfinite(loss_value) and math.isfinite(penalty_value)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_total += 1
@@ -683,6 +689,30 @@ class Trainer:
             if self.curriculum.update(self.step):
                 self._stage_changed(old)
         return record
+
+    @property
+    def replay(self):
+        """The replay buffer of a rule that keeps one (Consolidation with replay_capacity)."""
+        if self.engine is None:
+            return None
+        return next((r.replay for r in self.engine.rules if getattr(r, "replay", None) is not None), None)
+
+    def _replay_step(self) -> float | None:
+        """Every ``plasticity.replay_every`` steps, one past batch as an extra micro-batch."""
+        pc = self.cfg.plasticity
+        buf = self.replay
+        if buf is None or pc.replay_every <= 0 or len(buf) == 0 or (self.step + 1) % pc.replay_every:
+            return None
+        (rx, ry), = buf.sample(1)
+        rx, ry = rx.to(self.device), ry.to(self.device)
+        with self._autocast():
+            _, rloss = self.forward_model(rx, ry)
+        scaled = rloss * (pc.replay_weight / self.cfg.train.grad_accum)
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        return float(rloss.detach())
 
     def _stage_changed(self, old: int) -> None:
         new = self.curriculum.current
