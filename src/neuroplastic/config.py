@@ -44,6 +44,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_weights: bool = True
     mlp_ratio: float = 4.0
+    # arch=hebbian (agiformer): blocks of sliding-window attention + Hebbian fast-weight memory
+    window: int = 128  # local attention window (tokens)
+    memory_heads: int = 0  # 0: n_head
+    memory_rule: str = "hebbian"  # hebbian | delta
+    feature_map: str = "elu1"  # identity_l2 | elu1 | seed
+    chunk_size: int = 64  # chunk length of the chunk-parallel memory kernel
+    alpha: float = 1.0  # developmental decay scale (set by the curriculum)
 
 
 @dataclass
@@ -213,7 +220,9 @@ class RunConfig:
         choices = {
             "model.norm": (m.norm, ("rmsnorm", "layernorm")),
             "model.pos": (m.pos, ("rope", "learned")),
-            "model.arch": (m.arch, ("gpt",)),
+            "model.arch": (m.arch, ("gpt", "hebbian")),
+            "model.memory_rule": (m.memory_rule, ("hebbian", "delta")),
+            "model.feature_map": (m.feature_map, ("identity_l2", "elu1", "seed")),
             "train.amp": (t.amp, ("auto", "bf16", "fp16", "none")),
         }
         c = self.curriculum

@@ -12,7 +12,11 @@ __all__ = ["GPT", "KVCache", "build_model"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build the model named by ``cfg.arch`` (only ``gpt`` so far)."""
+    """Build the model named by ``cfg.arch``: ``gpt`` or ``hebbian`` (agiformer)."""
     if cfg.arch == "gpt":
         return GPT(cfg)
-    raise UserError(f"model.arch must be one of gpt; got {cfg.arch!r}.")
+    if cfg.arch == "hebbian":
+        from neuroplastic.models.hebbian import HebbianLM
+
+        return HebbianLM(cfg)
+    raise UserError(f"model.arch must be one of gpt, hebbian; got {cfg.arch!r}.")
