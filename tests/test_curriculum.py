@@ -72,3 +72,22 @@ def test_resume_with_other_curriculum_is_refused(tmp_path):
 def test_unknown_stage_is_clear(tmp_path):
     with pytest.raises(UserError, match="definitions"):
         Trainer(_cfg(tmp_path / "a", **{"curriculum.stages": "[definitons]"})).setup()
+
+
+def test_stage_alternatives_fall_back_to_what_is_available(tmp_path, text_file):
+    from neuroplastic.config import DataConfig
+    from neuroplastic.data.pipeline import stage_documents
+    from neuroplastic.data.synthetic import SyntheticCurriculum
+
+    cfg = DataConfig(source="curriculum")
+    docs = stage_documents(cfg, [f"{tmp_path / 'absent.txt'}|synthetic:definitions", str(text_file)])
+    first, second = docs.values()
+    assert first[0] == SyntheticCurriculum(seed=0).documents("definitions")
+    assert "The heart is an organ" in second[0][0]
+
+
+def test_alphas_follow_the_stage_and_need_a_model_with_decay(tmp_path):
+    with pytest.raises(UserError, match="alphas"):
+        Trainer(_cfg(tmp_path / "a", **{"curriculum.alphas": "[0.1, 0.5, 0.99]"})).setup()
+    with pytest.raises(UserError, match="one value per stage"):
+        _cfg(tmp_path / "b", **{"curriculum.alphas": "[0.1, 0.5]"})

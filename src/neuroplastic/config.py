@@ -96,6 +96,7 @@ class TrainConfig:
     keep_best: bool = True
     sample_interval: int = 0  # 0: only at the end
     sample_tokens: int = 64
+    sample_temperature: float = 0.8
     sample_prompt: str = ""
     max_nonfinite: int = 5
     resume: str = "none"  # none | auto | path to a checkpoint dir
@@ -152,6 +153,9 @@ class CurriculumConfig:
     patience: int = 3
     min_delta: float = 0.01
     cumulative: bool = False  # train on all stages so far instead of the current one only
+    # per-stage value of the model's developmental decay scale (agiformer: 0.1, 0.5, 0.99);
+    # [] leaves model.alpha alone
+    alphas: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -236,6 +240,10 @@ class RunConfig:
                 )
             if any(not 0 < b < 1 for b in c.boundaries) or c.boundaries != sorted(c.boundaries):
                 raise UserError("curriculum.boundaries must be increasing fractions in (0, 1).")
+        if c.alphas and len(c.alphas) != len(c.stages):
+            raise UserError(
+                f"curriculum.alphas needs one value per stage ({len(c.stages)}), got {len(c.alphas)}."
+            )
         if self.reward.interval < 0:
             raise UserError(f"reward.interval must be >= 0, got {self.reward.interval}.")
         for i, rule in enumerate(self.plasticity.rules):

@@ -123,31 +123,54 @@ class PreparedStages:
     description: str
 
 
+def _synthetic_stage(cfg: DataConfig, name: str, cache: dict) -> tuple[list[str], list[str]]:
+    from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
+
+    if name not in STAGES:
+        raise UserError(
+            f"Unknown synthetic stage {name!r} in curriculum.stages; valid: {', '.join(STAGES)}."
+        )
+    if "cur" not in cache:
+        cache["cur"] = SyntheticCurriculum(seed=cfg.synthetic_seed)
+    cur = cache["cur"]
+    return cur.documents(name), cur.validation_documents(name)
+
+
+def _stage_available(spec: str, cfg: DataConfig) -> bool:
+    from neuroplastic.data.registry import REGISTRY, find_local
+
+    if spec.startswith("synthetic:") or spec in ("needle", "mqar"):
+        return True
+    if spec in REGISTRY:
+        return find_local(spec, cfg.data_dir or None) is not None
+    return Path(spec).exists()
+
+
 def stage_documents(cfg: DataConfig, stages: list[str]) -> dict[str, tuple[list[str], list[str]]]:
     """Train/val documents per curriculum stage.
 
-    With ``data.source=synthetic`` a stage is a synthetic stage name (definitions,
-    explanations, dialogues); otherwise each stage is a data source spec of its own.
+    A stage is a synthetic stage name (with ``data.source=synthetic``), ``synthetic:NAME``,
+    or any data source spec. ``a|b|c`` lists alternatives: the first one available
+    locally is used (e.g. ``wordnet|synthetic:definitions`` falls back to the embedded
+    definitions when WordNet is not on this machine).
     """
     from neuroplastic.data.sources import load_documents
 
     out: dict[str, tuple[list[str], list[str]]] = {}
-    if cfg.source == "synthetic":
-        from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
-
-        cur = SyntheticCurriculum(seed=cfg.synthetic_seed)
-        for s in stages:
-            if s not in STAGES:
-                raise UserError(
-                    f"Unknown synthetic stage {s!r} in curriculum.stages; valid: {', '.join(STAGES)}."
-                )
-            out[s] = (cur.documents(s), cur.validation_documents(s))
-    else:
-        for s in stages:
-            docs = [d for d in load_documents(s, field=cfg.field, data_dir=cfg.data_dir or None) if d]
-            if not docs:
-                raise UserError(f"Curriculum stage {s!r} contains no text.")
-            out[s] = _split_documents(docs, cfg.val_fraction)
+    cache: dict = {}
+    for stage in stages:
+        options = [o.strip() for o in stage.split("|") if o.strip()]
+        chosen = next((o for o in options if _stage_available(o, cfg)), options[-1])
+        if cfg.source == "synthetic" and "|" not in stage and ":" not in chosen:
+            out[stage] = _synthetic_stage(cfg, chosen, cache)
+            continue
+        if chosen.startswith("synthetic:"):
+            out[stage] = _synthetic_stage(cfg, chosen.split(":", 1)[1], cache)
+            continue
+        docs = [d for d in load_documents(chosen, field=cfg.field, data_dir=cfg.data_dir or None) if d]
+        if not docs:
+            raise UserError(f"Curriculum stage {chosen!r} contains no text.")
+        out[stage] = _split_documents(docs, cfg.val_fraction)
     if cfg.max_chars > 0:
         per = max(1, cfg.max_chars // len(stages))
         out = {

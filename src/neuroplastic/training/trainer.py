@@ -384,6 +384,7 @@ class Trainer:
 
         if loaded is not None:
             self._restore(loaded)
+        self._apply_stage_alpha()
         self.logger = MetricsLogger(
             self.run_dir, tensorboard=cfg.train.tensorboard,
             resume_step=self.step if loaded is not None else None,
@@ -503,7 +504,7 @@ class Trainer:
         self,
         prompt: str | None = None,
         max_new_tokens: int | None = None,
-        temperature: float = 0.8,
+        temperature: float | None = None,
         top_k: int | None = 50,
         seed: int | None = None,
     ) -> str:
@@ -518,7 +519,7 @@ class Trainer:
         out = self.model.generate(
             torch.tensor([ids], device=self.device),
             max_new_tokens or self.cfg.train.sample_tokens,
-            temperature=temperature,
+            temperature=self.cfg.train.sample_temperature if temperature is None else temperature,
             top_k=top_k,
             eos_id=self.tokenizer.eos_id,
             generator=gen,
@@ -714,8 +715,22 @@ class Trainer:
             scaled.backward()
         return float(rloss.detach())
 
+    def _apply_stage_alpha(self) -> None:
+        """Set the model's developmental decay scale for the current curriculum stage."""
+        alphas = self.cfg.curriculum.alphas
+        if self.curriculum is None or not alphas:
+            return
+        set_alpha = getattr(self.model, "set_alpha", None)
+        if set_alpha is None:
+            raise UserError(
+                f"curriculum.alphas is set but model.arch={self.cfg.model.arch} has no decay to "
+                "schedule; use model.arch=hebbian or drop curriculum.alphas."
+            )
+        set_alpha(float(alphas[self.curriculum.current]))
+
     def _stage_changed(self, old: int) -> None:
         new = self.curriculum.current
+        self._apply_stage_alpha()
         self.logger.log("curriculum", self.step, stage=new, name=self.curriculum.stage)
         self.echo(f"[step {self.step}] curriculum: {self.curriculum.stages[old]} -> {self.curriculum.stage}")
         for cb in self.callbacks:
