@@ -168,6 +168,9 @@ class RunConfig:
     plasticity: PlasticityConfig = dataclasses.field(default_factory=PlasticityConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
+    # a recipe module whose loop differs (neuroplastic.recipes.<module>) and its options
+    recipe_module: str = ""
+    options: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -412,6 +415,20 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if i == len(parts) - 1:
             node[part] = value
         else:
+            if tp is dict or typing.get_origin(tp) is dict:
+                # free-form mapping (e.g. options, reward.weights): any sub-keys
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                for sub in parts[i + 1 : -1]:
+                    nxt = child.get(sub)
+                    if not isinstance(nxt, dict):
+                        nxt = {}
+                        child[sub] = nxt
+                    child = nxt
+                child[parts[-1]] = value
+                return
             if not dataclasses.is_dataclass(tp):
                 raise UserError(f"Config key {'.'.join(parts[: i + 1])!r} has no sub-keys.")
             child = node.get(part)

@@ -5,6 +5,11 @@ name, with flags saying whether it needs a reference text and/or a perplexity::
 
     register_term("length", my_length_fn, needs_reference=True)
 
+A term may also give ``batch_fn(preds, refs, ppls, **options) -> list[float]`` that
+scores a whole batch in one call (e.g. one batched forward pass of an embedding
+model); :class:`MultiObjectiveReward` then calls it instead of ``fn`` per item. ``fn``
+stays required, so a term can always score one item on its own.
+
 :class:`MultiObjectiveReward` takes weights per term name and scores a batch::
 
     reward = MultiObjectiveReward({"rouge_l": 0.4, "coherence": 0.2,
@@ -45,6 +50,7 @@ from neuroplastic.errors import UserError
 from neuroplastic.rewards import metrics
 
 TermFn = Callable[..., float]
+BatchFn = Callable[..., Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class RewardTerm:
     needs_reference: bool = False
     needs_ppl: bool = False
     description: str = ""
+    batch_fn: BatchFn | None = None  # (preds, refs, ppls, **options) -> one float per item
 
 
 _TERMS: dict[str, RewardTerm] = {}
@@ -69,12 +76,16 @@ def register_term(
     needs_ppl: bool = False,
     description: str = "",
     overwrite: bool = False,
+    batch_fn: BatchFn | None = None,
 ):
     """Register ``fn(pred, ref, ppl, **options) -> float`` as reward term ``name``.
 
     ``ref`` is None unless ``needs_reference``; ``ppl`` is None unless ``needs_ppl``.
     Options come from ``RewardConfig.options[name]``. Usable as a decorator when
     ``fn`` is omitted. Re-registering a name raises ValueError unless ``overwrite``.
+    The optional ``batch_fn(preds, refs, ppls, **options)`` scores a whole batch (the
+    same lists, with None entries where ``fn`` would get None) and returns one float
+    per item; it must accept the same options as ``fn``.
     """
 
     def _register(f: TermFn) -> TermFn:
@@ -88,6 +99,7 @@ def register_term(
             needs_reference=needs_reference,
             needs_ppl=needs_ppl,
             description=description or (f.__doc__ or "").strip().split("\n")[0],
+            batch_fn=batch_fn,
         )
         return f
 
@@ -268,6 +280,8 @@ class MultiObjectiveReward:
         for t in self._terms:
             try:
                 inspect.signature(t.fn).bind("", None, None, **self._options[t.name])
+                if t.batch_fn is not None:
+                    inspect.signature(t.batch_fn).bind([], [], [], **self._options[t.name])
             except TypeError:
                 raise UserError(
                     f"reward.options.{t.name} has options {sorted(self._options[t.name])} that "
@@ -331,6 +345,23 @@ class MultiObjectiveReward:
         item_terms: dict[str, list[float]] = {}
         for t in self._terms:
             opts = self._options[t.name]
+            if t.batch_fn is not None:
+                vals = [
+                    float(v)
+                    for v in t.batch_fn(
+                        preds,
+                        refs if t.needs_reference else [None] * n,
+                        ppls if t.needs_ppl else [None] * n,
+                        **opts,
+                    )
+                ]
+                if len(vals) != n:
+                    raise ValueError(
+                        f"The batch function of reward term {t.name!r} returned {len(vals)} "
+                        f"values for {n} items."
+                    )
+                item_terms[t.name] = vals
+                continue
             item_terms[t.name] = [
                 float(t.fn(p, r if t.needs_reference else None, q if t.needs_ppl else None, **opts))
                 for p, r, q in zip(preds, refs, ppls)

@@ -375,6 +375,19 @@ class Trainer:
                 normalize_advantage=cfg.plasticity.normalize_advantage,
             )
             self.callbacks.append(EngineCallback(self.engine))
+        if cfg.recipe_module:
+            import importlib
+
+            try:
+                module = importlib.import_module(f"neuroplastic.recipes.{cfg.recipe_module}")
+            except ModuleNotFoundError as exc:
+                raise UserError(
+                    f"recipe_module {cfg.recipe_module!r} does not exist in neuroplastic.recipes."
+                ) from exc
+            # recipe callbacks run first: they may set trainer.reward for the engine
+            self.callbacks[:0] = list(module.callbacks(self))
+        elif cfg.options:
+            raise UserError("options are given but no recipe_module uses them; drop them or set recipe_module.")
         if cfg.reward.interval > 0:
             from neuroplastic.training.reward import RewardCallback
 

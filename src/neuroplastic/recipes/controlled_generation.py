@@ -1,0 +1,179 @@
+"""controlled-generation: fine-tuning towards length, relevance, diversity and reference
+match with a reward loss that really carries gradient.
+
+The loss of a step is ``CE + lam * reward_loss`` with
+
+    reward_loss = - mean_i( A_i * logp(y_i | x_i) )  -  entropy_weight * H
+
+* ``y_i`` are ``samples_per_prompt`` (k) continuations sampled from the model for each of
+  ``prompts_per_step`` prompts; ``logp`` is their log-probability under the current model
+  (with gradient; mean per token with ``normalize_logprob``, else the sum).
+* ``A_i = r_i - mean_k(r)`` is REINFORCE's advantage with the mean reward of the k
+  samples of the same prompt as baseline (so the estimator is unbiased and a reward
+  that every sample shares moves nothing).
+* ``r_i`` is the weighted sum of terms computed on the *sampled text* — length
+  efficiency, semantic similarity, BLEU, METEOR, ... (``weights``; see
+  :mod:`neuroplastic.rewards`) — which have no gradient of their own; they reach the
+  weights only through the policy-gradient estimator.
+* ``H`` is the mean entropy of the model's output distribution over the sampled
+  positions: a term *with* a gradient path, entering directly.
+
+In the public system these reward terms were added to the loss as constants (no
+gradient), so the "reward loss" changed nothing; here the sign is tested: on a reward
+that prefers short outputs the generated length falls, and with ``lam=0`` it does not.
+
+The mean reward of the step becomes ``trainer.reward``, so an ``eligibility`` (or any
+reward-modulated) rule in ``plasticity.rules`` applies its plastic update after the
+optimizer step. Maximum generation length follows the curriculum stage
+(``max_new_tokens``: 30 -> 80 -> 150 over definitions -> explanations -> dialogues).
+Prompts and sampling are seeded by ``(train.seed, step)``, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuroplastic.config import _build
+from neuroplastic.errors import UserError
+from neuroplastic.training.reward import pairs_for
+from neuroplastic.training.trainer import Callback
+
+
+@dataclass
+class ControlOptions:
+    lam: float = 0.5
+    samples_per_prompt: int = 4
+    prompts_per_step: int = 2
+    every: int = 1  # compute the reward loss every N steps
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: list[int] = dataclasses.field(default_factory=lambda: [30, 80, 150])
+    entropy_weight: float = 0.01
+    normalize_logprob: bool = True
+    weights: dict = dataclasses.field(
+        default_factory=lambda: {"length": 0.25, "semantic_similarity": 0.25, "bleu": 0.25,
+                                 "meteor": 0.25}
+    )
+    term_options: dict = dataclasses.field(default_factory=dict)  # e.g. {length: {target: 30}}
+
+    def validate(self) -> ControlOptions:
+        if self.samples_per_prompt < 2:
+            raise UserError("options.samples_per_prompt must be >= 2 (the baseline is their mean).")
+        if self.prompts_per_step < 1 or self.every < 1:
+            raise UserError("options.prompts_per_step and options.every must be >= 1.")
+        if not self.max_new_tokens or min(self.max_new_tokens) < 1:
+            raise UserError("options.max_new_tokens must list positive lengths (one per stage).")
+        if self.lam < 0:
+            raise UserError(f"options.lam must be >= 0, got {self.lam}.")
+        return self
+
+
+class ControlledGeneration(Callback):
+    name = "controlled_generation"
+
+    def __init__(self, options: ControlOptions):
+        from neuroplastic.rewards import MultiObjectiveReward
+
+        self.opt = options
+        self.reward_fn = MultiObjectiveReward(dict(options.weights), options=dict(options.term_options))
+        self._pairs: dict[Any, list[tuple[str, str]]] = {}
+        self._done_step = -1
+        self.last: dict[str, float] = {}
+
+    def _max_new(self, trainer) -> int:
+        stage = trainer.curriculum.current if trainer.curriculum is not None else 0
+        lengths = self.opt.max_new_tokens
+        return int(lengths[min(stage, len(lengths) - 1)])
+
+    def _prompts(self, trainer) -> list[tuple[str, str]]:
+        stage = trainer.curriculum.stage if trainer.curriculum is not None else None
+        if stage not in self._pairs:
+            self._pairs[stage] = pairs_for(trainer, stage)
+        return self._pairs[stage]
+
+    def penalty(self, trainer) -> torch.Tensor | None:
+        if trainer.step == self._done_step or trainer.step % self.opt.every:
+            return None
+        self._done_step = trainer.step
+        out = self.reward_loss(trainer, trainer.step)
+        trainer.reward = out["reward"]
+        self.last = {k: v for k, v in out.items() if k != "loss"}
+        if self.opt.lam == 0:
+            return None
+        # the trainer divides penalties by grad_accum per micro-batch; this one is once a step
+        return self.opt.lam * out["loss"] * trainer.cfg.train.grad_accum
+
+    def reward_loss(self, trainer, step: int) -> dict[str, Any]:
+        o, tok, model, dev = self.opt, trainer.tokenizer, trainer.model, trainer.device
+        pairs = self._prompts(trainer)
+        rng = np.random.default_rng([trainer.cfg.train.seed, step, 29])
+        picks = rng.choice(len(pairs), size=min(o.prompts_per_step, len(pairs)), replace=False)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(trainer.cfg.train.seed * 1_000_003 + step + 7)
+        max_new = self._max_new(trainer)
+        block = trainer.cfg.model.block_size
+        seqs, prompt_lens, preds, refs, gen_lens = [], [], [], [], []
+        for i in picks:
+            prompt, ref = pairs[int(i)]
+            p_ids = tok.encode(prompt)[-max(1, block - max_new) :] or [tok.eos_id]
+            x = torch.tensor([p_ids] * o.samples_per_prompt, device=dev)
+            with torch.no_grad():
+                y = model.generate(x, max_new, temperature=o.temperature, top_k=o.top_k or None,
+                                   eos_id=tok.eos_id, generator=gen)
+            for row in y[:, len(p_ids) :].tolist():
+                if tok.eos_id in row:
+                    row = row[: row.index(tok.eos_id) + 1]  # keep the eos: its choice is learned
+                seqs.append(p_ids + row)
+                prompt_lens.append(len(p_ids))
+                text_ids = [t for t in row if t != tok.eos_id]
+                gen_lens.append(len(text_ids))
+                preds.append(tok.decode(text_ids))
+                refs.append(ref)
+        result = self.reward_fn(preds, refs)
+        r = torch.tensor(result.per_item, dtype=torch.float32, device=dev).view(len(picks), -1)
+        adv = (r - r.mean(dim=1, keepdim=True)).view(-1)
+
+        # log-probabilities of the sampled continuations, with gradient
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tok.eos_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32, device=dev)
+        for j, (s, pl) in enumerate(zip(seqs, prompt_lens)):
+            ids[j, : len(s)] = torch.tensor(s, device=dev)
+            mask[j, pl - 1 : len(s) - 1] = 1.0  # positions predicting generated tokens
+        with trainer._autocast():
+            logits, _ = model(ids[:, :-1])
+        logp_all = F.log_softmax(logits.float(), dim=-1)
+        logp_tok = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
+        n_tok = mask.sum(dim=1).clamp_min(1.0)
+        logp = logp_tok.sum(dim=1) / (n_tok if o.normalize_logprob else 1.0)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        mean_entropy = (entropy * mask).sum() / mask.sum().clamp_min(1.0)
+        pg = -(adv.detach() * logp).mean()
+        loss = pg - o.entropy_weight * mean_entropy
+        stats = {
+            "loss": loss,
+            "reward": float(result.total),
+            "pg_loss": float(pg.detach()),
+            "entropy": float(mean_entropy.detach()),
+            "gen_len": float(np.mean(gen_lens)),
+            "max_new_tokens": float(max_new),
+        }
+        stats.update({f"term/{k}": float(v) for k, v in result.terms.items()})
+        return stats
+
+    def after_step(self, trainer, metrics: dict[str, Any]) -> None:
+        if self.last and self._done_step == trainer.step:
+            metrics.update({f"control/{k}": v for k, v in self.last.items()})
+            trainer.logger.log("control", trainer.step + 1, **self.last)
+
+
+def callbacks(trainer) -> list[Callback]:
+    """The callbacks this recipe adds to the trainer (``recipe_module: controlled_generation``)."""
+    opts = _build(ControlOptions, dict(trainer.cfg.options), "options").validate()
+    return [ControlledGeneration(opts)]
