@@ -147,6 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, cfg, directory = load_trained(args.checkpoint, device=device)
+    if args.task in ("needle", "mqar"):
+        return _evaluate_recall(args, model, tok, device, directory)
     if args.task != "lm":
         return _evaluate_task(args, model, tok, device, directory)
     block = cfg.block_size
@@ -175,6 +177,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
              ["bits per byte", f"{metrics['bpb']:.4f}"]],
             ["metric", "value"],
         ))
+    return 0
+
+
+def _evaluate_recall(args, model, tok, device, directory) -> int:
+    from neuroplastic.evaluation.recall import evaluate_mqar, needle_grid, plot_needle_heatmap
+
+    out_json = Path(args.output) if args.output else Path(directory).parent.parent / f"{args.task}.json"
+    if args.task == "needle":
+        lengths = tuple(int(x) for x in args.lengths.split(",") if x)
+        depths = tuple(float(x) for x in args.depths.split(",") if x)
+        res = needle_grid(model, tok, lengths=lengths, depths=depths, trials=args.trials,
+                          device=device)
+        png = out_json.with_suffix(".png")
+        plot_needle_heatmap(res, png, title=f"needle recall: {directory}")
+        rows = [[str(n)] + [f"{acc:.2f}" for acc in res["grid"][i]] for i, n in enumerate(lengths)]
+        print(f"checkpoint: {directory}")
+        print(_format_table(rows, ["bytes \\ depth", *[f"{d:g}" for d in depths]]))
+        print(f"overall accuracy: {res['accuracy']:.3f}; heatmap: {png}")
+    else:
+        res = evaluate_mqar(model, tok, num_examples=args.limit or 100, device=device)
+        print(f"checkpoint: {directory}")
+        print(_format_table([["accuracy (per query)", f"{res['accuracy']:.4f}"],
+                             ["accuracy (whole example)", f"{res['example_accuracy']:.4f}"]],
+                            ["metric", "value"]))
+    out_json.write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+    print(f"results: {out_json}")
     return 0
 
 
@@ -333,12 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--task", default="lm",
-                   choices=["lm", "mmlu", "hellaswag", "synthetic-mc", "synthetic-completion"],
+                   choices=["lm", "mmlu", "hellaswag", "synthetic-mc", "synthetic-completion",
+                            "needle", "mqar"],
                    help="lm: loss/ppl/bpb; or a multiple-choice task (acc, acc_norm)")
     e.add_argument("--limit", type=int, default=None,
                    help="items per task (MMLU: per subject, as lm-eval)")
     e.add_argument("--shots", type=int, default=0, help="few-shot examples per item")
     e.add_argument("--per-subject", action="store_true", help="print per-subject accuracy")
+    e.add_argument("--lengths", default="512,1024,2048,4096", help="needle: haystack sizes (bytes)")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: needle depths in [0, 1]")
+    e.add_argument("--trials", type=int, default=5, help="needle: trials per cell")
     e.add_argument("--output", help="write all results incl. per-item records to this JSON file")
     e.set_defaults(func=cmd_evaluate)
 

@@ -37,6 +37,17 @@ def _synthetic_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return train, val
 
 
+RECALL_SOURCES = ("needle", "mqar")
+
+
+def _recall_documents(name: str, seed: int) -> tuple[list[str], list[str]]:
+    """Training and validation documents of a synthetic recall task (different seeds)."""
+    from neuroplastic.data import recall_tasks
+
+    make = recall_tasks.needle_documents if name == "needle" else recall_tasks.mqar_documents
+    return make(seed=seed), make(count=100, seed=seed + 1_000_003)
+
+
 def _split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """Hold out the tail of the corpus (by characters) for validation."""
     if len(docs) == 1 or len(docs) < 20:
@@ -77,6 +88,9 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path | None = None) -> Prepared
     if cfg.source == "synthetic":
         train_docs, val_docs = _synthetic_documents(cfg)
         desc = "embedded synthetic curriculum"
+    elif cfg.source in RECALL_SOURCES:
+        train_docs, val_docs = _recall_documents(cfg.source, cfg.synthetic_seed)
+        desc = f"synthetic {cfg.source} recall task"
     else:
         docs = load_documents(cfg.source, field=cfg.field, data_dir=cfg.data_dir or None)
         docs = [d for d in docs if d]
@@ -139,7 +153,7 @@ def _synthetic_stage(cfg: DataConfig, name: str, cache: dict) -> tuple[list[str]
 def _stage_available(spec: str, cfg: DataConfig) -> bool:
     from neuroplastic.data.registry import REGISTRY, find_local
 
-    if spec.startswith("synthetic:") or spec in ("needle", "mqar"):
+    if spec.startswith("synthetic:") or spec in RECALL_SOURCES:
         return True
     if spec in REGISTRY:
         return find_local(spec, cfg.data_dir or None) is not None
@@ -163,6 +177,9 @@ def stage_documents(cfg: DataConfig, stages: list[str]) -> dict[str, tuple[list[
         chosen = next((o for o in options if _stage_available(o, cfg)), options[-1])
         if cfg.source == "synthetic" and "|" not in stage and ":" not in chosen:
             out[stage] = _synthetic_stage(cfg, chosen, cache)
+            continue
+        if chosen in RECALL_SOURCES:
+            out[stage] = _recall_documents(chosen, cfg.synthetic_seed)
             continue
         if chosen.startswith("synthetic:"):
             out[stage] = _synthetic_stage(cfg, chosen.split(":", 1)[1], cache)

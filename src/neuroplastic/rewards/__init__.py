@@ -6,7 +6,9 @@
 (0.875, 0.75)
 
 ROUGE-L needs the optional ``rouge-score`` package (``neuroplastic[metrics]``); it
-is imported on first use only.
+is imported on first use only. The generation terms (``length``, ``entropy``,
+``bleu``, ``meteor``, ``semantic_similarity``) and :func:`output_entropy` live in
+:mod:`neuroplastic.rewards.generation`; their optional packages load on first use too.
 """
 
 from neuroplastic.rewards.combined import (
@@ -17,6 +19,16 @@ from neuroplastic.rewards.combined import (
     available_terms,
     get_term,
     register_term,
+)
+from neuroplastic.rewards.generation import (
+    bleu,
+    length_efficiency,
+    load_embedder,
+    load_wordnet,
+    meteor,
+    output_entropy,
+    semantic_similarities,
+    unigram_entropy,
 )
 from neuroplastic.rewards.metrics import (
     PERPLEXITY_FORMS,
@@ -36,13 +48,21 @@ __all__ = [
     "RewardResult",
     "RewardTerm",
     "available_terms",
+    "bleu",
     "coherence",
     "distinct_n",
     "diversity",
     "get_term",
+    "length_efficiency",
+    "load_embedder",
+    "load_wordnet",
+    "meteor",
+    "output_entropy",
     "perplexity_reward",
     "register_term",
     "rouge_l",
+    "semantic_similarities",
+    "unigram_entropy",
     "unique_word_ratio",
     "words",
 ]

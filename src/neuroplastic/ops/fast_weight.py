@@ -1,0 +1,367 @@
+"""Fast-weight (linear-attention) memory: the recurrences and their chunk-parallel forms.
+
+Pure tensor numerics, no ``nn.Module``. Per batch element and head the memory is a
+matrix ``M`` of shape (dk, dv) updated once per step ``t``:
+
+* **Hebbian** (decayed linear attention)::
+
+      M_t = lambda_t * M_{t-1} + k_t v_t^T
+      o_t = q_t^T M_t                      # the step's own write is included
+
+* **Delta rule** (the *gated* delta rule of arXiv 2412.06464; plain DeltaNet,
+  arXiv 2406.06484, when ``log_decay`` is None): the memory is first decayed, then
+  corrected towards ``v_t`` at key ``k_t`` with strength ``beta_t``::
+
+      M'  = lambda_t * M_{t-1}
+      M_t = M' + beta_t k_t (v_t - M'^T k_t)^T
+          = lambda_t (I - beta_t k_t k_t^T) M_{t-1} + beta_t k_t v_t^T
+      o_t = q_t^T M_t
+
+  i.e. the prediction that is corrected is the one read from the *decayed* memory,
+  ``lambda_t M_{t-1}^T k_t``. Recurrent and chunked forms use exactly this ordering.
+  The update is a contraction when ``||k_t|| <= 1`` and ``0 < beta_t < 1`` (use
+  ``feature_map(k, "identity_l2")``); with larger keys the memory can grow without bound.
+
+Shapes: ``q, k`` (B, H, T, dk); ``v`` (B, H, T, dv); ``log_decay`` (B, H, T) with values
+<= 0 (``lambda_t = exp(log_decay_t)``); ``beta`` (B, H, T) in (0, 1); ``initial_state``
+and the returned final state (B, H, dk, dv). Every function returns ``(o, final_state)``
+with ``o`` of shape (B, H, T, dv).
+
+Precision: whatever the input dtype, everything is computed in float32 inside an
+``autocast(enabled=False)`` region (float64 when any input is float64, for tests); the
+state is float32 (float64 for float64 inputs). ``o`` comes back in ``v``'s dtype, or in
+the autocast dtype when autocast is on at the call. This replaces the seed's fp32 bypass.
+
+Forms:
+
+* ``*_recurrent``: the step-by-step reference (a Python loop over ``t``); also the
+  generation path, one step at a time with a carried state.
+* ``*_chunked``: chunk-parallel. The sequence is cut into chunks of ``C`` steps
+  (padded at the end with zero keys/values and zero log-decay, which leaves the state
+  untouched). Within a chunk the output is an attention-like matmul with a causal decay
+  mask ``D[i, j] = exp(sum_{l=j+1..i} g_l)`` for ``j <= i``, built from *segment sums*
+  (no difference of two large cumulative sums, so no cancellation), plus the entering
+  state read through ``exp(sum_{l<=i} g_l)``; chunk states are passed on with
+  ``exp(sum_{l>j} g_l)``. Every exponent is a sum of log-decays, hence <= 0: no
+  ``exp`` of a positive number anywhere, for any decay. The delta rule uses the
+  WY/UT transform: per chunk, ``U = T (diag(beta) V - diag(beta*gamma) K S0)`` with
+  ``T = (I + strict_tril(diag(beta) (K K^T * D)))^-1`` obtained by one batched unit
+  triangular solve for all chunks; only the cheap ``S0``-dependent part runs in the
+  loop over chunks.
+* ``materialized_fast_weight``: the seed's implementation style (materialises all
+  states as a (B, T, H, dk, dv) tensor via ``exp(-cumsum)`` rescaling), for benchmarks
+  and tests only.
+
+Autograd runs through every form (plain torch ops).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from neuroplastic.errors import UserError
+
+__all__ = [
+    "FEATURE_MAPS",
+    "delta_rule_chunked",
+    "delta_rule_recurrent",
+    "fast_weight",
+    "fast_weight_chunked",
+    "fast_weight_recurrent",
+    "feature_map",
+    "materialized_fast_weight",
+]
+
+FEATURE_MAPS = ("identity_l2", "elu1", "seed")
+
+
+# --------------------------------------------------------------------------- feature maps
+
+
+def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Map queries or keys over their last dimension.
+
+    * ``"identity_l2"``: ``x / ||x||_2`` (unit norm; the right choice for the delta rule).
+    * ``"elu1"``: ``ELU(x) + 1``, computed as ``x + 1`` for ``x > 0`` and ``exp(x)``
+      otherwise (the same function, but strictly positive down to ``x`` ~ -87 in
+      float32, where ``ELU(x) + 1`` already rounds to 0 below ``x`` ~ -17).
+    * ``"seed"``: the seed AGIFORMER's map, ``ELU(x) + 1`` on both q and k with the
+      seed's ``1/sqrt(d)`` query scale. The seed divided its read-out by a normaliser
+      ``q . sum(k)``, which cancelled that scale; this memory has no normaliser, so the
+      scale matters, and since one function maps both q and k here it is applied to
+      both: ``(ELU(x) + 1) / sqrt(d)``. Scores ``q . k`` then stay O(1) for unit-scale
+      inputs instead of O(d).
+    """
+    if kind == "identity_l2":
+        return F.normalize(x, p=2.0, dim=-1, eps=1e-6)
+    if kind in ("elu1", "seed"):
+        y = torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
+        if kind == "seed":
+            y = y * (1.0 / math.sqrt(x.shape[-1]))
+        return y
+    raise UserError(f"feature_map kind must be one of {', '.join(FEATURE_MAPS)}; got {kind!r}.")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Prec:
+    """The fp32 (or fp64) region: autocast off, inputs cast, output dtype remembered."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor | None], v: torch.Tensor):
+        present = [t for t in tensors if t is not None]
+        self.dtype = (
+            torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+        )
+        dev = v.device.type
+        out = v.dtype
+        if out != torch.float64 and torch.is_autocast_enabled(dev):
+            out = torch.get_autocast_dtype(dev)
+        self.out_dtype = out
+        self._ctx = torch.autocast(device_type=dev, enabled=False)
+
+    def __enter__(self) -> _Prec:
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+    def cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.dtype)
+
+
+def _check(name, q, k, v, log_decay, beta=None, initial_state=None, *, need_beta=False):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise UserError(
+            f"{name}: q, k, v must be 4-D (B, H, T, d); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if q.shape != k.shape:
+        raise UserError(
+            f"{name}: q and k must have the same shape (B, H, T, dk); got "
+            f"{tuple(q.shape)} and {tuple(k.shape)}."
+        )
+    B, H, T, dk = q.shape
+    if v.shape[:3] != (B, H, T):
+        raise UserError(
+            f"{name}: v must be (B, H, T, dv) = ({B}, {H}, {T}, dv); got {tuple(v.shape)}."
+        )
+    for label, t in (("log_decay", log_decay), ("beta", beta)):
+        if t is not None and t.shape != (B, H, T):
+            raise UserError(f"{name}: {label} must be (B, H, T) = ({B}, {H}, {T}); got {tuple(t.shape)}.")
+    if need_beta and beta is None:
+        raise UserError(f"{name}: the delta rule needs beta of shape (B, H, T); got None.")
+    if initial_state is not None and initial_state.shape != (B, H, dk, v.shape[-1]):
+        raise UserError(
+            f"{name}: initial_state must be (B, H, dk, dv) = ({B}, {H}, {dk}, {v.shape[-1]}); "
+            f"got {tuple(initial_state.shape)}."
+        )
+
+
+def _segsum(g: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = sum_{l=j+1..i} g[..., l]`` for ``j <= i`` and ``-inf`` above.
+
+    Built by a cumulative sum over a masked copy, so each entry is a sum of the
+    log-decays it spans (<= 0), never a difference of two large prefix sums.
+    """
+    C = g.shape[-1]
+    x = g.unsqueeze(-1).expand(*g.shape, C)  # x[..., l, j] = g_l
+    idx = torch.arange(C, device=g.device)
+    strict = idx[:, None] > idx[None, :]  # l > j
+    x = x.masked_fill(~strict, 0.0)
+    s = x.cumsum(dim=-2)  # s[..., i, j] = sum_{j < l <= i} g_l
+    return s.masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+
+
+def _zero_state(q: torch.Tensor, dv: int, dtype: torch.dtype) -> torch.Tensor:
+    B, H, _, dk = q.shape
+    return torch.zeros(B, H, dk, dv, dtype=dtype, device=q.device)
+
+
+# --------------------------------------------------------------------------- recurrent
+
+
+def fast_weight_recurrent(q, k, v, log_decay, initial_state=None):
+    """Hebbian memory, step by step (the reference; also generation with a carried state).
+
+    ``log_decay`` may be None (lambda = 1). Returns ``(o, final_state)``.
+    """
+    _check("fast_weight_recurrent", q, k, v, log_decay, None, initial_state)
+    dv = v.shape[-1]
+    with _Prec((q, k, v, log_decay, initial_state), v) as p:
+        q, k, v, g, S = (p.cast(t) for t in (q, k, v, log_decay, initial_state))
+        S = _zero_state(q, dv, p.dtype) if S is None else S
+        lam = None if g is None else g.exp()
+        outs = []
+        for t in range(q.shape[2]):
+            kv = k[:, :, t, :, None] * v[:, :, t, None, :]
+            S = kv + (S if lam is None else lam[:, :, t, None, None] * S)
+            outs.append((q[:, :, t, None, :] @ S).squeeze(-2))
+        o = torch.stack(outs, dim=2) if outs else v.new_zeros(v.shape)
+    return o.to(p.out_dtype), S
+
+
+def delta_rule_recurrent(q, k, v, beta, log_decay=None, initial_state=None):
+    """(Gated) delta rule, step by step: ``M' = lambda_t M``; ``M += beta_t k_t (v_t - M'^T k_t)^T``."""
+    _check("delta_rule_recurrent", q, k, v, log_decay, beta, initial_state, need_beta=True)
+    dv = v.shape[-1]
+    with _Prec((q, k, v, beta, log_decay, initial_state), v) as p:
+        q, k, v, beta, g, S = (p.cast(t) for t in (q, k, v, beta, log_decay, initial_state))
+        S = _zero_state(q, dv, p.dtype) if S is None else S
+        lam = None if g is None else g.exp()
+        outs = []
+        for t in range(q.shape[2]):
+            if lam is not None:
+                S = lam[:, :, t, None, None] * S
+            kt = k[:, :, t, None, :]  # (B, H, 1, dk)
+            err = v[:, :, t, None, :] - kt @ S  # (B, H, 1, dv)
+            S = S + (beta[:, :, t, None, None] * kt).transpose(-1, -2) * err
+            outs.append((q[:, :, t, None, :] @ S).squeeze(-2))
+        o = torch.stack(outs, dim=2) if outs else v.new_zeros(v.shape)
+    return o.to(p.out_dtype), S
+
+
+# --------------------------------------------------------------------------- chunked
+
+
+def _chunked(q, k, v, g, beta, S, chunk_size: int):
+    """Chunk-parallel Hebbian (``beta is None``) or gated delta rule, in the compute dtype."""
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    if g is None:
+        g = q.new_zeros(B, H, T)
+    C = max(1, min(int(chunk_size), T))
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g = F.pad(g, (0, pad))
+        if beta is not None:
+            beta = F.pad(beta, (0, pad))
+    q = q.reshape(B, H, N, C, dk)
+    k = k.reshape(B, H, N, C, dk)
+    v = v.reshape(B, H, N, C, dv)
+    g = g.reshape(B, H, N, C)
+
+    seg = _segsum(g)  # (B, H, N, C, C), <= 0 on and below the diagonal, -inf above
+    decay = seg.exp()  # causal decay mask D[i, j] = exp(sum_{j<l<=i} g_l)
+    gamma = g.cumsum(-1).exp()  # exp(sum_{l<=i} g_l): what is left of the entering state
+    tail = seg[..., -1, :].exp()  # exp(sum_{l>j} g_l): what of step j reaches the chunk end
+    chunk_decay = gamma[..., -1]  # (B, H, N)
+    k_tail = (k * tail.unsqueeze(-1)).transpose(-1, -2)  # (B, H, N, dk, C)
+    scores = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
+
+    states = []
+    if beta is None:
+        contrib = k_tail @ v  # (B, H, N, dk, dv): each chunk's own writes
+        for n in range(N):
+            states.append(S)
+            S = chunk_decay[:, :, n, None, None] * S + contrib[:, :, n]
+        u = v
+    else:
+        beta = beta.reshape(B, H, N, C)
+        eye = torch.eye(C, dtype=torch.bool, device=q.device)
+        a = ((k @ k.transpose(-1, -2)) * decay).masked_fill(eye, 0.0) * beta.unsqueeze(-1)
+        rhs = torch.cat((v * beta.unsqueeze(-1), k * (beta * gamma).unsqueeze(-1)), dim=-1)
+        w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+        w_v, w_k = w.split((dv, dk), dim=-1)
+        us = []
+        for n in range(N):
+            states.append(S)
+            u_n = w_v[:, :, n] - w_k[:, :, n] @ S  # pseudo-values, (B, H, C, dv)
+            us.append(u_n)
+            S = chunk_decay[:, :, n, None, None] * S + k_tail[:, :, n] @ u_n
+        u = torch.stack(us, dim=2)
+    prev = torch.stack(states, dim=2)  # (B, H, N, dk, dv): state entering each chunk
+    o = (q * gamma.unsqueeze(-1)) @ prev + scores @ u
+    o = o.reshape(B, H, N * C, dv)[:, :, :T]
+    return o, S
+
+
+def fast_weight_chunked(q, k, v, log_decay, chunk_size=64, initial_state=None):
+    """Hebbian memory, chunk-parallel; equal to :func:`fast_weight_recurrent`."""
+    _check("fast_weight_chunked", q, k, v, log_decay, None, initial_state)
+    _check_chunk(chunk_size)
+    with _Prec((q, k, v, log_decay, initial_state), v) as p:
+        q, k, v, g, S = (p.cast(t) for t in (q, k, v, log_decay, initial_state))
+        S = _zero_state(q, v.shape[-1], p.dtype) if S is None else S
+        if q.shape[2] == 0:
+            return v.new_zeros(v.shape).to(p.out_dtype), S
+        o, S = _chunked(q, k, v, g, None, S, chunk_size)
+    return o.to(p.out_dtype), S
+
+
+def delta_rule_chunked(q, k, v, beta, log_decay=None, chunk_size=64, initial_state=None):
+    """(Gated) delta rule, chunk-parallel (WY/UT transform); equal to :func:`delta_rule_recurrent`."""
+    _check("delta_rule_chunked", q, k, v, log_decay, beta, initial_state, need_beta=True)
+    _check_chunk(chunk_size)
+    with _Prec((q, k, v, beta, log_decay, initial_state), v) as p:
+        q, k, v, beta, g, S = (p.cast(t) for t in (q, k, v, beta, log_decay, initial_state))
+        S = _zero_state(q, v.shape[-1], p.dtype) if S is None else S
+        if q.shape[2] == 0:
+            return v.new_zeros(v.shape).to(p.out_dtype), S
+        o, S = _chunked(q, k, v, g, beta, S, chunk_size)
+    return o.to(p.out_dtype), S
+
+
+def _check_chunk(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise UserError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
+def fast_weight(
+    q,
+    k,
+    v,
+    log_decay,
+    *,
+    rule: str = "hebbian",
+    beta=None,
+    mode: str = "chunked",
+    chunk_size: int = 64,
+    initial_state=None,
+):
+    """Run the memory: ``rule`` ``"hebbian"`` or ``"delta"``; ``mode`` ``"chunked"`` or ``"recurrent"``."""
+    if mode not in ("chunked", "recurrent"):
+        raise UserError(f"fast_weight mode must be 'chunked' or 'recurrent'; got {mode!r}.")
+    if rule == "hebbian":
+        if mode == "chunked":
+            return fast_weight_chunked(q, k, v, log_decay, chunk_size, initial_state)
+        return fast_weight_recurrent(q, k, v, log_decay, initial_state)
+    if rule == "delta":
+        if mode == "chunked":
+            return delta_rule_chunked(q, k, v, beta, log_decay, chunk_size, initial_state)
+        return delta_rule_recurrent(q, k, v, beta, log_decay, initial_state)
+    raise UserError(f"fast_weight rule must be 'hebbian' or 'delta'; got {rule!r}.")
+
+
+# --------------------------------------------------------------------------- seed style
+
+
+def materialized_fast_weight(q, k, v, log_decay):
+    """The seed's implementation style, for benchmarks and tests only.
+
+    Materialises every state as one (B, T, H, dk, dv) tensor: keys are scaled by
+    ``exp(-cumsum(log_decay))``, outer products summed with ``cumsum`` over time, and
+    queries scaled by ``exp(+cumsum)``. Exact in exact arithmetic but it exponentiates
+    positive numbers: it overflows (inf/NaN) once the total log-decay over the sequence
+    falls below about -88 in float32 (the seed clamped at +-50 and was then wrong), and
+    it needs O(T d^2) memory. Returns ``(o, final_state)`` like the other forms.
+    """
+    _check("materialized_fast_weight", q, k, v, log_decay)
+    with _Prec((q, k, v, log_decay), v) as p:
+        q, k, v, g = (p.cast(t) for t in (q, k, v, log_decay))
+        cum = g.cumsum(-1).unsqueeze(-1)  # (B, H, T, 1)
+        kv = torch.einsum("bhte,bhtf->bthef", k * torch.exp(-cum), v)  # (B, T, H, dk, dv)
+        states = kv.cumsum(dim=1)
+        o = torch.einsum("bhte,bthef->bhtf", q * torch.exp(cum), states)
+        final = states[:, -1] * torch.exp(cum[:, :, -1:, :])
+    return o.to(p.out_dtype), final
