@@ -178,7 +178,7 @@ class LocalAttentionMemory(nn.Module):
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
         if self.mem_heads > 1:
-            torch.linspace(-3.0, 3.0, self.mem_heads, out=self.decay_logit)
+            self.decay_logit.copy_(torch.linspace(-3.0, 3.0, self.mem_heads))
         else:
             self.decay_logit.zero_()
         self.gate.zero_()

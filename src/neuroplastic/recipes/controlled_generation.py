@@ -116,8 +116,9 @@ class ControlledGeneration(Callback):
         picks = rng.choice(len(pairs), size=min(o.prompts_per_step, len(pairs)), replace=False)
         gen = torch.Generator(device=dev)
         gen.manual_seed(trainer.cfg.train.seed * 1_000_003 + step + 7)
-        max_new = self._max_new(trainer)
         block = trainer.cfg.model.block_size
+        # the prompt keeps at least a quarter of the context
+        max_new = min(self._max_new(trainer), block - max(1, block // 4))
         seqs, prompt_lens, preds, refs, gen_lens = [], [], [], [], []
         for i in picks:
             prompt, ref = pairs[int(i)]
