@@ -271,6 +271,9 @@ class HebbianLM(nn.Module):
     (``"chunked"`` or ``"recurrent"``; default: chunked, recurrent for a single token).
     """
 
+    #: the recurrent memory carries context past block_size (read by the recall evaluators)
+    supports_long_context = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         _check_hebbian_config(cfg)
