@@ -51,6 +51,11 @@ class ModelConfig:
     feature_map: str = "elu1"  # identity_l2 | elu1 | seed
     chunk_size: int = 64  # chunk length of the chunk-parallel memory kernel
     alpha: float = 1.0  # developmental decay scale (set by the curriculum)
+    # arch=hf: any Hugging Face causal LM from a local directory (a hub name needs allow_hub)
+    hf_path: str = ""
+    allow_hub: bool = False
+    lora: dict = dataclasses.field(default_factory=dict)  # {r, alpha, dropout, target_modules}; {} = full fine-tune
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -227,11 +232,13 @@ class RunConfig:
         choices = {
             "model.norm": (m.norm, ("rmsnorm", "layernorm")),
             "model.pos": (m.pos, ("rope", "learned")),
-            "model.arch": (m.arch, ("gpt", "hebbian")),
+            "model.arch": (m.arch, ("gpt", "hebbian", "hf")),
             "model.memory_rule": (m.memory_rule, ("hebbian", "delta")),
             "model.feature_map": (m.feature_map, ("identity_l2", "elu1", "seed")),
             "train.amp": (t.amp, ("auto", "bf16", "fp16", "none")),
         }
+        if m.arch == "hf" and not m.hf_path:
+            raise UserError("model.arch=hf needs model.hf_path (a local Hugging Face model directory).")
         c = self.curriculum
         choices["curriculum.advance"] = (c.advance, ("steps", "plateau"))
         choices["reward.perplexity_form"] = (self.reward.perplexity_form, ("linear", "exp", "inverse"))
@@ -502,6 +509,12 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     values = read_recipe(recipe)
     for text in overrides or []:
         key, value = parse_override(text)
+        if key == "model" and isinstance(value, str):
+            # shortcut: model=PATH -> a Hugging Face causal LM and its own tokenizer
+            set_dotted(values, "model.arch", "hf")
+            set_dotted(values, "model.hf_path", value)
+            set_dotted(values, "data.tokenizer", value)
+            continue
         set_dotted(values, key, value)
     return config_from_dict(values).validate()
 

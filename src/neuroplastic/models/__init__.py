@@ -19,4 +19,24 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from neuroplastic.models.hebbian import HebbianLM
 
         return HebbianLM(cfg)
-    raise UserError(f"model.arch must be one of gpt, hebbian; got {cfg.arch!r}.")
+    if cfg.arch == "hf":
+        return build_hf_model(cfg)
+    raise UserError(f"model.arch must be one of gpt, hebbian, hf; got {cfg.arch!r}.")
+
+
+def build_hf_model(cfg: ModelConfig) -> nn.Module:
+    """A local Hugging Face causal LM (+ LoRA from ``cfg.lora``) behind our model API."""
+    import inspect
+
+    from neuroplastic.models.hf import HFCausalLM, apply_lora, load_causal_lm
+
+    model, tokenizer = load_causal_lm(
+        cfg.hf_path, allow_hub=cfg.allow_hub, gradient_checkpointing=cfg.gradient_checkpointing
+    )
+    if cfg.lora:
+        valid = [p for p in inspect.signature(apply_lora).parameters if p != "model"]
+        unknown = [k for k in cfg.lora if k not in valid]
+        if unknown:
+            raise UserError(f"model.lora has no option {unknown[0]!r}; valid: {', '.join(valid)}.")
+        model = apply_lora(model, **cfg.lora)
+    return HFCausalLM(model, tokenizer)

@@ -18,10 +18,12 @@ module imports without them; a function that needs them says how to install them
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import importlib.util
 import inspect
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -74,6 +76,8 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
+
+logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -281,15 +285,6 @@ def load_causal_lm(
     bits = _check_quantization(load_in_4bit, load_in_8bit, device)
     if str(device) != "auto":
         _check_device(device)
-    if tokenizer_path is not None:
-        tok_source, tok_local = _resolve_source(tokenizer_path, allow_hub)
-    else:
-        tok_source, tok_local = source, local
-    if tok_local and not any((Path(tok_source) / f).is_file() for f in _TOKENIZER_FILES):
-        raise UserError(
-            f"Directory {tok_source!r} has no tokenizer files (tokenizer.json or "
-            "tokenizer_config.json); save the tokenizer next to the model or pass tokenizer_path."
-        )
     hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not allow_hub:
         hub_kwargs["local_files_only"] = True
@@ -303,6 +298,15 @@ def load_causal_lm(
             "is a Hugging Face model."
         ) from exc
     _check_causal_config(config, source, trust_remote_code)
+    if tokenizer_path is not None:
+        tok_source, tok_local = _resolve_source(tokenizer_path, allow_hub)
+    else:
+        tok_source, tok_local = source, local
+    if tok_local and not any((Path(tok_source) / f).is_file() for f in _TOKENIZER_FILES):
+        raise UserError(
+            f"Directory {tok_source!r} has no tokenizer files (tokenizer.json or "
+            "tokenizer_config.json); save the tokenizer next to the model or pass tokenizer_path."
+        )
 
     kwargs: dict[str, Any] = dict(hub_kwargs)
     if bits is not None:
@@ -342,11 +346,18 @@ def load_causal_lm(
         ) from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
-        raise UserError(
-            f"Model {source!r} was saved as {arch} without a trained causal-LM head "
-            f"(weights such as {', '.join(missing[:2])} are missing); load a *ForCausalLM or "
-            "*LMHeadModel checkpoint."
+        archs = list(getattr(config, "architectures", None) or [])
+        causal = _causal_lm_names()
+        if not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            # e.g. a BertModel: AutoModelForCausalLM builds BertLMHeadModel with a random head
+            raise UserError(
+                f"Model {source!r} was saved as {', '.join(archs) or type(config).__name__} "
+                f"without a trained causal-LM head (weights such as {', '.join(missing[:2])} are "
+                "missing); load a *ForCausalLM or *LMHeadModel checkpoint."
+            )
+        logger.warning(
+            "%d weights of %s were not in the checkpoint and are freshly initialised: %s",
+            len(missing), source, ", ".join(missing[:5]),
         )
 
     try:
@@ -387,10 +398,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         raise UserError(
             f"{type(inner).__name__} does not support gradient checkpointing; train without it."
         )
-    try:
+    # transformers >= 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable
+    if hasattr(type(inner), "activation_checkpointing_enable"):
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    except TypeError:  # very old signature
-        inner.gradient_checkpointing_enable()
     if hasattr(inner.config, "use_cache"):
         inner.config.use_cache = False
 
@@ -401,6 +413,14 @@ def _is_checkpointing(model: nn.Module) -> bool:
         if hasattr(type(model), attr):
             return bool(getattr(model, attr))
     return False
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads ``is_gradient_checkpointing``, which transformers 5.2x deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -499,6 +519,27 @@ def lora_target_names(model: nn.Module, target_modules: list[str] | str | None =
     return names
 
 
+def _is_plain(pattern: str) -> bool:
+    return not pattern.startswith("re:") and not any(c in pattern for c in "*?[")
+
+
+def _peft_targets(model: nn.Module, target_modules: list[str] | str | None, names: list[str]) -> list[str]:
+    """What to give peft's ``target_modules``: the plain suffixes when they select exactly
+    ``names`` (so the adapter config reads as usual), else the full module names."""
+    if target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        suffixes = LORA_TARGETS.get(model_type or "") or []
+        candidates = [s for s in suffixes if any(_pattern_matcher(s)(n) for n in names)]
+    else:
+        candidates = [target_modules] if isinstance(target_modules, str) else [str(p) for p in target_modules]
+    if candidates and all(_is_plain(p) for p in candidates):
+        matchers = [_pattern_matcher(p) for p in candidates]
+        matching = {n for n, _ in model.named_modules() if n and any(m(n) for m in matchers)}
+        if matching == set(names):
+            return candidates
+    return list(names)
+
+
 def apply_lora(
     model: Any,
     *,
@@ -541,23 +582,7 @@ def apply_lora(
         raise UserError(f"LoRA bias must be one of none, all, lora_only; got {bias!r}.")
     names = lora_target_names(inner, target_modules)
     modules = dict(inner.named_modules())
-    plain = (
-        target_modules is not None
-        and all(not str(p).startswith("re:") and not any(c in str(p) for c in "*?[")
-                for p in ([target_modules] if isinstance(target_modules, str) else target_modules))
-    )
-    if target_modules is None:
-        # the suffixes that matched, so the adapter config reads like peft's usual one
-        model_type = getattr(getattr(inner, "config", None), "model_type", None)
-        suffixes = LORA_TARGETS.get(model_type or "")
-        if suffixes is not None:
-            targets: list[str] = [s for s in suffixes if any(_pattern_matcher(s)(n) for n in names)]
-        else:
-            targets = names
-    elif plain:
-        targets = list([target_modules] if isinstance(target_modules, str) else target_modules)
-    else:
-        targets = names
+    targets = _peft_targets(inner, target_modules, names)
     # GPT-2 style Conv1D layers store their weight transposed
     fan_in_fan_out = any(type(modules[n]).__name__ == "Conv1D" for n in names)
     quantized = any(
@@ -579,8 +604,7 @@ def apply_lora(
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():  # peft reads the attribute transformers 5.2x deprecated
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    with _quiet_peft():
         peft_model = get_peft_model(inner, config)
     if _is_checkpointing(inner) and hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
@@ -646,7 +670,8 @@ def load_adapter(base_model: Any, directory: str | Path, *, is_trainable: bool =
         )
         raise UserError(f"{str(directory)!r} {why}; save the adapter again with save_adapter.")
     try:
-        peft_model = PeftModel.from_pretrained(inner, str(directory), is_trainable=is_trainable)
+        with _quiet_peft():
+            peft_model = PeftModel.from_pretrained(inner, str(directory), is_trainable=is_trainable)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise UserError(
             f"The adapter in {str(directory)!r} does not fit this model ({_first_line(exc)}); "
@@ -718,6 +743,7 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.train(model.training)  # the wrapper starts in the model's mode
         cfg = model.config
         emb = model.get_input_embeddings()
         self.config = HFModelInfo(

@@ -167,15 +167,66 @@ def _segsum(g: torch.Tensor) -> torch.Tensor:
     """``out[..., i, j] = sum_{l=j+1..i} g[..., l]`` for ``j <= i`` and ``-inf`` above.
 
     Built by a cumulative sum over a masked copy, so each entry is a sum of the
-    log-decays it spans (<= 0), never a difference of two large prefix sums.
+    log-decays it spans (<= 0), never a difference of two large prefix sums (whose
+    rounding error, ~eps * |prefix|, would become a relative error of the decay).
     """
     C = g.shape[-1]
     x = g.unsqueeze(-1).expand(*g.shape, C)  # x[..., l, j] = g_l
     idx = torch.arange(C, device=g.device)
-    strict = idx[:, None] > idx[None, :]  # l > j
-    x = x.masked_fill(~strict, 0.0)
+    x = x.masked_fill(idx[:, None] <= idx[None, :], 0.0)  # keep l > j
     s = x.cumsum(dim=-2)  # s[..., i, j] = sum_{j < l <= i} g_l
     return s.masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+
+
+@torch.no_grad()
+def _decay_mask(g: torch.Tensor) -> torch.Tensor:
+    """``exp(_segsum(g))`` (zeros above the diagonal) in one buffer, without autograd."""
+    C = g.shape[-1]
+    idx = torch.arange(C, device=g.device)
+    d = g.unsqueeze(-1).expand(*g.shape, C).masked_fill(idx[:, None] <= idx[None, :], 0.0)
+    d.cumsum_(dim=-2)
+    d.masked_fill_(idx[:, None] < idx[None, :], float("-inf"))
+    return d.exp_()
+
+
+def _suffix_sums(g: torch.Tensor) -> torch.Tensor:
+    """``out[..., j] = sum_{l > j} g[..., l]`` (exclusive, 0 at the end), summed directly."""
+    r = g.flip(-1).cumsum(-1).flip(-1)  # sum_{l >= j}
+    return F.pad(r[..., 1:], (0, 1))
+
+
+class _IntraChunk(torch.autograd.Function):
+    """``((Q K^T) * D) V`` per chunk, D the causal decay mask of ``g``; D is never saved.
+
+    Autograd through plain ops would keep three (C, C) tensors per chunk (the mask,
+    ``Q K^T`` and their product) for the backward; this saves only q, k, v, g and
+    recomputes the mask, and gets the log-decay gradient from
+    ``R = dP * P`` (``P`` the masked scores): ``dg_l = sum_{i >= l > j} R_ij``, computed
+    as the suffix sum over ``i`` of (row sum - column sum) of ``R``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g):
+        p = (q @ k.transpose(-1, -2)).mul_(_decay_mask(g))
+        ctx.save_for_backward(q, k, v, g)
+        return p @ v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, g = ctx.saved_tensors
+        d = _decay_mask(g)
+        p = (q @ k.transpose(-1, -2)).mul_(d)
+        dv = p.transpose(-1, -2) @ do
+        dp = do @ v.transpose(-1, -2)
+        r = p.mul_(dp)  # dP * P: the gradient of each log-decay entry
+        ds = dp.mul_(d)  # gradient of Q K^T
+        del d
+        dq = ds @ k
+        dk = ds.transpose(-1, -2) @ q
+        db = r.sum(-1) - r.sum(-2)  # d/d(prefix sum b_i)
+        dg = db.flip(-1).cumsum(-1).flip(-1)
+        return dq, dk, dv, dg
 
 
 def _zero_state(q: torch.Tensor, dv: int, dtype: torch.dtype) -> torch.Tensor:
@@ -248,13 +299,10 @@ def _chunked(q, k, v, g, beta, S, chunk_size: int):
     v = v.reshape(B, H, N, C, dv)
     g = g.reshape(B, H, N, C)
 
-    seg = _segsum(g)  # (B, H, N, C, C), <= 0 on and below the diagonal, -inf above
-    decay = seg.exp()  # causal decay mask D[i, j] = exp(sum_{j<l<=i} g_l)
     gamma = g.cumsum(-1).exp()  # exp(sum_{l<=i} g_l): what is left of the entering state
-    tail = seg[..., -1, :].exp()  # exp(sum_{l>j} g_l): what of step j reaches the chunk end
+    tail = _suffix_sums(g).exp()  # exp(sum_{l>j} g_l): what of step j reaches the chunk end
     chunk_decay = gamma[..., -1]  # (B, H, N)
     k_tail = (k * tail.unsqueeze(-1)).transpose(-1, -2)  # (B, H, N, dk, C)
-    scores = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
 
     states = []
     if beta is None:
@@ -262,10 +310,11 @@ def _chunked(q, k, v, g, beta, S, chunk_size: int):
         for n in range(N):
             states.append(S)
             S = chunk_decay[:, :, n, None, None] * S + contrib[:, :, n]
-        u = v
+        o_intra = _IntraChunk.apply(q, k, v, g)
     else:
         beta = beta.reshape(B, H, N, C)
         eye = torch.eye(C, dtype=torch.bool, device=q.device)
+        decay = _segsum(g).exp()  # causal decay mask D[i, j] = exp(sum_{j<l<=i} g_l)
         a = ((k @ k.transpose(-1, -2)) * decay).masked_fill(eye, 0.0) * beta.unsqueeze(-1)
         rhs = torch.cat((v * beta.unsqueeze(-1), k * (beta * gamma).unsqueeze(-1)), dim=-1)
         w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
@@ -276,9 +325,9 @@ def _chunked(q, k, v, g, beta, S, chunk_size: int):
             u_n = w_v[:, :, n] - w_k[:, :, n] @ S  # pseudo-values, (B, H, C, dv)
             us.append(u_n)
             S = chunk_decay[:, :, n, None, None] * S + k_tail[:, :, n] @ u_n
-        u = torch.stack(us, dim=2)
+        o_intra = ((q @ k.transpose(-1, -2)) * decay) @ torch.stack(us, dim=2)
     prev = torch.stack(states, dim=2)  # (B, H, N, dk, dv): state entering each chunk
-    o = (q * gamma.unsqueeze(-1)) @ prev + scores @ u
+    o = (q * gamma.unsqueeze(-1)) @ prev + o_intra
     o = o.reshape(B, H, N * C, dv)[:, :, :T]
     return o, S
 

@@ -17,8 +17,8 @@ Hook points, per optimizer step (after gradient accumulation and clipping):
 
 * before ``optimizer.step()``: rules with ``observe(loss)`` (AdaptiveLR) see the step's
   training loss (known with :class:`NeuroplasticTrainer` only), then
-  ``engine.after_backward()`` reads the gradients. transformers >= 4.46 calls
-  ``on_pre_optimizer_step`` there; with older versions the callback wraps the Trainer's
+  ``engine.after_backward()`` reads the gradients. Recent transformers (late 4.4x and 5.x)
+  call ``on_pre_optimizer_step`` there; with older versions the callback wraps the Trainer's
   ``optimizer.step`` at ``on_train_begin`` (and unwraps it at ``on_train_end``) to run
   the same code first.
 * ``on_step_end`` (all versions; after the optimizer and scheduler steps):
@@ -49,6 +49,7 @@ buffers are allocated where the parameters are at bind time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -60,7 +61,6 @@ from typing import Any
 import torch
 
 try:
-    import transformers
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as exc:  # pragma: no cover
@@ -98,7 +98,7 @@ PLASTICITY_JSON = "neuroplastic_plasticity.json"
 _FORMAT_VERSION = 1
 _KIND = "neuroplastic-plasticity"
 
-#: transformers >= 4.46 calls on_pre_optimizer_step between clipping and optimizer.step()
+#: recent transformers call on_pre_optimizer_step between clipping and optimizer.step()
 _HAS_PRE_OPTIMIZER_STEP = hasattr(TrainerCallback, "on_pre_optimizer_step")
 
 
@@ -203,7 +203,7 @@ class NeuroplasticCallback(TrainerCallback):
         normalize_advantage: bool = False,
     ):
         if (engine is None) == (rules is None):
-            raise UserError("NeuroplasticCallback needs either an engine or rules, not both.")
+            raise UserError("NeuroplasticCallback needs exactly one of engine and rules.")
         if reward_fn is not None and not callable(reward_fn):
             raise UserError("NeuroplasticCallback reward_fn must be a callable taking the TrainerState.")
         self.engine = engine
@@ -303,7 +303,8 @@ class NeuroplasticCallback(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.before_optimizer_step()
+        if self._wrapped is None:  # else the wrapped optimizer.step() runs it
+            self.before_optimizer_step()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -392,24 +393,29 @@ class NeuroplasticCallback(TrainerCallback):
                 )
 
     def _wrap_optimizer_step(self, optimizer: Any) -> None:
-        """transformers < 4.46 has no on_pre_optimizer_step: run the hook from inside step()."""
+        """Older transformers have no on_pre_optimizer_step: run the hook from inside step()."""
         self._unwrap_optimizer_step()
         original = optimizer.step
 
+        # wraps() keeps markers such as torch's _wrapped_by_lr_sched on the new step
+        @functools.wraps(original)
         def step(*args, **kwargs):
             self.before_optimizer_step()
             return original(*args, **kwargs)
 
+        step._neuroplastic_wrapper = True
+        # an lr scheduler may already have put its own wrapper on the instance
+        own = vars(optimizer).get("step")
         optimizer.step = step
-        self._wrapped = (optimizer, original)
+        self._wrapped = (optimizer, own)
 
     def _unwrap_optimizer_step(self) -> None:
         if self._wrapped is not None:
-            optimizer, original = self._wrapped
-            if "step" in vars(optimizer):
-                del optimizer.step  # back to the class's method
-            else:  # pragma: no cover
-                optimizer.step = original
+            optimizer, own = self._wrapped
+            if own is not None:
+                optimizer.step = own
+            else:
+                vars(optimizer).pop("step", None)  # back to the class's method
             self._wrapped = None
 
 
@@ -499,6 +505,3 @@ class NeuroplasticTrainer(Trainer):
             logs = {**logs, **self.plasticity.stats()}
         return super().log(logs, *args, **kwargs)
 
-
-# keep the import visible for version checks in user code / tests
-TRANSFORMERS_VERSION = transformers.__version__

@@ -315,7 +315,9 @@ class Trainer:
             self.tokenizer = self.data.tokenizer
         self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer))
 
-        if cfg.model.vocab_size == 0:
+        if cfg.model.arch == "hf":
+            pass  # the pretrained model brings its own vocabulary
+        elif cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise UserError(
