@@ -136,6 +136,25 @@ def test_extreme_decays_default_chunk(rule, decay):
     check_forms_agree(rule, inp, 64, TOL[torch.float32])
 
 
+def test_hebbian_chunked_blockwise_backward(monkeypatch):
+    """The hand-written backward processes the (C, C) work in blocks of chunks."""
+    import neuroplastic.ops.fast_weight as fw
+
+    monkeypatch.setattr(fw, "_BLOCK_ELEMENTS", 1)  # one chunk per block
+    inp = make_inputs(2, 2, 29, 4, 3, decay="mixed", seed=21)
+    check_forms_agree("hebbian", inp, 4, TOL[torch.float64])
+
+
+def test_hebbian_chunked_gradcheck():
+    inp = make_inputs(1, 2, 11, 3, 2, decay="uniform", seed=22)
+    args = [inp[n].requires_grad_() for n in ("q", "k", "v", "log_decay", "initial_state")]
+
+    def fn(q, k, v, g, s0):
+        return fast_weight_chunked(q, k, v, g, chunk_size=4, initial_state=s0)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
 def test_delta_rule_without_decay_is_deltanet():
     """log_decay=None: plain DeltaNet, M_t = M + beta k (v - M^T k)^T."""
     inp = make_inputs(1, 1, 9, 3, 2, seed=5)

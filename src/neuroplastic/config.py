@@ -72,6 +72,7 @@ class DataConfig:
     data_dir: str = ""  # searched first for registry corpora ("" -> env / ../shared/data)
     synthetic_seed: int = 0
     stages: list[str] = dataclasses.field(default_factory=list)  # synthetic stages to use ([] = all)
+    recall_max_bytes: int = 2048  # source=needle: longest training haystack (bytes)
 
 
 @dataclass

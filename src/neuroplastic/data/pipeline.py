@@ -40,12 +40,17 @@ def _synthetic_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
 RECALL_SOURCES = ("needle", "mqar")
 
 
-def _recall_documents(name: str, seed: int) -> tuple[list[str], list[str]]:
+def _recall_documents(name: str, seed: int, max_bytes: int = 2048) -> tuple[list[str], list[str]]:
     """Training and validation documents of a synthetic recall task (different seeds)."""
     from neuroplastic.data import recall_tasks
 
-    make = recall_tasks.needle_documents if name == "needle" else recall_tasks.mqar_documents
-    return make(seed=seed), make(count=100, seed=seed + 1_000_003)
+    if name == "needle":
+        lo = min(256, max_bytes)
+        return (recall_tasks.needle_documents(min_bytes=lo, max_bytes=max_bytes, seed=seed),
+                recall_tasks.needle_documents(count=100, min_bytes=lo, max_bytes=max_bytes,
+                                              seed=seed + 1_000_003))
+    return (recall_tasks.mqar_documents(seed=seed),
+            recall_tasks.mqar_documents(count=100, seed=seed + 1_000_003))
 
 
 def _split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -89,7 +94,7 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path | None = None) -> Prepared
         train_docs, val_docs = _synthetic_documents(cfg)
         desc = "embedded synthetic curriculum"
     elif cfg.source in RECALL_SOURCES:
-        train_docs, val_docs = _recall_documents(cfg.source, cfg.synthetic_seed)
+        train_docs, val_docs = _recall_documents(cfg.source, cfg.synthetic_seed, cfg.recall_max_bytes)
         desc = f"synthetic {cfg.source} recall task"
     else:
         docs = load_documents(cfg.source, field=cfg.field, data_dir=cfg.data_dir or None)
@@ -179,7 +184,7 @@ def stage_documents(cfg: DataConfig, stages: list[str]) -> dict[str, tuple[list[
             out[stage] = _synthetic_stage(cfg, chosen, cache)
             continue
         if chosen in RECALL_SOURCES:
-            out[stage] = _recall_documents(chosen, cfg.synthetic_seed)
+            out[stage] = _recall_documents(chosen, cfg.synthetic_seed, cfg.recall_max_bytes)
             continue
         if chosen.startswith("synthetic:"):
             out[stage] = _synthetic_stage(cfg, chosen.split(":", 1)[1], cache)

@@ -195,38 +195,107 @@ def _suffix_sums(g: torch.Tensor) -> torch.Tensor:
     return F.pad(r[..., 1:], (0, 1))
 
 
-class _IntraChunk(torch.autograd.Function):
-    """``((Q K^T) * D) V`` per chunk, D the causal decay mask of ``g``; D is never saved.
+def _suffix_incl(x: torch.Tensor) -> torch.Tensor:
+    """``out[..., i] = sum_{l >= i} x[..., l]``."""
+    return x.flip(-1).cumsum(-1).flip(-1)
 
-    Autograd through plain ops would keep three (C, C) tensors per chunk (the mask,
-    ``Q K^T`` and their product) for the backward; this saves only q, k, v, g and
-    recomputes the mask, and gets the log-decay gradient from
-    ``R = dP * P`` (``P`` the masked scores): ``dg_l = sum_{i >= l > j} R_ij``, computed
-    as the suffix sum over ``i`` of (row sum - column sum) of ``R``.
+
+def _prefix_excl(x: torch.Tensor) -> torch.Tensor:
+    """``out[..., i] = sum_{l < i} x[..., l]``."""
+    return F.pad(x[..., :-1], (1, 0)).cumsum(-1)
+
+
+# chunks per block of the (C, C) work: bounds the temporaries to ~2**18 elements each
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _blocks(q: torch.Tensor):
+    B, H, N, C, _ = q.shape
+    step = max(1, _BLOCK_ELEMENTS // max(1, B * H * C * C))
+    return [(n, min(N, n + step)) for n in range(0, N, step)]
+
+
+class _HebbianChunked(torch.autograd.Function):
+    """Chunk-parallel Hebbian memory with a hand-written backward.
+
+    Inputs are chunked: q, k (B, H, N, C, dk), v (B, H, N, C, dv), g (B, H, N, C), s0
+    (B, H, dk, dv). Forward: per chunk ``o = gamma * (Q S_prev) + ((Q K^T) * D) V``;
+    ``S_next = a * S_prev + (K * tail)^T V`` with ``gamma_i = exp(sum_{l<=i} g_l)``,
+    ``tail_j = exp(sum_{l>j} g_l)``, ``a = gamma_C``, ``D`` the causal decay mask. Only
+    q, k, v, g and the N chunk-entry states are saved; the (C, C) products are rebuilt
+    in the backward, a block of chunks at a time, so no (C, C) tensor lives between
+    forward and backward (plain autograd kept three per chunk).
+
+    Log-decay gradient: every factor is ``exp`` of a prefix, suffix or segment sum of g,
+    so ``dg`` collects ``d(log factor) = d(factor) * factor`` through the matching
+    cumulative sums; for the mask, ``R = dP * P`` gives ``dg_l = sum_{i >= l > j} R_ij``,
+    computed as the suffix sum of (row sum - column sum) of ``R``.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g):
-        p = (q @ k.transpose(-1, -2)).mul_(_decay_mask(g))
-        ctx.save_for_backward(q, k, v, g)
-        return p @ v
+    def forward(ctx, q, k, v, g, s0):
+        B, H, N, C, dk = q.shape
+        gamma = g.cumsum(-1).exp()
+        tail = _suffix_sums(g).exp()
+        a = gamma[..., -1:].unsqueeze(-1)  # (B, H, N, 1, 1)
+        contrib = (k * tail.unsqueeze(-1)).transpose(-1, -2) @ v  # (B, H, N, dk, dv)
+        prev = torch.empty_like(contrib)
+        S = s0
+        for n in range(N):
+            prev[:, :, n] = S
+            S = torch.addcmul(contrib[:, :, n], a[:, :, n], S)
+        o = (q * gamma.unsqueeze(-1)) @ prev
+        for n0, n1 in _blocks(q):
+            sl = slice(n0, n1)
+            p = (q[:, :, sl] @ k[:, :, sl].transpose(-1, -2)).mul_(_decay_mask(g[:, :, sl]))
+            o[:, :, sl] += p @ v[:, :, sl]
+        ctx.save_for_backward(q, k, v, g, prev)
+        return o, S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, g = ctx.saved_tensors
-        d = _decay_mask(g)
-        p = (q @ k.transpose(-1, -2)).mul_(d)
-        dv = p.transpose(-1, -2) @ do
-        dp = do @ v.transpose(-1, -2)
-        r = p.mul_(dp)  # dP * P: the gradient of each log-decay entry
-        ds = dp.mul_(d)  # gradient of Q K^T
-        del d
-        dq = ds @ k
-        dk = ds.transpose(-1, -2) @ q
-        db = r.sum(-1) - r.sum(-2)  # d/d(prefix sum b_i)
-        dg = db.flip(-1).cumsum(-1).flip(-1)
-        return dq, dk, dv, dg
+    def backward(ctx, do, ds):
+        q, k, v, g, prev = ctx.saved_tensors
+        N = q.shape[2]
+        gamma = g.cumsum(-1).exp()
+        tail = _suffix_sums(g).exp()
+        a = gamma[..., -1:].unsqueeze(-1)
+        # read-out of the entering state: o += gamma * (q^T S_prev)
+        dq = (do @ prev.transpose(-1, -2)).mul_(gamma.unsqueeze(-1))
+        dlog_gamma = (dq * q).sum(-1)  # d(gamma_i) * gamma_i
+        dprev = (q * gamma.unsqueeze(-1)).transpose(-1, -2) @ do
+        # state passing, backwards over chunks
+        dcontrib = torch.empty_like(prev)
+        da = torch.empty_like(a)
+        for n in range(N - 1, -1, -1):
+            dcontrib[:, :, n] = ds
+            da[:, :, n] = (ds * prev[:, :, n]).sum((-1, -2), keepdim=True)
+            ds = torch.addcmul(dprev[:, :, n], a[:, :, n], ds)
+        dlog_gamma[..., -1] += (da * a)[..., 0, 0]  # a = gamma_C
+        del dprev, da
+        # each chunk's writes: contrib = (k * tail)^T v
+        kt = k * tail.unsqueeze(-1)
+        dkt = v @ dcontrib.transpose(-1, -2)  # (B, H, N, C, dk)
+        dv = kt @ dcontrib
+        dlog_tail = (dkt * kt).sum(-1)
+        del kt, dcontrib
+        dk = dkt.mul_(tail.unsqueeze(-1))
+        # intra-chunk attention, a block of chunks at a time
+        for n0, n1 in _blocks(q):
+            sl = slice(n0, n1)
+            qb, kb, vb, dob = q[:, :, sl], k[:, :, sl], v[:, :, sl], do[:, :, sl]
+            d = _decay_mask(g[:, :, sl])
+            p = (qb @ kb.transpose(-1, -2)).mul_(d)
+            dv[:, :, sl] += p.transpose(-1, -2) @ dob
+            dp = dob @ vb.transpose(-1, -2)
+            r = p.mul_(dp)  # dP * P
+            dsc = dp.mul_(d)  # gradient of Q K^T
+            del d
+            dq[:, :, sl] += dsc @ kb
+            dk[:, :, sl] += dsc.transpose(-1, -2) @ qb
+            dlog_gamma[:, :, sl] += r.sum(-1) - r.sum(-2)  # D_ij = exp(b_i - b_j)
+        dg = _suffix_incl(dlog_gamma) + _prefix_excl(dlog_tail)
+        return dq, dk, dv, dg, ds
 
 
 def _zero_state(q: torch.Tensor, dv: int, dtype: torch.dtype) -> torch.Tensor:
@@ -299,37 +368,36 @@ def _chunked(q, k, v, g, beta, S, chunk_size: int):
     v = v.reshape(B, H, N, C, dv)
     g = g.reshape(B, H, N, C)
 
+    if beta is None:
+        o, S = _HebbianChunked.apply(q, k, v, g, S)
+        return o.reshape(B, H, N * C, dv)[:, :, :T], S
+
+    # gated delta rule (plain autograd). Per chunk, with S the entering state,
+    # gamma_i = exp(sum_{l<=i} g_l), D the causal decay mask:
+    #   U = W_v - W_k S,  [W_v, W_k] = (I + strict_tril(diag(beta) (K K^T * D)))^-1
+    #                                   [diag(beta) V, diag(beta * gamma) K]
+    #   o = gamma * (Q S) + ((Q K^T) * D) U,   S_next = gamma_C S + (K * tail)^T U
+    beta = beta.reshape(B, H, N, C)
     gamma = g.cumsum(-1).exp()  # exp(sum_{l<=i} g_l): what is left of the entering state
     tail = _suffix_sums(g).exp()  # exp(sum_{l>j} g_l): what of step j reaches the chunk end
-    chunk_decay = gamma[..., -1]  # (B, H, N)
+    chunk_decay = gamma[..., -1, None, None]  # (B, H, N, 1, 1)
     k_tail = (k * tail.unsqueeze(-1)).transpose(-1, -2)  # (B, H, N, dk, C)
-
-    states = []
-    if beta is None:
-        contrib = k_tail @ v  # (B, H, N, dk, dv): each chunk's own writes
-        for n in range(N):
-            states.append(S)
-            S = chunk_decay[:, :, n, None, None] * S + contrib[:, :, n]
-        o_intra = _IntraChunk.apply(q, k, v, g)
-    else:
-        beta = beta.reshape(B, H, N, C)
-        eye = torch.eye(C, dtype=torch.bool, device=q.device)
-        decay = _segsum(g).exp()  # causal decay mask D[i, j] = exp(sum_{j<l<=i} g_l)
-        a = ((k @ k.transpose(-1, -2)) * decay).masked_fill(eye, 0.0) * beta.unsqueeze(-1)
-        rhs = torch.cat((v * beta.unsqueeze(-1), k * (beta * gamma).unsqueeze(-1)), dim=-1)
-        w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
-        w_v, w_k = w.split((dv, dk), dim=-1)
-        us = []
-        for n in range(N):
-            states.append(S)
-            u_n = w_v[:, :, n] - w_k[:, :, n] @ S  # pseudo-values, (B, H, C, dv)
-            us.append(u_n)
-            S = chunk_decay[:, :, n, None, None] * S + k_tail[:, :, n] @ u_n
-        o_intra = ((q @ k.transpose(-1, -2)) * decay) @ torch.stack(us, dim=2)
+    decay = _segsum(g).exp()  # causal decay mask D[i, j] = exp(sum_{j<l<=i} g_l)
+    eye = torch.eye(C, dtype=torch.bool, device=q.device)
+    a = ((k @ k.transpose(-1, -2)) * decay).masked_fill(eye, 0.0) * beta.unsqueeze(-1)
+    rhs = torch.cat((v * beta.unsqueeze(-1), k * (beta * gamma).unsqueeze(-1)), dim=-1)
+    w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    w_v, w_k = w.split((dv, dk), dim=-1)
+    states, us = [], []
+    for n in range(N):
+        states.append(S)
+        u_n = w_v[:, :, n] - w_k[:, :, n] @ S  # pseudo-values, (B, H, C, dv)
+        us.append(u_n)
+        S = chunk_decay[:, :, n] * S + k_tail[:, :, n] @ u_n
     prev = torch.stack(states, dim=2)  # (B, H, N, dk, dv): state entering each chunk
-    o = (q * gamma.unsqueeze(-1)) @ prev + o_intra
-    o = o.reshape(B, H, N * C, dv)[:, :, :T]
-    return o, S
+    u = torch.stack(us, dim=2)
+    o = (q * gamma.unsqueeze(-1)) @ prev + ((q @ k.transpose(-1, -2)) * decay) @ u
+    return o.reshape(B, H, N * C, dv)[:, :, :T], S
 
 
 def fast_weight_chunked(q, k, v, log_decay, chunk_size=64, initial_state=None):
