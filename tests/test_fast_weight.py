@@ -43,7 +43,9 @@ def make_inputs(B, H, T, dk, dv, *, dtype=torch.float64, decay="mixed", seed=0, 
         g = torch.log(0.05 + 0.95 * u)
     else:  # per step one of: near 0, near 1, anything in between
         pick = torch.randint(0, 3, (B, H, T), generator=gen)
-        g = torch.where(pick == 0, -20.0, torch.where(pick == 1, -1e-6, torch.log(u.clamp_min(1e-3))))
+        g = torch.where(
+            pick == 0, -20.0, torch.where(pick == 1, -1e-6, torch.log(u.clamp_min(1e-3)))
+        )
     beta = torch.rand(B, H, T, generator=gen, dtype=torch.float64).clamp(0.01, 0.99)
     s0 = randn(B, H, dk, dv) if state else None
     out = dict(q=q, k=k, v=v, log_decay=g, beta=beta, initial_state=s0)
@@ -54,11 +56,18 @@ def run(rule, mode, inp, chunk_size=64):
     kw = dict(chunk_size=chunk_size) if mode == "chunked" else {}
     if rule == "hebbian":
         fn = fast_weight_chunked if mode == "chunked" else fast_weight_recurrent
-        return fn(inp["q"], inp["k"], inp["v"], inp["log_decay"], initial_state=inp["initial_state"], **kw)
+        return fn(
+            inp["q"], inp["k"], inp["v"], inp["log_decay"], initial_state=inp["initial_state"], **kw
+        )
     fn = delta_rule_chunked if mode == "chunked" else delta_rule_recurrent
     return fn(
-        inp["q"], inp["k"], inp["v"], inp["beta"], inp["log_decay"],
-        initial_state=inp["initial_state"], **kw,
+        inp["q"],
+        inp["k"],
+        inp["v"],
+        inp["beta"],
+        inp["log_decay"],
+        initial_state=inp["initial_state"],
+        **kw,
     )
 
 
@@ -77,7 +86,9 @@ def check_forms_agree(rule, inp, chunk_size, tol, grads=True):
         names.append("initial_state")
     results = {}
     for mode in ("recurrent", "chunked"):
-        leaves = {n: t.detach().clone().requires_grad_(grads) for n, t in inp.items() if t is not None}
+        leaves = {
+            n: t.detach().clone().requires_grad_(grads) for n, t in inp.items() if t is not None
+        }
         leaves.setdefault("initial_state", None)
         o, s = run(rule, mode, leaves, chunk_size)
         gen = torch.Generator().manual_seed(1)
@@ -192,7 +203,9 @@ def test_hebbian_recurrent_matches_definition():
 def test_materialized_matches_recurrent(dtype):
     # seed-range decays (lambda in [0.9, 1]): the exp(-cumsum) trick stays in range
     inp = make_inputs(2, 3, 37, 5, 4, dtype=dtype, decay="uniform", seed=8, state=False)
-    g = torch.log(0.9 + 0.1 * torch.rand(2, 3, 37, generator=torch.Generator().manual_seed(0))).to(dtype)
+    g = torch.log(0.9 + 0.1 * torch.rand(2, 3, 37, generator=torch.Generator().manual_seed(0))).to(
+        dtype
+    )
     o1, s1 = fast_weight_recurrent(inp["q"], inp["k"], inp["v"], g)
     o2, s2 = materialized_fast_weight(inp["q"], inp["k"], inp["v"], g)
     close(o2, o1, TOL[dtype])
@@ -207,8 +220,14 @@ def test_materialized_matches_recurrent(dtype):
 def test_two_halves_with_carried_state_equal_one_run(rule, mode):
     inp = make_inputs(2, 2, 45, 4, 5, decay="mixed", seed=11)
     o_full, s_full = run(rule, mode, inp, chunk_size=8)
-    first = {n: (t[:, :, :20] if n not in ("initial_state",) and t is not None else t) for n, t in inp.items()}
-    second = {n: (t[:, :, 20:] if n not in ("initial_state",) and t is not None else t) for n, t in inp.items()}
+    first = {
+        n: (t[:, :, :20] if n not in ("initial_state",) and t is not None else t)
+        for n, t in inp.items()
+    }
+    second = {
+        n: (t[:, :, 20:] if n not in ("initial_state",) and t is not None else t)
+        for n, t in inp.items()
+    }
     o1, s1 = run(rule, mode, first, chunk_size=8)
     second["initial_state"] = s1
     o2, s2 = run(rule, mode, second, chunk_size=8)

@@ -47,12 +47,18 @@ Forms:
   WY/UT transform: per chunk, ``U = T (diag(beta) V - diag(beta*gamma) K S0)`` with
   ``T = (I + strict_tril(diag(beta) (K K^T * D)))^-1`` obtained by one batched unit
   triangular solve for all chunks; only the cheap ``S0``-dependent part runs in the
-  loop over chunks.
+  loop over chunks. The only Python loops in the chunked forms are over chunks.
 * ``materialized_fast_weight``: the seed's implementation style (materialises all
   states as a (B, T, H, dk, dv) tensor via ``exp(-cumsum)`` rescaling), for benchmarks
   and tests only.
 
-Autograd runs through every form (plain torch ops).
+Autograd runs through every form. The recurrent forms, the delta rule's chunked form
+and the materialised form are plain torch ops; the Hebbian chunked form is one
+``autograd.Function`` with a hand-written backward (tested against the recurrent
+reference and ``gradcheck``) that saves only q, k, v, log_decay and the chunk-entry
+states and rebuilds the (C, C) products a block of chunks at a time, which makes it
+several times leaner in memory than autograd through the same ops. It is
+differentiable once (no double backward).
 """
 
 from __future__ import annotations
@@ -89,7 +95,8 @@ def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     * ``"elu1"``: ``ELU(x) + 1``, computed as ``x + 1`` for ``x > 0`` and ``exp(x)``
       otherwise (the same function, but strictly positive down to ``x`` ~ -87 in
       float32, where ``ELU(x) + 1`` already rounds to 0 below ``x`` ~ -17).
-    * ``"seed"``: the seed AGIFORMER's map, ``ELU(x) + 1`` on both q and k with the
+    * ``"seed"``: the seed AGIFORMER's map (inkbytefo/agi-former, ``src/models/memory.py``):
+      ``ELU(x) + 1`` on both q and k with the
       seed's ``1/sqrt(d)`` query scale. The seed divided its read-out by a normaliser
       ``q . sum(k)``, which cancelled that scale; this memory has no normaliser, so the
       scale matters, and since one function maps both q and k here it is applied to
@@ -153,7 +160,9 @@ def _check(name, q, k, v, log_decay, beta=None, initial_state=None, *, need_beta
         )
     for label, t in (("log_decay", log_decay), ("beta", beta)):
         if t is not None and t.shape != (B, H, T):
-            raise UserError(f"{name}: {label} must be (B, H, T) = ({B}, {H}, {T}); got {tuple(t.shape)}.")
+            raise UserError(
+                f"{name}: {label} must be (B, H, T) = ({B}, {H}, {T}); got {tuple(t.shape)}."
+            )
     if need_beta and beta is None:
         raise UserError(f"{name}: the delta rule needs beta of shape (B, H, T); got None.")
     if initial_state is not None and initial_state.shape != (B, H, dk, v.shape[-1]):
@@ -163,30 +172,36 @@ def _check(name, q, k, v, log_decay, beta=None, initial_state=None, *, need_beta
         )
 
 
-def _segsum(g: torch.Tensor) -> torch.Tensor:
-    """``out[..., i, j] = sum_{l=j+1..i} g[..., l]`` for ``j <= i`` and ``-inf`` above.
+def _tri(C: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 matrices ``strict[i, j] = i > j`` and ``lower[i, j] = i >= j``."""
+    idx = torch.arange(C, device=device)
+    return (
+        (idx[:, None] > idx[None, :]).to(dtype),
+        (idx[:, None] >= idx[None, :]).to(dtype),
+    )
 
-    Built by a cumulative sum over a masked copy, so each entry is a sum of the
-    log-decays it spans (<= 0), never a difference of two large prefix sums (whose
-    rounding error, ~eps * |prefix|, would become a relative error of the decay).
+
+def _decay_matrix(g: torch.Tensor) -> torch.Tensor:
+    """Causal decay mask ``D[..., i, j] = exp(sum_{l=j+1..i} g_l)`` for ``j <= i``, else 0.
+
+    Each exponent is a *segment sum* of the log-decays it spans (<= 0), built by a
+    cumulative sum over a masked copy, never a difference of two large prefix sums
+    (whose rounding error, ~eps * |prefix|, would become a relative error of the
+    decay). Masks are products with 0/1 matrices (much faster on CPU than
+    ``masked_fill``); the upper triangle is zeroed after ``exp``, whose argument is 0
+    there, so no ``exp`` of a positive number and no ``-inf`` either. Differentiable.
     """
-    C = g.shape[-1]
-    x = g.unsqueeze(-1).expand(*g.shape, C)  # x[..., l, j] = g_l
-    idx = torch.arange(C, device=g.device)
-    x = x.masked_fill(idx[:, None] <= idx[None, :], 0.0)  # keep l > j
-    s = x.cumsum(dim=-2)  # s[..., i, j] = sum_{j < l <= i} g_l
-    return s.masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+    strict, lower = _tri(g.shape[-1], g.dtype, g.device)
+    return (g.unsqueeze(-1) * strict).cumsum(dim=-2).exp() * lower
 
 
 @torch.no_grad()
 def _decay_mask(g: torch.Tensor) -> torch.Tensor:
-    """``exp(_segsum(g))`` (zeros above the diagonal) in one buffer, without autograd."""
-    C = g.shape[-1]
-    idx = torch.arange(C, device=g.device)
-    d = g.unsqueeze(-1).expand(*g.shape, C).masked_fill(idx[:, None] <= idx[None, :], 0.0)
-    d.cumsum_(dim=-2)
-    d.masked_fill_(idx[:, None] < idx[None, :], float("-inf"))
-    return d.exp_()
+    """:func:`_decay_matrix` in one buffer (in-place steps), without autograd."""
+    strict, lower = _tri(g.shape[-1], g.dtype, g.device)
+    d = g.unsqueeze(-1) * strict  # d[..., l, j] = g_l for l > j
+    d.cumsum_(dim=-2)  # d[..., i, j] = sum_{j < l <= i} g_l, 0 above the diagonal
+    return d.exp_().mul_(lower)
 
 
 def _suffix_sums(g: torch.Tensor) -> torch.Tensor:
@@ -382,9 +397,9 @@ def _chunked(q, k, v, g, beta, S, chunk_size: int):
     tail = _suffix_sums(g).exp()  # exp(sum_{l>j} g_l): what of step j reaches the chunk end
     chunk_decay = gamma[..., -1, None, None]  # (B, H, N, 1, 1)
     k_tail = (k * tail.unsqueeze(-1)).transpose(-1, -2)  # (B, H, N, dk, C)
-    decay = _segsum(g).exp()  # causal decay mask D[i, j] = exp(sum_{j<l<=i} g_l)
-    eye = torch.eye(C, dtype=torch.bool, device=q.device)
-    a = ((k @ k.transpose(-1, -2)) * decay).masked_fill(eye, 0.0) * beta.unsqueeze(-1)
+    decay = _decay_matrix(g)  # D[i, j] = exp(sum_{j<l<=i} g_l), 0 above the diagonal
+    strict, _ = _tri(C, g.dtype, g.device)
+    a = (k @ k.transpose(-1, -2)) * (decay * strict) * beta.unsqueeze(-1)
     rhs = torch.cat((v * beta.unsqueeze(-1), k * (beta * gamma).unsqueeze(-1)), dim=-1)
     w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
     w_v, w_k = w.split((dv, dk), dim=-1)
