@@ -134,9 +134,17 @@ def main(argv=None) -> int:
             "plasticity-overhead",
             "## Plasticity rule overhead (benchmarks/plasticity_overhead.py)\n\n"
             f"Command: `{cmd.strip()}`\n\n{header}\n\n{table}\n\n"
-            "Target (issue 4): Traces + momentum + low-rank at most 1.10x the plain step.\n",
+            "Target (issue 4): Traces + momentum + low-rank at most 1.10x the plain step: "
+            + _verdict(times) + "\n",
         )
     return 0
+
+
+def _verdict(times: dict[str, list[float]]) -> str:
+    if "plain" not in times or "traces+low-rank" not in times:
+        return "not measured in this run."
+    r = statistics.median(times["traces+low-rank"]) / statistics.median(times["plain"])
+    return f"{'met' if r <= 1.10 else 'NOT met'} ({r:.3f}x)."
 
 
 def _write_section(key: str, body: str) -> None:
