@@ -50,3 +50,28 @@ def test_bad_options_are_clear(tmp_path, text_file):
         Trainer(load_config("tiny", base + ["options.lamda=1"])).setup()
     with pytest.raises(UserError, match="recipe_module"):
         Trainer(load_config("tiny", tiny_overrides(text_file, tmp_path / "y") + ["options.lam=1"])).setup()
+
+
+def test_evaluate_rewards_before_after_and_compare(tmp_path, text_file):
+    import json
+
+    from tests.conftest import run_cli
+
+    runs = []
+    for lam in (1.0, 0.0):
+        out = tmp_path / f"r{lam}"
+        over = tiny_overrides(text_file, out, **{
+            "train.max_steps": 2, "recipe_module": "controlled_generation",
+            "options": "{lam: " + str(lam) + ", samples_per_prompt: 2, prompts_per_step: 1,"
+                       " max_new_tokens: [8], weights: {length: 0.5, bleu: 0.5}}"})
+        r = run_cli("train", "tiny", *over)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(out)
+    r = run_cli("evaluate", str(runs[0]), "--task", "rewards", "--compare", str(runs[1]),
+                "--limit", "4", "--max-new-tokens", "6", "--output", str(tmp_path / "rw.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cols = json.loads((tmp_path / "rw.json").read_text())
+    assert list(cols) == ["before", "after", runs[1].name]
+    assert set(cols["after"]["terms"]) == {"length", "bleu"}
+    assert (tmp_path / "rw.png").stat().st_size > 1000
+    assert "| total" in r.stdout

@@ -149,6 +149,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, tok, cfg, directory = load_trained(args.checkpoint, device=device)
     if args.task in ("needle", "mqar"):
         return _evaluate_recall(args, model, tok, device, directory)
+    if args.task == "rewards":
+        return _evaluate_rewards(args, model, tok, cfg, device, directory)
     if args.task != "lm":
         return _evaluate_task(args, model, tok, device, directory)
     block = cfg.block_size
@@ -203,6 +205,61 @@ def _evaluate_recall(args, model, tok, device, directory) -> int:
                             ["metric", "value"]))
     out_json.write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
     print(f"results: {out_json}")
+    return 0
+
+
+def _reward_pairs(cfg, tok, directory, n: int, seed: int) -> list[tuple[str, str]]:
+    import numpy as np
+
+    if cfg.data.source == "synthetic" or cfg.curriculum.stages:
+        from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
+
+        cur = SyntheticCurriculum(seed=cfg.data.synthetic_seed)
+        stages = [s for s in (cfg.curriculum.stages or cfg.data.stages or STAGES) if s in STAGES]
+        pairs = [p for s in (stages or STAGES) for p in cur.pairs(s)]
+    else:
+        from neuroplastic.data.pipeline import prepare_data
+
+        text = tok.decode(prepare_data(cfg.data, tokenizer_dir=directory / "tokenizer").val_tokens[:200_000].tolist())
+        pairs = [(text[i : i + 64], text[i + 64 : i + 264]) for i in range(0, max(len(text) - 264, 1), 997)]
+    idx = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [pairs[int(i)] for i in idx]
+
+
+def _evaluate_rewards(args, model, tok, cfg, device, directory) -> int:
+    import torch
+
+    from neuroplastic.evaluation.rewards_eval import plot_components, reward_components
+    from neuroplastic.models import build_model
+    from neuroplastic.rewards import MultiObjectiveReward
+    from neuroplastic.training.inference import load_trained
+
+    if cfg.recipe_module == "controlled_generation":
+        weights = cfg.options.get("weights") or {"length": 0.25, "semantic_similarity": 0.25,
+                                                 "bleu": 0.25, "meteor": 0.25}
+        term_options = cfg.options.get("term_options", {})
+    else:
+        weights, term_options = cfg.reward.weights, {}
+    reward_fn = MultiObjectiveReward(dict(weights), options=dict(term_options))
+    pairs = _reward_pairs(cfg, tok, Path(directory), args.limit or 20, seed=0)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, device=device)
+    torch.manual_seed(cfg.train.seed)
+    before = build_model(cfg.model).to(device)
+    columns = {"before": reward_components(before, tok, pairs, reward_fn, **kw),
+               "after": reward_components(model, tok, pairs, reward_fn, **kw)}
+    for other in args.compare or []:
+        m2, tok2, _, d2 = load_trained(other, device=device)
+        columns[Path(other).name] = reward_components(m2, tok2, pairs, reward_fn, **kw)
+    names = list(columns["after"]["terms"])
+    rows = [[n, *[f"{c['terms'][n]:.4f}" for c in columns.values()]] for n in names]
+    rows.append(["total", *[f"{c['total']:.4f}" for c in columns.values()]])
+    print(f"checkpoint: {directory}; {len(pairs)} prompts, greedy, {args.max_new_tokens} new tokens")
+    print(_format_table(rows, ["term", *columns]))
+    out_json = Path(args.output) if args.output else Path(directory).parent.parent / "rewards.json"
+    png = out_json.with_suffix(".png")
+    plot_components(columns, png, title=f"reward components: {Path(directory).parent.parent.name}")
+    out_json.write_text(json.dumps(columns, indent=2), encoding="utf-8")
+    print(f"results: {out_json}; plot: {png}")
     return 0
 
 
@@ -362,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--task", default="lm",
                    choices=["lm", "mmlu", "hellaswag", "synthetic-mc", "synthetic-completion",
-                            "needle", "mqar"],
+                            "needle", "mqar", "rewards"],
                    help="lm: loss/ppl/bpb; or a multiple-choice task (acc, acc_norm)")
     e.add_argument("--limit", type=int, default=None,
                    help="items per task (MMLU: per subject, as lm-eval)")
@@ -371,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lengths", default="512,1024,2048,4096", help="needle: haystack sizes (bytes)")
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: needle depths in [0, 1]")
     e.add_argument("--trials", type=int, default=5, help="needle: trials per cell")
+    e.add_argument("--compare", nargs="*", help="rewards: other runs/checkpoints as extra columns "
+                   "(e.g. a CE-only fine-tune of the same budget)")
+    e.add_argument("--max-new-tokens", type=int, default=30, help="rewards: generated tokens")
     e.add_argument("--output", help="write all results incl. per-item records to this JSON file")
     e.set_defaults(func=cmd_evaluate)
 
