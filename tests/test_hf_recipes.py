@@ -84,3 +84,7 @@ def test_bad_hf_inputs_exit_2(tmp_path, hf_dirs):
     r = run_cli("train", "tiny", f"model={hf_dirs['gpt2']}", "model.lora={r: 4, target_modules: [nothing_here]}",
                 f"train.out_dir={tmp_path / 'o'}")
     assert r.returncode == 2 and "nothing_here" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "tiny", f"model={hf_dirs['gpt2']}", "model.load_in_4bit=true",
+                f"train.out_dir={tmp_path / 'q'}")
+    assert r.returncode == 2 and "CUDA" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

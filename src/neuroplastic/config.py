@@ -56,6 +56,8 @@ class ModelConfig:
     allow_hub: bool = False
     lora: dict = dataclasses.field(default_factory=dict)  # {r, alpha, dropout, target_modules}; {} = full fine-tune
     gradient_checkpointing: bool = False
+    load_in_4bit: bool = False  # bitsandbytes, CUDA only
+    load_in_8bit: bool = False
 
 
 @dataclass

@@ -31,7 +31,8 @@ def build_hf_model(cfg: ModelConfig) -> nn.Module:
     from neuroplastic.models.hf import HFCausalLM, apply_lora, load_causal_lm
 
     model, tokenizer = load_causal_lm(
-        cfg.hf_path, allow_hub=cfg.allow_hub, gradient_checkpointing=cfg.gradient_checkpointing
+        cfg.hf_path, allow_hub=cfg.allow_hub, gradient_checkpointing=cfg.gradient_checkpointing,
+        load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
     )
     if cfg.lora:
         valid = [p for p in inspect.signature(apply_lora).parameters if p != "model"]
