@@ -66,7 +66,15 @@ import torch.nn.functional as F
 
 from neuroplastic.config import ModelConfig
 from neuroplastic.errors import UserError
-from neuroplastic.models.transformer import GPT, MLP, _check_config, _norm, apply_rope, rope_angles
+from neuroplastic.models.transformer import (
+    GPT,
+    MLP,
+    _check_config,
+    _norm,
+    apply_rope,
+    gpt2_init_,
+    rope_angles,
+)
 from neuroplastic.ops.fast_weight import FEATURE_MAPS, fast_weight, feature_map
 
 __all__ = ["HebbianLM", "HebbianState"]
@@ -299,21 +307,9 @@ class HebbianLM(nn.Module):
         """GPT-2 init as in :meth:`GPT.init_weights` (residual ``c_proj`` at
         0.02 / sqrt(2 n_layer)), decay logits spread over [-3, 3] across heads, gates at 0
         (memory and attention mixed half and half), ``alpha`` from the config."""
-        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = proj_std if name.endswith("c_proj") else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, LocalAttentionMemory):
+        gpt2_init_(self, self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, LocalAttentionMemory):
                 module.reset_memory_parameters()
         self.alpha.fill_(float(self.config.alpha))
 

@@ -245,20 +245,7 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02) for linear and embedding weights, zero biases, unit norm
         weights, and residual output projections (``c_proj``) at 0.02 / sqrt(2 n_layer)."""
-        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = proj_std if name.endswith("c_proj") else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        gpt2_init_(self, self.config.n_layer)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters. With ``non_embedding`` (nanoGPT's convention) position
@@ -418,3 +405,23 @@ class GPT(nn.Module):
             return out
         finally:
             self.train(was_training)
+
+
+@torch.no_grad()
+def gpt2_init_(model: nn.Module, n_layer: int) -> None:
+    """GPT-2 init in place: N(0, 0.02) for linear and embedding weights, zero biases, unit
+    norm weights, residual output projections (``c_proj``) at 0.02 / sqrt(2 n_layer)."""
+    proj_std = 0.02 / math.sqrt(2 * n_layer)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = proj_std if name.endswith("c_proj") else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
