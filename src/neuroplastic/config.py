@@ -426,10 +426,13 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             node[part] = value
         else:
             if tp is dict or typing.get_origin(tp) is dict:
-                # free-form mapping (e.g. options, reward.weights): any sub-keys
+                # free-form mapping (e.g. options, reward.weights): any sub-keys, set on top
+                # of the recipe's mapping or, when the recipe has none, the default one
                 child = node.get(part)
                 if not isinstance(child, dict):
-                    child = {}
+                    field = next(f for f in dataclasses.fields(cls) if f.name == part)
+                    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else {}
+                    child = dict(default)
                     node[part] = child
                 for sub in parts[i + 1 : -1]:
                     nxt = child.get(sub)
