@@ -67,11 +67,11 @@ import torch.nn.functional as F
 from neuroplastic.config import ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.transformer import (
-    GPT,
     MLP,
     _check_config,
     _norm,
     apply_rope,
+    generate_loop,
     gpt2_init_,
     rope_angles,
 )
@@ -437,29 +437,14 @@ class HebbianLM(nn.Module):
         from scratch at every step. Neither crops: the memory has no length limit and
         sequences longer than ``block_size`` are processed in ``block_size`` pieces.
         """
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"generate() needs a (B, T) prompt with T >= 1, got {tuple(idx.shape)}.")
-        was_training = self.training
-        self.eval()
-        try:
-            state = self.new_state() if use_cache else None
-            finished = None
-            if eos_id is not None:
-                finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            out = idx
-            for _ in range(max_new_tokens):
-                if state is not None and state.pos > 0:
-                    h = self._hidden(out[:, -1:], state)[:, -1]
-                else:
-                    h = self._prefill(out, state if state is not None else self.new_state())
-                logits = F.linear(h, self._output_weight())
-                nxt = GPT._sample(logits, temperature, top_k, top_p, generator)
-                if finished is not None:
-                    nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
-                    finished = finished | (nxt.squeeze(1) == eos_id)
-                out = torch.cat((out, nxt), dim=1)
-                if finished is not None and bool(finished.all()):
-                    break
-            return out
-        finally:
-            self.train(was_training)
+        state = self.new_state() if use_cache else None
+
+        def next_logits(out: torch.Tensor) -> torch.Tensor:
+            if state is not None and state.pos > 0:
+                h = self._hidden(out[:, -1:], state)[:, -1]
+            else:
+                h = self._prefill(out, state if state is not None else self.new_state())
+            return F.linear(h, self._output_weight())
+
+        return generate_loop(self, idx, max_new_tokens, next_logits, temperature, top_k, top_p,
+                             eos_id, generator)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroplastic.errors import UserError
-from neuroplastic.models.transformer import GPT
+from neuroplastic.models.transformer import generate_loop
 
 __all__ = [
     "LORA_TARGETS",
@@ -831,37 +831,24 @@ class HFCausalLM(nn.Module):
         not padded (all prompts have length ``T``). The model is in eval mode for the
         call and restored afterwards.
         """
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"generate() needs a (B, T) prompt with T >= 1, got {tuple(idx.shape)}.")
         block_size = self.config.block_size
-        was_training = self.training
-        self.eval()
-        try:
-            past = None
-            finished = None
-            if eos_id is not None:
-                finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            out = idx
-            cache_kw = _cache_kwarg(self.model)
-            for _ in range(max_new_tokens):
-                if past is not None and out.size(1) <= block_size:
-                    ctx = out[:, -1:]  # everything before it is in the cache
-                else:
-                    ctx = out[:, -block_size:]
-                    past = None
-                kwargs = {cache_kw: past} if past is not None else {}
-                res = self.model(input_ids=ctx, use_cache=use_cache, **kwargs)
-                if use_cache:
-                    past = getattr(res, "cache", None)
-                    if past is None:
-                        past = getattr(res, "past_key_values", None)
-                nxt = GPT._sample(res.logits[:, -1], temperature, top_k, top_p, generator)
-                if finished is not None:
-                    nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
-                    finished = finished | (nxt.squeeze(1) == eos_id)
-                out = torch.cat((out, nxt), dim=1)
-                if finished is not None and bool(finished.all()):
-                    break
-            return out
-        finally:
-            self.train(was_training)
+        cache_kw = _cache_kwarg(self.model)
+        past = None
+
+        def next_logits(out: torch.Tensor) -> torch.Tensor:
+            nonlocal past
+            if past is not None and out.size(1) <= block_size:
+                ctx = out[:, -1:]  # everything before it is in the cache
+            else:
+                ctx = out[:, -block_size:]
+                past = None
+            kwargs = {cache_kw: past} if past is not None else {}
+            res = self.model(input_ids=ctx, use_cache=use_cache, **kwargs)
+            if use_cache:
+                past = getattr(res, "cache", None)
+                if past is None:
+                    past = getattr(res, "past_key_values", None)
+            return res.logits[:, -1]
+
+        return generate_loop(self, idx, max_new_tokens, next_logits, temperature, top_k, top_p,
+                             eos_id, generator)

@@ -375,36 +375,20 @@ class GPT(nn.Module):
         and the last ``block_size`` tokens are recomputed at every step (the same cropping
         as without a cache), so both paths produce the same tokens.
         """
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"generate() needs a (B, T) prompt with T >= 1, got {tuple(idx.shape)}.")
         block_size = self.config.block_size
-        was_training = self.training
-        self.eval()
-        try:
-            cache = self.new_kv_cache() if use_cache else None
-            finished = None
-            if eos_id is not None:
-                finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            out = idx
-            for _ in range(max_new_tokens):
-                if cache is not None and 0 < cache.pos < block_size:
-                    ctx = out[:, -1:]  # everything before it is cached
-                else:
-                    ctx = out[:, -block_size:]
-                    if cache is not None:
-                        cache.reset()
-                h = self._hidden(ctx, cache)[:, -1]
-                logits = F.linear(h, self._output_weight())
-                nxt = self._sample(logits, temperature, top_k, top_p, generator)
-                if finished is not None:
-                    nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
-                    finished = finished | (nxt.squeeze(1) == eos_id)
-                out = torch.cat((out, nxt), dim=1)
-                if finished is not None and bool(finished.all()):
-                    break
-            return out
-        finally:
-            self.train(was_training)
+        cache = self.new_kv_cache() if use_cache else None
+
+        def next_logits(out: torch.Tensor) -> torch.Tensor:
+            if cache is not None and 0 < cache.pos < block_size:
+                ctx = out[:, -1:]  # everything before it is cached
+            else:
+                ctx = out[:, -block_size:]
+                if cache is not None:
+                    cache.reset()
+            return F.linear(self._hidden(ctx, cache)[:, -1], self._output_weight())
+
+        return generate_loop(self, idx, max_new_tokens, next_logits, temperature, top_k, top_p,
+                             eos_id, generator)
 
 
 @torch.no_grad()
@@ -425,3 +409,44 @@ def gpt2_init_(model: nn.Module, n_layer: int) -> None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def generate_loop(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    next_logits,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The sampling loop every model's ``generate`` shares.
+
+    ``next_logits(out)`` returns the ``(B, V)`` logits of the next token after the
+    sequence ``out`` so far (each model keeps its own cache in that closure). The model
+    is in eval mode during the loop; rows that emitted ``eos_id`` keep emitting it, and
+    the loop stops once every row has.
+    """
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"generate() needs a (B, T) prompt with T >= 1, got {tuple(idx.shape)}.")
+    was_training = model.training
+    model.eval()
+    try:
+        finished = None
+        if eos_id is not None:
+            finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        out = idx
+        for _ in range(max_new_tokens):
+            nxt = GPT._sample(next_logits(out), temperature, top_k, top_p, generator)
+            if finished is not None:
+                nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
+                finished = finished | (nxt.squeeze(1) == eos_id)
+            out = torch.cat((out, nxt), dim=1)
+            if finished is not None and bool(finished.all()):
+                break
+        return out
+    finally:
+        model.train(was_training)
