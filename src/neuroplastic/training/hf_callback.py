@@ -281,10 +281,18 @@ class NeuroplasticCallback(TrainerCallback):
             if model is None:
                 raise UserError("NeuroplasticCallback got no model from the Trainer to bind its rules to.")
             rules = [build_rule(r) if isinstance(r, dict) else r for r in self.rules]
-            self.engine = PlasticityEngine(
-                model, rules, optimizer=opt, baseline_decay=self.baseline_decay,
-                normalize_advantage=self.normalize_advantage,
-            )
+            try:
+                self.engine = PlasticityEngine(
+                    model, rules, optimizer=opt, baseline_decay=self.baseline_decay,
+                    normalize_advantage=self.normalize_advantage,
+                )
+            except UserError as exc:
+                if opt is not None:
+                    raise
+                raise UserError(
+                    f"{exc} This transformers version gives callbacks no optimizer before "
+                    "training; use NeuroplasticTrainer, or pass the Trainer optimizers=(opt, None)."
+                ) from exc
         elif opt is not None:
             self._attach_optimizer(opt)
         self._restore(args, state)
@@ -475,6 +483,15 @@ class NeuroplasticTrainer(Trainer):
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.plasticity.resume_from = None
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        # transformers 4.4x hands callbacks the optimizer the Trainer had at __init__ (None
+        # unless the user passed one); give the callback handler the one created here, so
+        # that on_train_begin can bind rules such as adaptive_lr to it.
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.callback_handler.optimizer is None:
+            self.callback_handler.optimizer = self.optimizer
+        return optimizer
 
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """Whether the Trainer skips dividing this loss by the accumulation steps."""
