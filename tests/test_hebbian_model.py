@@ -61,8 +61,9 @@ def _greedy_by_rerun(model: HebbianLM, prompt: torch.Tensor, n: int) -> torch.Te
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("prompt_len", [1, 5, 6, 7])  # window = 6
-def test_generation_with_carried_state_equals_rerun(rule, prompt_len):
-    cfg = tiny_cfg(memory_rule=rule, alpha=0.9)
+@pytest.mark.parametrize("conv", [0, 3])
+def test_generation_with_carried_state_equals_rerun(rule, prompt_len, conv):
+    cfg = tiny_cfg(memory_rule=rule, alpha=0.9, conv_size=conv)
     model = sharp_model(cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(3))
     n = cfg.block_size - prompt_len
@@ -73,8 +74,9 @@ def test_generation_with_carried_state_equals_rerun(rule, prompt_len):
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_stateful_pieces_match_full_forward(rule):
-    cfg = tiny_cfg(memory_rule=rule)
+@pytest.mark.parametrize("conv", [0, 4])
+def test_stateful_pieces_match_full_forward(rule, conv):
+    cfg = tiny_cfg(memory_rule=rule, conv_size=conv)
     model = sharp_model(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
     full, _ = model(idx)
@@ -220,6 +222,7 @@ def test_meta_device_construction():
         ({"memory_rule": "oja"}, "memory_rule"),
         ({"feature_map": "relu"}, "feature_map"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"conv_size": -1}, "conv_size"),
         ({"alpha": 0.0}, "alpha"),
         ({"pos": "learned"}, "pos"),
     ],
@@ -230,8 +233,8 @@ def test_bad_config_raises_user_error(kw, match):
 
 
 def test_params_close_to_same_size_gpt():
-    for rule in RULES:
-        cfg = ModelConfig(arch="hebbian", vocab_size=256, memory_rule=rule)
+    for rule, conv in [(r, c) for r in RULES for c in (0, 4)]:
+        cfg = ModelConfig(arch="hebbian", vocab_size=256, memory_rule=rule, conv_size=conv)
         heb = build_model(cfg)
         gpt = build_model(ModelConfig(vocab_size=256))
         assert isinstance(heb, HebbianLM) and isinstance(gpt, GPT)

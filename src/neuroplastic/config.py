@@ -50,6 +50,7 @@ class ModelConfig:
     memory_rule: str = "hebbian"  # hebbian | delta
     feature_map: str = "elu1"  # identity_l2 | elu1 | seed
     chunk_size: int = 64  # chunk length of the chunk-parallel memory kernel
+    conv_size: int = 0  # causal depthwise conv over the memory's q/k/v (tokens; 0: none)
     alpha: float = 1.0  # developmental decay scale (set by the curriculum)
     # arch=hf: any Hugging Face causal LM from a local directory (a hub name needs allow_hub)
     hf_path: str = ""
@@ -110,6 +111,9 @@ class TrainConfig:
     resume: str = "none"  # none | auto | path to a checkpoint dir
     progress: bool = True
     tensorboard: bool = True
+    # under torchrun: auto (= ddp when several processes) | ddp | fsdp (FSDP2 fully_shard)
+    parallel: str = "auto"
+    peak_tflops: float = 0.0  # peak of one device for MFU; 0: datasheet (known GPUs) or measured
 
 
 @dataclass
@@ -239,6 +243,7 @@ class RunConfig:
             "model.memory_rule": (m.memory_rule, ("hebbian", "delta")),
             "model.feature_map": (m.feature_map, ("identity_l2", "elu1", "seed")),
             "train.amp": (t.amp, ("auto", "bf16", "fp16", "none")),
+            "train.parallel": (t.parallel, ("auto", "ddp", "fsdp")),
         }
         if m.arch == "hf" and not m.hf_path:
             raise UserError("model.arch=hf needs model.hf_path (a local Hugging Face model directory).")

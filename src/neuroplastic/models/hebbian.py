@@ -99,6 +99,7 @@ class HebbianState:
         self.memory: list[torch.Tensor | None] = [None] * self.n_layer
         self.k: list[torch.Tensor | None] = [None] * self.n_layer
         self.v: list[torch.Tensor | None] = [None] * self.n_layer
+        self.conv: list[torch.Tensor | None] = [None] * self.n_layer
 
     @property
     def cached(self) -> int:
@@ -150,6 +151,8 @@ def _check_hebbian_config(cfg: ModelConfig) -> None:
         )
     if cfg.chunk_size < 1:
         raise UserError(f"model.chunk_size must be a positive integer, got {cfg.chunk_size}.")
+    if cfg.conv_size < 0:
+        raise UserError(f"model.conv_size must be >= 0 (0: no convolution), got {cfg.conv_size}.")
     _check_alpha(cfg.alpha, UserError, "model.alpha")
 
 
@@ -182,6 +185,10 @@ class LocalAttentionMemory(nn.Module):
         self.gate = nn.Parameter(torch.empty(C))  # sigmoid(gate): the memory's share
         self.mem_norm = nn.RMSNorm(self.mem_dim, eps=1e-5)
         self.beta_proj = nn.Linear(C, self.mem_heads, bias=cfg.bias) if self.rule == "delta" else None
+        self.conv_size = cfg.conv_size
+        self.mem_conv = (
+            nn.Conv1d(3 * C, 3 * C, cfg.conv_size, groups=3 * C, bias=False) if cfg.conv_size else None
+        )
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
@@ -190,6 +197,22 @@ class LocalAttentionMemory(nn.Module):
         else:
             self.decay_logit.zero_()
         self.gate.zero_()
+        if self.mem_conv is not None:
+            self.mem_conv.reset_parameters()
+
+    def _short_conv(self, qkv: torch.Tensor, state: HebbianState | None, layer: int) -> torch.Tensor:
+        """Causal depthwise convolution of ``qkv`` ``(B, T, 3C)`` over the last ``conv_size``
+        positions (the memory's q/k/v then carry their local context, as in DeltaNet/GLA);
+        with a state, the previous ``conv_size - 1`` inputs are carried across forwards."""
+        K = self.conv_size
+        x = qkv.transpose(1, 2)  # (B, 3C, T)
+        prev = None if state is None else state.conv[layer]
+        if prev is None:
+            prev = x.new_zeros(x.size(0), x.size(1), K - 1)
+        x = torch.cat((prev.to(x.dtype), x), dim=2)
+        if state is not None:
+            state.conv[layer] = x[:, :, x.size(2) - (K - 1):]
+        return self.mem_conv(x).transpose(1, 2)
 
     def log_decay(self, log_alpha: torch.Tensor) -> torch.Tensor:
         """``log lambda`` per memory head ``(H,)`` in float32, every term <= 0."""
@@ -207,7 +230,8 @@ class LocalAttentionMemory(nn.Module):
         mode: str | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=-1)
+        qkv = self.c_attn(x)
+        q, k, v = qkv.split(C, dim=-1)
 
         # local attention: n_head heads, RoPE, banded causal mask
         qa = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -227,6 +251,8 @@ class LocalAttentionMemory(nn.Module):
 
         # fast-weight memory: mem_heads heads, no positions
         H, d = self.mem_heads, self.mem_dim
+        if self.mem_conv is not None:
+            q, k, v = self._short_conv(qkv, state, layer).split(C, dim=-1)
         qm = feature_map(q.view(B, T, H, d).transpose(1, 2), self.feature)
         km = feature_map(k.view(B, T, H, d).transpose(1, 2), self.feature)
         vm = v.view(B, T, H, d).transpose(1, 2)
