@@ -147,6 +147,22 @@ class Rule:
     def stats(self) -> dict[str, float]:
         return {}
 
+    # ---- data parallelism
+
+    def local_statistics(self) -> list[torch.Tensor]:
+        """Sums over this process's data that :meth:`after_step` turns into an update.
+
+        Under data parallelism the engine all-reduces (sums) them across ranks and hands
+        the totals to :meth:`set_global_statistics` before ``after_step``, so the update is
+        the one a single process with all ranks' data would make. Rules that read only
+        parameters or (already all-reduced) gradients have none: the default.
+        Every rank must return the same number, shapes and dtypes of tensors.
+        """
+        return []
+
+    def set_global_statistics(self, tensors: list[torch.Tensor]) -> None:
+        """Take the across-rank sums of :meth:`local_statistics` (same order)."""
+
     # ---- state
 
     def state_dict(self) -> dict[str, Any]:

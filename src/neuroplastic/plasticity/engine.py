@@ -63,6 +63,8 @@ class PlasticityEngine:
         optimizer: torch.optim.Optimizer | None = None,
         baseline_decay: float = 0.99,
         normalize_advantage: bool = False,
+        sync: bool = True,
+        process_group: Any = None,
     ):
         self.model = model
         self.rules = list(rules)
@@ -76,6 +78,8 @@ class PlasticityEngine:
             r.bind(model, optimizer)
         self.optimizer = optimizer
         self.baseline = RewardBaseline(baseline_decay, normalize_advantage)
+        self.sync_enabled = bool(sync)
+        self.process_group = process_group
         self.last_reward: float | None = None
         self.last_advantage: float | None = None
 
@@ -107,8 +111,59 @@ class PlasticityEngine:
         self.last_advantage = self.baseline(reward)
         return self.last_advantage
 
+    # ---------------------------------------------------------------- data parallel
+
+    def world_size(self) -> int:
+        """Processes the engine syncs with (1 without an initialised process group or with sync=False)."""
+        if not self.sync_enabled:
+            return 1
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def sync(self, reward: float | torch.Tensor | None = None) -> float | None:
+        """Data parallel: combine what differs between ranks before the plastic updates.
+
+        Sums every rule's :meth:`~neuroplastic.plasticity.base.Rule.local_statistics`
+        (e.g. Hebbian activity) across ranks and returns the mean of the finite rewards
+        the ranks were given (``None`` when none was), in one all-reduce per dtype. A
+        no-op returning ``reward`` for one process. Gradients need nothing here: DDP has
+        averaged them during backward. Called by :meth:`after_step`; every rank must call
+        it at the same step.
+        """
+        if self.world_size() <= 1:
+            return reward
+        import torch.distributed as dist
+
+        r = float(reward) if reward is not None else float("nan")
+        ok = math.isfinite(r)
+        device = _param_device(self.model)
+        if dist.get_backend(self.process_group) != "nccl":
+            device = torch.device("cpu")
+        head = torch.tensor([r if ok else 0.0, 1.0 if ok else 0.0], dtype=torch.float64, device=device)
+        tensors, spans = [head], []
+        for rule in self.rules:
+            stats = list(rule.local_statistics())
+            spans.append(len(stats))
+            tensors.extend(stats)
+        reduced = _all_reduce_sum(tensors, self.process_group)
+        i = 1
+        for rule, n in zip(self.rules, spans):
+            if n:
+                rule.set_global_statistics(reduced[i : i + n])
+            i += n
+        total, count = reduced[0].tolist()
+        return total / count if count > 0 else None
+
     def after_step(self, reward: float | torch.Tensor | None = None) -> float | None:
-        """Apply the rules' plastic updates; returns the advantage used (or None)."""
+        """Apply the rules' plastic updates; returns the advantage used (or None).
+
+        Under data parallelism the rules' activation statistics and the reward are first
+        combined across ranks (:meth:`sync`).
+        """
+        reward = self.sync(reward)
         adv = self.advantage(reward)
         for r in self.rules:
             r.after_step(adv)
@@ -147,3 +202,27 @@ class PlasticityEngine:
     def close(self) -> None:
         for r in self.rules:
             r.close()
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
+    """Sum each tensor across ranks: one flat all-reduce per (dtype, device); returns new tensors."""
+    import torch.distributed as dist
+
+    buckets: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.dtype, t.device), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for idx in buckets.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view(tensors[i].shape)
+            offset += n
+    return out

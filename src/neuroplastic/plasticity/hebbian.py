@@ -35,6 +35,9 @@ Details:
   used when its module name or the name of its weight (``"<module>.weight"``) matches.
   ``self.params`` are those weights and ``self.names`` their parameter names.
 * :meth:`close` removes the hooks.
+* Data parallel: the engine sums the recorded ``acc`` and the counts ``N`` over all
+  ranks (:meth:`local_statistics`) before ``after_step``, so every rank applies the
+  update of the global batch and the weights stay identical across ranks.
 """
 
 from __future__ import annotations
@@ -170,6 +173,29 @@ class Hebbian(Rule):
     def clear(self) -> None:
         """Drop the activity recorded since the last :meth:`after_step`."""
         self.setup()
+
+    # ------------------------------------------------------------------ data parallel
+
+    def local_statistics(self) -> list[torch.Tensor]:
+        """``[acc..., act_abs_sum..., counts]``: the recorded sums (zeros where nothing was
+        recorded) and, as one float64 vector, the row and element counts."""
+        acc, sums = [], []
+        for i, p in enumerate(self.params):
+            dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+            acc.append(self.acc[i] if self.acc[i] is not None else torch.zeros(p.shape, dtype=dtype, device=p.device))
+            s = self._act_abs_sum[i]
+            sums.append(s if s is not None else torch.zeros((), dtype=dtype, device=p.device))
+        counts = torch.tensor(
+            [*self.count, *self._act_numel], dtype=torch.float64, device=self.params[0].device
+        )
+        return [*acc, *sums, counts]
+
+    def set_global_statistics(self, tensors: list[torch.Tensor]) -> None:
+        n = len(self.params)
+        counts = [int(c) for c in tensors[2 * n].tolist()]
+        self.count, self._act_numel = counts[:n], counts[n:]
+        self.acc = [a if c > 0 else None for a, c in zip(tensors[:n], self.count)]
+        self._act_abs_sum = [s if c > 0 else None for s, c in zip(tensors[n : 2 * n], self._act_numel)]
 
     def after_step(self, advantage: float | None) -> None:
         if self.reward_gated and advantage is None:

@@ -29,6 +29,13 @@ from neuroplastic.data.batching import PackedBlocks, sequential_blocks
 from neuroplastic.errors import UserError
 from neuroplastic.evaluation.lm import lm_metrics
 from neuroplastic.training import checkpoint as ckpt
+from neuroplastic.training.distributed import (
+    Distributed,
+    NullLogger,
+    rank_device,
+    set_grad_sync,
+    setup_distributed,
+)
 from neuroplastic.training.metrics import MetricsLogger, plot_loss_curve
 
 
@@ -235,6 +242,11 @@ class Trainer:
         self.best_step = -1
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []  # per-step train records (kept in memory)
+        self.dist = Distributed()  # data-parallel group (torchrun); one process by default
+        self._stop = None
+        self._stop_agreed = False
+        self._last_saved_step = -1
+        self._peak = None
         self._setup_done = False
 
     # ------------------------------------------------------------------ setup
@@ -297,6 +309,10 @@ class Trainer:
                 )
 
         self.device = resolve_device(cfg.train.device)
+        self.dist = setup_distributed(cfg.train.parallel, self.device)
+        self.device = rank_device(self.device, self.dist)
+        if not self.dist.is_main:
+            self.echo = lambda s: None
         self.amp = amp_dtype(cfg.train.amp, self.device)
         seed_everything(cfg.train.seed)
 
@@ -334,8 +350,8 @@ class Trainer:
                 cc.stages, tc.max_steps, cc.advance, cc.boundaries, cc.patience, cc.min_delta
             )
             self.train_data = CurriculumStream(
-                self.data.train, self.curriculum, self.block_size, tc.batch_size,
-                seed=tc.seed, cumulative=cc.cumulative,
+                self.data.train, self.curriculum, self.block_size,
+                tc.batch_size * self.dist.world_size, seed=tc.seed, cumulative=cc.cumulative,
             )
             self.val_sets = {
                 name: sequential_blocks(v, self.block_size, tc.batch_size, tc.eval_batches)
@@ -343,13 +359,16 @@ class Trainer:
             }
         else:
             self.train_data = PackedBlocks(
-                self.data.train_tokens, self.block_size, tc.batch_size, seed=tc.seed
+                self.data.train_tokens, self.block_size, tc.batch_size * self.dist.world_size,
+                seed=tc.seed,
             )
             self.val_sets = {
                 "val": sequential_blocks(
                     self.data.val_tokens, self.block_size, tc.batch_size, tc.eval_batches
                 )
             }
+        # every rank draws the same global batch and keeps its own rows
+        self.train_data = self.dist.shard_batches(self.train_data)
 
         if self.model_factory is not None:
             model = self.model_factory(cfg.model)
@@ -358,7 +377,13 @@ class Trainer:
 
             model = build_model(cfg.model)
         self.model = model.to(self.device)
-        self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
+        if cfg.plasticity.rules and self.dist.enabled and self.dist.fsdp:
+            raise UserError(
+                "Plasticity rules are not supported with train.parallel=fsdp yet; use "
+                "train.parallel=ddp (or drop plasticity.rules)."
+            )
+        wrapped = self.dist.wrap(self.model, self.device)  # DDP, or FSDP2 in place
+        self.forward_model = torch.compile(wrapped) if cfg.train.compile else wrapped
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.scaler = (
             torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
@@ -400,11 +425,19 @@ class Trainer:
         if loaded is not None:
             self._restore(loaded)
         self._apply_stage_alpha()
-        self.logger = MetricsLogger(
-            self.run_dir, tensorboard=cfg.train.tensorboard,
-            resume_step=self.step if loaded is not None else None,
-        )
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        if self.dist.is_main:
+            self.logger = MetricsLogger(
+                self.run_dir, tensorboard=cfg.train.tensorboard,
+                resume_step=self.step if loaded is not None else None,
+            )
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        else:  # only rank 0 logs
+            self.logger = NullLogger(self.run_dir)
+        if self.dist.enabled:
+            self.echo(
+                f"data parallel: {self.dist.world_size} processes ({self.dist.strategy}, "
+                f"{self.dist.backend}), global batch {tc.batch_size * self.dist.world_size}"
+            )
         self.resumed_from = resume_path
         self._setup_done = True
         return self
@@ -427,9 +460,9 @@ class Trainer:
 
     def _restore(self, loaded: dict[str, Any]) -> None:
         path = loaded["path"]
-        ckpt.load_model_weights(self.model, path / "model.safetensors")
+        self.dist.load_model(self.model, path / "model.safetensors")
         try:
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.dist.load_optimizer(self.model, self.optimizer, loaded["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(
                 f"The optimizer state in {str(path)!r} does not fit this model ({exc})."
@@ -465,16 +498,23 @@ class Trainer:
     def save(self, best: bool = False) -> Path:
         """Write a full checkpoint for the current step (atomically); prune old ones."""
         name = "best" if best else ckpt.checkpoint_name(self.step)
-        path = ckpt.save_checkpoint(
-            self.ckpt_dir / name,
-            model=self.model,
-            state=self.state(),
-            optimizer_state=self.optimizer.state_dict(),
-            config_text=dump_config(self.cfg),
-            tokenizer=self.tokenizer,
-        )
+        path = self.ckpt_dir / name
+        # rank 0 writes; under FSDP every rank takes part in gathering the full state
+        to_save = self.dist.checkpoint_state(self.model, self.optimizer)
+        if to_save is not None:
+            model_src, optimizer_state = to_save
+            ckpt.save_checkpoint(
+                path,
+                model=model_src,
+                state=self.state(),
+                optimizer_state=optimizer_state,
+                config_text=dump_config(self.cfg),
+                tokenizer=self.tokenizer,
+            )
+            if not best:
+                ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
         if not best:
-            ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+            self._last_saved_step = self.step
         return path
 
     # ------------------------------------------------------------------ eval
@@ -560,9 +600,10 @@ class Trainer:
         interrupted = False
         window_tokens, window_start = 0, time.perf_counter()
         start_step = self.step
+        start_tokens = self.tokens_seen
         t_start = time.perf_counter()
         bar = None
-        if tc.progress:
+        if tc.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -573,6 +614,7 @@ class Trainer:
             )
         try:
             with _StopRequest() as stop:
+                self._stop = stop
                 while self.step < end:
                     record = self._train_step()
                     window_tokens += record["tokens"]
@@ -583,39 +625,58 @@ class Trainer:
                         tps = window_tokens / max(now - window_start, 1e-9)
                         window_tokens, window_start = 0, now
                         record["tokens_per_s"] = tps
+                        if self.dist.is_main:
+                            record["mfu"] = self._mfu(tps)
                         if self.engine is not None:
                             record.update(self.engine.stats())
                         self.logger.log("train", self.step, **{
                             k: v for k, v in record.items() if k != "tokens"
                         })
                         if bar is not None:
-                            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}",
+                                            mfu=f"{record['mfu']:.1%}")
                     if tc.eval_interval and (self.step % tc.eval_interval == 0 or self.step == tc.max_steps):
                         self._eval_and_log()
                     if tc.sample_interval and self.step % tc.sample_interval == 0:
                         self._sample_and_log()
                     if (tc.ckpt_interval and self.step % tc.ckpt_interval == 0) or self.step == tc.max_steps:
                         self.save()
-                    if stop.requested:
+                    # several processes stop together, at the step all of them agreed on
+                    if self._stop_agreed if self.dist.enabled else stop.requested:
                         interrupted = True
-                        if not ckpt.list_checkpoints(self.ckpt_dir) or ckpt.latest_checkpoint(
+                        if self.dist.enabled:
+                            if self._last_saved_step != self.step:
+                                self.save()
+                        elif not ckpt.list_checkpoints(self.ckpt_dir) or ckpt.latest_checkpoint(
                             self.ckpt_dir
                         ).name != ckpt.checkpoint_name(self.step):
                             self.save()
                         self.echo(f"Stopped at step {self.step}; checkpoint saved. Resume with train.resume=auto.")
                         break
         finally:
+            self._stop = None
             if bar is not None:
                 bar.close()
         elapsed = time.perf_counter() - t_start
+        run_tps = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)
+        run_mfu = self._mfu(run_tps) if self.dist.is_main and self.step > start_step else None
+        if run_mfu is not None:
+            self.echo(
+                f"throughput: {run_tps:,.0f} tokens/s over {self.dist.world_size} process(es), "
+                f"MFU {run_mfu:.1%} (peak: {self._peak.source})"
+            )
         if self.step >= tc.max_steps and not interrupted:
             if not tc.sample_interval:
                 self._sample_and_log()
-            png = plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", cfg.name)
+            png = None
+            if self.dist.is_main:
+                png = plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", cfg.name)
         else:
             png = None
         self.logger.close()
         return {
+            "tokens_per_s": run_tps,
+            "mfu": run_mfu,
             "step": self.step,
             "steps_run": self.step - start_step,
             "elapsed_s": elapsed,
@@ -643,8 +704,12 @@ class Trainer:
         for micro in range(tc.grad_accum):
             x, y = self.train_data.next_batch()
             if micro == 0 and self.replay is not None:
-                self.replay.add((x.clone(), y.clone()))
+                # the whole global batch, so that the buffer is the same on every rank
+                gx, gy = getattr(self.train_data, "last_global", None) or (x, y)
+                self.replay.add((gx.clone(), gy.clone()))
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            set_grad_sync(self.forward_model, micro == tc.grad_accum - 1)
             with self._autocast():
                 _, loss = self.forward_model(x, y)
             total = loss / tc.grad_accum
@@ -660,6 +725,11 @@ class Trainer:
             loss_sum += loss.detach().float()
             tokens += x.numel()
         loss_value = float(loss_sum) / tc.grad_accum
+        if self.dist.enabled:
+            loss_value, penalty_value, replay_loss = self._reduce_step(
+                loss_value, penalty_value, replay_loss
+            )
+            tokens *= self.dist.world_size
         self.tokens_seen += tokens
         record: dict[str, Any] = {"loss": loss_value, "lr": lr, "tokens": tokens}
         if penalty_value:
@@ -706,6 +776,27 @@ class Trainer:
                 self._stage_changed(old)
         return record
 
+    def _reduce_step(
+        self, loss: float, penalty: float, replay_loss: float | None
+    ) -> tuple[float, float, float | None]:
+        """Means across ranks of the step's loss, penalty and replay loss, and whether any
+        rank was asked to stop, in one all-reduce: every rank logs, checks finiteness,
+        feeds AdaptiveLR and stops on the same values."""
+        stop = float(self._stop is not None and self._stop.requested)
+        replay = 0.0 if replay_loss is None else replay_loss
+        loss, penalty, replay, stop = self.dist.mean([loss, penalty, replay, stop], self.device)
+        self._stop_agreed = stop > 0
+        return loss, penalty, (None if replay_loss is None else replay)
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation of ``tokens_per_s`` (all processes) on this device type."""
+        from neuroplastic.training import mfu
+
+        if self._peak is None:
+            self._peak = mfu.device_peak(self.device, self.amp, self.cfg.train.peak_tflops)
+            self._flops_per_token = mfu.flops_per_token(self.model, self.block_size)
+        return mfu.mfu(self._flops_per_token, tokens_per_s, self._peak, self.dist.world_size)
+
     @property
     def replay(self):
         """The replay buffer of a rule that keeps one (Consolidation with replay_capacity)."""
@@ -720,7 +811,9 @@ class Trainer:
         if buf is None or pc.replay_every <= 0 or len(buf) == 0 or (self.step + 1) % pc.replay_every:
             return None
         (rx, ry), = buf.sample(1)
+        rx, ry = self.dist.local_rows(rx), self.dist.local_rows(ry)  # this rank's rows
         rx, ry = rx.to(self.device), ry.to(self.device)
+        set_grad_sync(self.forward_model, False)  # reduced with the last micro-batch
         with self._autocast():
             _, rloss = self.forward_model(rx, ry)
         scaled = rloss * (pc.replay_weight / self.cfg.train.grad_accum)
@@ -766,6 +859,8 @@ class Trainer:
                 self.save(best=True)
 
     def _sample_and_log(self) -> None:
+        if not (self.dist.is_main or self.dist.fsdp):
+            return  # under DDP only rank 0 samples (FSDP: generation is a collective)
         text = self.sample()
         self.logger.log("sample", self.step, text=text)
         self.echo(f"[step {self.step}] sample: {text!r}")
