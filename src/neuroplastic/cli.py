@@ -62,8 +62,10 @@ def _describe(trainer) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from neuroplastic.config import load_config
+    from neuroplastic.training.distributed import quiet_unless_main
     from neuroplastic.training.trainer import Trainer
 
+    quiet_unless_main()  # under torchrun, rank 0 alone prints
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("train.resume=auto")
