@@ -133,11 +133,18 @@ def test_fsdp_matches_single_process_and_its_checkpoint_resumes_anywhere(tmp_pat
         pytest.skip("this PyTorch has no FSDP2 fully_shard")
     d = tmp_path
     plain = {"plasticity.rules": "[]", "reward.interval": 0, "train.parallel": "fsdp"}
+    hebbian = {**plain, "model.arch": "hebbian", "model.window": 8, "model.chunk_size": 8,
+               "train.max_steps": 3, "curriculum.stages": "[definitions]"}
     out = run_worker(d, [
         {"name": "fsdp", "overrides": _overrides(d / "a", 4, 2, **plain), "stop_at": 6},
+        # the Hebbian LM to the end: its final sample runs generate() outside forward()
+        {"name": "fsdp-hebbian", "overrides": _overrides(d / "h", 2, 1, **hebbian)},
     ])
     r0 = _result(out, "fsdp", 0)
     assert r0["strategy"] == "fsdp"
+    samples = [r for r in read_metrics(d / "h" / "metrics.jsonl") if r["kind"] == "sample"]
+    assert len(samples) == 1 and samples[0]["step"] == 3
+    assert (d / "h" / "checkpoints" / ckpt.checkpoint_name(3)).is_dir()
     ref = Trainer(load_config("tiny", _overrides(d / "ref", 8, 1, **plain)))
     ref.train()
     ref_losses = [h["loss"] for h in ref.history]

@@ -413,6 +413,18 @@ def fully_shard_model(model: nn.Module, device: torch.device, world_size: int) -
     for block in _block_list(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    generate = getattr(model, "generate", None)
+    if callable(generate):
+        # FSDP gathers the root's own parameters (embeddings, final norm) in forward();
+        # generation may use them outside forward (prefill, next-token logits)
+        def generate_unsharded(*args, **kwargs):
+            model.unshard()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                model.reshard()
+
+        model.generate = generate_unsharded
     return model
 
 
