@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 # Hebbian (activation statistics): the three kinds of state that must agree across ranks
 RULES = (
     "[{type: traces, params: '*.c_*.weight', plasticity_lr: 0.01, low_rank: true, rank: 2},"
-    " {type: ewc, params: '*.weight', lam: 10.0},"
+    " {type: ewc, params: '*.weight', lam: 1000.0},"
     " {type: hebbian, params: '*.mlp.c_fc', lr: 0.001}]"
 )
 
@@ -92,9 +92,9 @@ def test_two_processes_match_one_with_double_batch_and_resume(tmp_path):
     r0, r1 = _result(out, "straight", 0), _result(out, "straight", 1)
     assert r0["world_size"] == 2 and r0["strategy"] == "ddp"
     # the loss curve of one process with the doubled batch, to fp32 rounding
-    np.testing.assert_allclose(r0["losses"], ref_losses, rtol=2e-5, atol=0)
+    np.testing.assert_allclose(r0["losses"], ref_losses, rtol=5e-6, atol=0)
     assert r0["losses"] == r1["losses"]  # the loss is averaged over ranks before anyone reads it
-    np.testing.assert_allclose(r0["last_eval"]["loss"], ref.last_eval["loss"], rtol=2e-5)
+    np.testing.assert_allclose(r0["last_eval"]["loss"], ref.last_eval["loss"], rtol=5e-6)
     final = load_file(str(out / "straight.safetensors"))
     for name, p in ckpt.model_tensors(ref.model).items():
         torch.testing.assert_close(final[name], p, rtol=1e-4, atol=2e-6)

@@ -47,9 +47,11 @@ class EngineCallback(Callback):
         if not rules or trainer.curriculum is None:
             return
         stage = trainer.curriculum.stages[old]
+        # the global batch size: under data parallelism every rank consolidates on the same
+        # batches a single process with the whole batch would use (same Fisher everywhere)
+        batch = trainer.cfg.train.batch_size * trainer.dist.world_size
         batches = sequential_blocks(
-            trainer.data.train[stage], trainer.block_size, trainer.cfg.train.batch_size,
-            self.consolidate_batches,
+            trainer.data.train[stage], trainer.block_size, batch, self.consolidate_batches
         )
         device = trainer.device
 
