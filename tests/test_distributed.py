@@ -334,3 +334,19 @@ def test_cuda_compiled_chunked_fast_weight_matches_eager():
     compiled = torch.compile(fast_weight_chunked)  # default mode: no CUDA graphs
     out, _ = compiled(q, k, v, log_decay, chunk_size=64)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_device_placement():
+    from neuroplastic.training.distributed import Distributed, rank_device
+
+    one = Distributed()
+    assert rank_device(torch.device("cpu"), one) == torch.device("cpu")
+    two = Distributed(rank=1, world_size=2, local_rank=1, backend="nccl", strategy="ddp")
+    assert rank_device(torch.device("cpu"), two) == torch.device("cpu")
+    with pytest.raises(UserError, match="same GPU"):
+        rank_device(torch.device("cuda", 0), two)
+    if torch.cuda.device_count() >= 2:
+        assert rank_device(torch.device("cuda"), two) == torch.device("cuda", 1)
+    else:
+        with pytest.raises(UserError, match="has no GPU"):
+            rank_device(torch.device("cuda"), two)

@@ -287,8 +287,13 @@ def _destroy() -> None:
 
 def rank_device(device: torch.device, dist_ctx: Distributed) -> torch.device:
     """A plain ``cuda`` becomes ``cuda:LOCAL_RANK`` in a multi-process run."""
-    if device.type != "cuda" or not dist_ctx.enabled or device.index is not None:
+    if device.type != "cuda" or not dist_ctx.enabled:
         return device
+    if device.index is not None:
+        raise UserError(
+            f"train.device={device} would put every process on the same GPU; under torchrun use "
+            "train.device=cuda (or auto): each process takes the GPU of its local rank."
+        )
     if dist_ctx.local_rank >= torch.cuda.device_count():
         raise UserError(
             f"Local rank {dist_ctx.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
