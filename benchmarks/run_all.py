@@ -148,7 +148,7 @@ def section(outcomes: list[Outcome], argv: list[str], quick: bool) -> str:
         f"Machine: {machine_line()}  \n"
         f"Date: {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC"
         + (" (quick: smoke sizes, not results)" if quick else "")
-        + "\n\nEach benchmark wrote its own section of this file (with its table, machine and "
+        + "\n\nEach benchmark below wrote its own section of this file (with its table, machine and "
         "command) and its PNG in docs/.\n\n"
         f"{table}\n\n"
         "GPU numbers: not measured here (no GPU in this workplace). On a CUDA machine run\n\n"
