@@ -23,7 +23,8 @@ def lm_metrics(
     ``model(x)`` must return ``(logits, _)``. Bits per byte divide the total negative
     log-likelihood (in bits) by the number of bytes of text the target tokens stand for
     (``byte_lengths[token_id]``; 0 for special tokens), so it is comparable across
-    tokenizers; for a byte-level model it is the usual BPC.
+    tokenizers; for a byte-level model it is the usual BPC. Targets equal to ``-100``
+    (padding, prompt tokens of a supervised example) are left out of all three.
     """
     was_training = model.training
     model.eval()
@@ -36,9 +37,10 @@ def lm_metrics(
         loss = F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
         )
-        nll += float(loss)
-        ntok += y.numel()
-        nbytes += int(byte_lengths[y.cpu()].sum())
+        nll += float(loss)  # cross_entropy skips targets == -100 (its ignore_index)
+        kept = y[y != -100].cpu()
+        ntok += kept.numel()
+        nbytes += int(byte_lengths[kept].sum())
     model.train(was_training)
     mean = nll / max(ntok, 1)
     return {

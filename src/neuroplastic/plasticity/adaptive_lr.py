@@ -5,7 +5,10 @@ The adaptive learning rate of the seed ``neuroplastic-cot`` system, on any optim
 Signal. Each step the rule gets a raw complexity value ``x`` from, in this order:
 
 1. ``set_complexity(value)`` or ``observe(loss)``, called by the trainer for this step
-   *before* ``after_backward`` (``observe`` is the default signal: the batch loss);
+   *before* ``after_backward`` (``observe`` is the default signal: the batch loss;
+   with ``use_loss=False`` it is ignored, so a recipe's own measure -- e.g. the number
+   of reasoning steps in the batch -- given by ``set_complexity`` or the callable
+   decides alone);
 2. the ``complexity`` callable given to the constructor (called with no arguments in
    ``after_backward``);
 3. nothing: the multiplier is 1 for this step (the running mean is not touched).
@@ -64,6 +67,8 @@ class AdaptiveLR(Rule):
         sensitivity: how strongly the relative complexity moves the multiplier.
         ema_decay: decay of the running mean of the raw complexity, in [0, 1).
         relative: take the value relative to its running mean (default) or as is.
+        use_loss: let :meth:`observe` (the trainer's batch loss) set the complexity;
+            ``False`` ignores it, for a complexity that comes from elsewhere.
         params, exclude: parameter patterns; unused beyond binding.
     """
 
@@ -78,6 +83,7 @@ class AdaptiveLR(Rule):
         sensitivity: float = 1.0,
         ema_decay: float = 0.99,
         relative: bool = True,
+        use_loss: bool = True,
         params: str | Sequence[str] = "*",
         exclude: str | Sequence[str] = (),
     ):
@@ -96,6 +102,7 @@ class AdaptiveLR(Rule):
         self.sensitivity = float(sensitivity)
         self.ema_decay = float(ema_decay)
         self.relative = bool(relative)
+        self.use_loss = bool(use_loss)
         self.mean: float | None = None
         self.count = 0
         self.multiplier = 1.0
@@ -122,8 +129,10 @@ class AdaptiveLR(Rule):
     # ---------------------------------------------------------------- signal
 
     def observe(self, loss: float | torch.Tensor) -> None:
-        """Record this step's loss as its complexity (call before ``after_backward``)."""
-        self.set_complexity(loss)
+        """Record this step's loss as its complexity (call before ``after_backward``);
+        ignored with ``use_loss=False``."""
+        if self.use_loss:
+            self.set_complexity(loss)
 
     def set_complexity(self, value: float | torch.Tensor) -> None:
         """Record this step's raw complexity value (call before ``after_backward``)."""

@@ -59,10 +59,21 @@ def final_metrics(trainer: Trainer, mc_limit: int) -> dict[str, float]:
         scorer = GPTScorer(trainer.model, trainer.tokenizer, trainer.device)
         res = evaluate_task(scorer, "synthetic-mc", limit=mc_limit)
         out["mc_acc_norm"] = res["acc_norm"]
+    for cb in trainer.callbacks:  # a recipe's own metrics (e.g. each task's loss)
+        extra = getattr(cb, "final_metrics", None)
+        if extra is not None:
+            out.update(extra(trainer))
     return out
 
 
 HIGHER_IS_BETTER = {"val_loss": False, "val_bpb": False, "reward": True, "mc_acc_norm": True}
+
+
+def higher_is_better(name: str) -> bool:
+    """Direction of a metric: the table above, else lower for losses / bpb / perplexity."""
+    if name in HIGHER_IS_BETTER:
+        return HIGHER_IS_BETTER[name]
+    return not name.endswith(("loss", "bpb", "ppl"))
 
 
 def run_ablation(
@@ -115,7 +126,7 @@ def run_ablation(
     )
     for name in results["without"][0]:
         report.metrics.append(MetricSummary(
-            name, HIGHER_IS_BETTER.get(name, True),
+            name, higher_is_better(name),
             [r[name] for r in results["without"]], [r[name] for r in results["with"]],
         ).compute())
     report.notes.append(
