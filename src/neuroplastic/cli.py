@@ -371,6 +371,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cot(args: argparse.Namespace) -> int:
+    from neuroplastic.cli_cot import run_cot
+
+    return run_cot(args, echo=_echo, table=_format_table)
+
+
 def _human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -466,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     da = sub.add_parser("data", help="named corpora and whether each is available locally")
     da.add_argument("--data-dir", help="directory searched first")
     da.set_defaults(func=cmd_data)
+
+    # neuroplastic cot train|evaluate|demo (neuroplastic-cot); flags in cli_cot.py
+    from neuroplastic.cli_cot import add_cot_parser
+
+    add_cot_parser(sub, cmd_cot)
     return p
 
 

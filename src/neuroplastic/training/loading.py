@@ -1,0 +1,87 @@
+"""Load any model neuroplastic can evaluate, from whatever directory it was saved in.
+
+:func:`load_any_model` accepts, checked in this order: a ``neuroplastic cot train``
+output directory (its ``adapter/`` or ``model/``), a LoRA adapter directory (written by
+:func:`~neuroplastic.models.hf.save_adapter`; the base model from ``base_model``, the
+run's config or the adapter's ``base_model_name_or_path``), a Hugging Face model
+directory (``config.json`` + weights), or one of our checkpoint / run directories
+(:func:`~neuroplastic.training.inference.load_trained`). Used by ``neuroplastic cot
+evaluate`` and the lm-eval adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuroplastic.config import RunConfig
+from neuroplastic.errors import UserError
+
+__all__ = ["load_any_model", "read_run_config"]
+
+
+def _hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def read_run_config(run_dir: Path) -> RunConfig | None:
+    from neuroplastic.config import config_from_dict
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UserError):
+        return None
+
+
+def load_any_model(
+    model_path: str | Path, base_model: str | None = None, device: str = "cpu", dtype: Any = None
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """``(model, tokenizer, info)`` in eval mode (see the module docs); ``dtype`` applies
+    to Hugging Face models (``float32`` by default)."""
+    from neuroplastic.models.hf import HFCausalLM, load_adapter, load_causal_lm
+
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise UserError(f"Model path {str(path)!r} does not exist.")
+    run_cfg = read_run_config(path)
+    adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
+    info: dict[str, Any] = {"model_path": str(path)}
+    if adapter is not None:
+        base = base_model
+        if base is None:
+            try:
+                cfg_json = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{str(adapter / 'adapter_config.json')!r} is not valid JSON.") from exc
+            base = cfg_json.get("base_model_name_or_path") if isinstance(cfg_json, dict) else None
+            if run_cfg is not None and run_cfg.model.hf_path:
+                base = run_cfg.model.hf_path
+        if not base or not Path(base).expanduser().is_dir():
+            raise UserError(
+                f"The adapter in {str(adapter)!r} needs its base model; pass --base_model DIR "
+                "(the local model it was trained on)."
+            )
+        model, tokenizer = load_causal_lm(base, device=device, dtype=dtype)
+        model = load_adapter(model, adapter)
+        info.update(kind="lora adapter", adapter=str(adapter), base_model=str(base))
+        return HFCausalLM(model, tokenizer).eval(), tokenizer, info
+    for d in (path / "model", path):
+        if _hf_dir(d):
+            model, tokenizer = load_causal_lm(d, device=device, dtype=dtype)
+            info.update(kind="hugging face model", hf_dir=str(d))
+            return HFCausalLM(model, tokenizer).eval(), tokenizer, info
+    from neuroplastic.training.inference import load_trained
+
+    model, tokenizer, cfg, directory = load_trained(path, device=device)
+    info.update(kind="neuroplastic checkpoint", checkpoint=str(directory))
+    if getattr(model, "tokenizer", None) is not None:
+        tokenizer = model.tokenizer
+    return model, tokenizer, info
