@@ -218,7 +218,8 @@ def _reward_pairs(cfg, tok, directory, n: int, seed: int) -> list[tuple[str, str
 
         cur = SyntheticCurriculum(seed=cfg.data.synthetic_seed)
         stages = [s for s in (cfg.curriculum.stages or cfg.data.stages or STAGES) if s in STAGES]
-        pairs = [p for s in (stages or STAGES) for p in cur.pairs(s)]
+        # concepts held out of every reward computed during training
+        pairs = [p for s in (stages or STAGES) for p in cur.pairs(s, split="heldout")]
     else:
         from neuroplastic.data.pipeline import prepare_data
 

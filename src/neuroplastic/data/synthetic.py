@@ -28,6 +28,10 @@ __all__ = ["STAGES", "SyntheticCurriculum", "EVAL_PHRASES"]
 
 STAGES: tuple[str, str, str] = ("definitions", "explanations", "dialogues")
 
+# SyntheticCurriculum.pairs(stage, split): 1/HELDOUT_PAIR_DIVISOR of the concepts is held out
+PAIR_SPLITS: tuple[str, str, str] = ("all", "train", "heldout")
+HELDOUT_PAIR_DIVISOR = 5
+
 # Opening phrases that belong to evaluation items only; the training templates never use them.
 EVAL_PHRASES: tuple[str, ...] = (
     "Which of the following",
@@ -307,7 +311,7 @@ class SyntheticCurriculum:
         self.domains: tuple[str, ...] = tuple(dict.fromkeys(c.domain for c in self.concepts))
         self._train: dict[str, list[str]] = {}
         self._val: dict[str, list[str]] = {}
-        self._pairs: dict[str, list[tuple[str, str]]] = {}
+        self._pairs: dict[str, list[tuple[tuple[str, str], str]]] = {}  # ((prompt, ref), concept)
         self._mc: list[dict] | None = None
         self._hs: list[dict] | None = None
 
@@ -547,10 +551,12 @@ class SyntheticCurriculum:
             self._hs = self._build_completions()
         return self._take(self._hs, n, "completion")
 
-    def _build_pairs(self, stage: str) -> list[tuple[str, str]]:
+    def _build_pairs(self, stage: str) -> list[tuple[tuple[str, str], str]]:
         rng = self._rng(f"pairs:{stage}")
         out: list[tuple[str, str]] = []
+        names: list[str] = []
         for c in self.concepts:
+            names.append(c.name)
             c = self._related_ok(c)
             if stage == "definitions":
                 out.append((f"Define {c.subject}.", c.definition))
@@ -568,19 +574,40 @@ class SyntheticCurriculum:
                 q_role, a_role = rng.choice(_ROLES)
                 ref = f"{c.definition} {_pron(c)} {c.properties[0]}."
                 out.append((f"{q_role}: {_what(c)}\n{a_role}:", ref))
-        rng.shuffle(out)
-        return out
+        tagged = list(zip(out, names))
+        rng.shuffle(tagged)  # the same permutation as shuffling the pairs alone
+        return tagged
 
-    def pairs(self, stage: str) -> list[tuple[str, str]]:
+    def heldout_concepts(self) -> frozenset[str]:
+        """Names of the concepts whose pairs are held out of reward training (``split``).
+
+        A seeded fifth of the knowledge base (none when it has fewer than 5 concepts).
+        """
+        names = [c.name for c in self.concepts]
+        self._rng("pairs:heldout").shuffle(names)
+        return frozenset(names[: len(names) // HELDOUT_PAIR_DIVISOR])
+
+    def pairs(self, stage: str, split: str = "all") -> list[tuple[str, str]]:
         """(prompt, reference) pairs for one stage, for reward-driven recipes.
 
         definitions: ("Define X.", definition); explanations: ("Explain X in a few sentences.",
         paragraph); dialogues: ("Student: What is X?\\nTeacher:", answer).
+
+        ``split``: ``"all"``; ``"train"``, the pairs a reward loss may train on; or
+        ``"heldout"``, the pairs of :meth:`heldout_concepts`, for evaluating what such
+        training did on prompts it never saw. With fewer than 5 concepts nothing can be
+        held out and both splits are all pairs.
         """
         self._check_stage(stage)
+        if split not in PAIR_SPLITS:
+            raise UserError(f"Unknown pair split {split!r}; valid splits are {', '.join(PAIR_SPLITS)}.")
         if stage not in self._pairs:
             self._pairs[stage] = self._build_pairs(stage)
-        return list(self._pairs[stage])
+        tagged = self._pairs[stage]
+        held = self.heldout_concepts()
+        if split == "all" or not held:
+            return [p for p, _ in tagged]
+        return [p for p, name in tagged if (name in held) == (split == "heldout")]
 
     # ------------------------------------------------------------------ summary
 

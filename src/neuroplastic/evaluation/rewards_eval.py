@@ -1,7 +1,9 @@
 """Reward components of a model's generations on prompts, for before/after comparisons.
 
 ``neuroplastic evaluate RUN --task rewards [--compare OTHER_RUN ...]`` generates a
-continuation for each of ``limit`` (prompt, reference) pairs with every model (greedy or
+continuation for each of ``limit`` held-out (prompt, reference) pairs -- on the synthetic
+curriculum, pairs of the concepts that reward training never sees
+(``SyntheticCurriculum.pairs(stage, split="heldout")``) -- with every model (greedy or
 seeded sampling, the same prompts for all) and reports the mean of each reward term and
 of the weighted total: "before" is the untrained model of the run's config (for a
 Hugging Face model: the pretrained base without our fine-tuning), "after" the checkpoint,

@@ -26,14 +26,18 @@ from neuroplastic.training.trainer import Callback
 
 
 def pairs_for(trainer, stage: str | None) -> list[tuple[str, str]]:
-    """(prompt, reference) pairs for a stage: synthetic pairs, or windows of validation text."""
+    """(prompt, reference) pairs for a stage: synthetic pairs, or windows of validation text.
+
+    Synthetic pairs come from the ``train`` split: the concepts held out for
+    ``neuroplastic evaluate --task rewards`` never reach a reward computed here.
+    """
     cfg = trainer.cfg
     if cfg.data.source == "synthetic":
         from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
 
         cur = SyntheticCurriculum(seed=cfg.data.synthetic_seed)
         stages = [stage] if stage in STAGES else list(cfg.data.stages or STAGES)
-        return [p for s in stages for p in cur.pairs(s)]
+        return [p for s in stages for p in cur.pairs(s, split="train")]
     # any other corpus: a prompt of 64 characters of held-out text, the next 200 as reference
     tokens = trainer.data.val[stage] if stage is not None else trainer.data.val_tokens
     text = trainer.tokenizer.decode(np.asarray(tokens[:200_000]).tolist())
