@@ -378,6 +378,12 @@ def cmd_cot(args: argparse.Namespace) -> int:
     return run_cot(args, echo=_echo, table=_format_table)
 
 
+def cmd_neurogen(args: argparse.Namespace) -> int:
+    from neuroplastic.neurogen.cli import run
+
+    return run(args, echo=_echo)
+
+
 def _human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -478,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     from neuroplastic.cli_cot import add_cot_parser
 
     add_cot_parser(sub, cmd_cot)
+
+    # neuroplastic neurogen train|generate|ablate (issue #8); flags in neurogen/cli.py
+    from neuroplastic.neurogen.cli import add_neurogen_parser
+
+    add_neurogen_parser(sub, _Parser).set_defaults(func=cmd_neurogen)
     return p
 
 
