@@ -327,7 +327,12 @@ def _synthetic_corpus():
 
 
 def test_it_learns_below_the_unigram_entropy():
-    from neuroplastic.neurogen.experiment import heldout_blocks, heldout_loss, unigram_entropy, windows
+    from neuroplastic.neurogen.experiment import (
+        heldout_blocks,
+        heldout_loss,
+        unigram_entropy,
+        windows,
+    )
 
     train, val, vocab = _synthetic_corpus()
     h1 = unigram_entropy(train, vocab)
@@ -347,7 +352,12 @@ def test_it_learns_below_the_unigram_entropy():
 @pytest.mark.slow
 def test_it_learns_tinyshakespeare_at_scale_one_eighth():
     from neuroplastic.data.registry import find_local
-    from neuroplastic.neurogen.experiment import heldout_blocks, load_corpus, train_fixed, unigram_entropy
+    from neuroplastic.neurogen.experiment import (
+        heldout_blocks,
+        load_corpus,
+        train_fixed,
+        unigram_entropy,
+    )
 
     if find_local("tinyshakespeare") is None:
         pytest.skip("tinyshakespeare is not available locally")
