@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,hf,metrics
+EXTRAS ?= dev,hf,metrics,eval
 
 .PHONY: install demo test test-compat lint bench clean
 

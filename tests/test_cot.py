@@ -309,6 +309,8 @@ def test_cot_train_each_flag(tiny, tmp_path, capsys, flag):
         assert (out / "fisher_per_layer.png").stat().st_size > 1000
         fisher = json.loads((out / "fisher.json").read_text())
         assert set(fisher["per_layer"]) == {"layer 0", "layer 1"}
+        assert set(fisher["per_layer_module"]["layer 1"]) == {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         assert all(("lora_A" in n or "lora_B" in n) for n in fisher["per_param"])
     if "adaptive_lr" in expected:
         assert (out / "lr_vs_complexity.png").stat().st_size > 1000

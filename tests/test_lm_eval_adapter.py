@@ -196,3 +196,22 @@ def test_bad_model_args_are_user_errors():
         NeuroplasticLM()
     with pytest.raises(UserError, match="does not exist"):
         NeuroplasticLM(checkpoint="/no/such/run")
+
+
+@pytest.mark.slow
+def test_documented_command_line(tasks_dir, hf_lora, tmp_path):
+    """`python -m neuroplastic.evaluation.lm_eval_adapter --model neuroplastic ...` (the
+    lm_eval command line with the model registered) runs a local task."""
+    import subprocess
+    import sys
+
+    base, adapter = hf_lora
+    out = subprocess.run(
+        [sys.executable, "-m", "neuroplastic.evaluation.lm_eval_adapter", "--model", "neuroplastic",
+         "--model_args", f"pretrained={base},adapter={adapter}", "--device", "cpu",
+         "--include_path", str(tasks_dir), "--tasks", "np_tiny_mc", "--batch_size", "2",
+         "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "np_tiny_mc" in out.stdout and "acc" in out.stdout

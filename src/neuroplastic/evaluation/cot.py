@@ -227,20 +227,34 @@ def plot_lr_vs_complexity(run: Any, path: str | Path) -> Path | None:
 
 
 def plot_fisher_per_layer(fisher: dict[str, Any], path: str | Path) -> Path | None:
-    """Bars of the mean diagonal Fisher per layer (``fisher["per_layer"]``), log scale."""
-    layers = (fisher or {}).get("per_layer") or {}
-    if not layers:
+    """The mean diagonal Fisher per layer, one bar per layer type (q_proj, ..., or the
+    layer's mean when only ``per_layer`` is given), log scale."""
+    fisher = fisher or {}
+    by_module = fisher.get("per_layer_module") or {
+        k: {"mean": v} for k, v in (fisher.get("per_layer") or {}).items()}
+    if not by_module:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(layers) + 2), 4), dpi=110)
-    names = list(layers)
-    values = [max(float(layers[n]), 1e-30) for n in names]
-    ax.bar(range(len(names)), values, color="C2")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    layers = list(by_module)
+    kinds = list(dict.fromkeys(k for mods in by_module.values() for k in mods))
+    width = 0.8 / max(len(kinds), 1)
+    values = [v for mods in by_module.values() for v in mods.values() if v > 0]
+    floor = min(values) / 10 if values else 1e-12
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(layers) * max(1, len(kinds) / 4) + 2), 4.2),
+                           dpi=110)
+    for j, kind in enumerate(kinds):
+        xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(layers))]
+        ys = [max(by_module[layer].get(kind, 0.0), floor) for layer in layers]
+        ax.bar(xs, [y - floor for y in ys], width, bottom=floor, label=kind, color=f"C{j % 10}")
+    ax.set_xticks(range(len(layers)), layers, fontsize=8)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
     ax.set_ylabel("mean Fisher (diagonal)")
     ax.set_title(f"EWC Fisher magnitude per layer ({fisher.get('tasks', '?')} consolidation(s))")
     ax.grid(alpha=0.3, axis="y")
+    if len(kinds) > 1:
+        ax.legend(fontsize=7, ncol=min(len(kinds), 7), loc="upper center",
+                  bbox_to_anchor=(0.5, -0.08), frameon=False)
     return _save(fig, path)
 
 

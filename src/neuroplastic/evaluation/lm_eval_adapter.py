@@ -5,7 +5,7 @@ under ``neuroplastic``, so any lm_eval task runs on our checkpoints and on Huggi
 models with LoRA adapters::
 
     python -m neuroplastic.evaluation.lm_eval_adapter --model neuroplastic \\
-        --model_args checkpoint=runs/tiny --tasks hellaswag --limit 100
+        --model_args checkpoint=runs/tiny --tasks hellaswag --limit 100 --device cpu
     python -m neuroplastic.evaluation.lm_eval_adapter --model neuroplastic \\
         --model_args pretrained=models/qwen2.5-0.5b,adapter=runs/cot/adapter \\
         --tasks gsm8k --batch_size 8 --device cuda
@@ -23,9 +23,11 @@ Model arguments (``--model_args`` ``key=value,...``):
   adapter's base model.
 * ``pretrained=DIR`` (+ ``adapter=DIR`` or ``peft=DIR``): a Hugging Face causal LM,
   optionally with LoRA adapters written by :func:`~neuroplastic.models.hf.save_adapter`.
-* ``device`` (``cpu``, ``cuda``, ...), ``batch_size`` (``auto`` means 16),
-  ``max_length`` (context window; default the model's), ``max_gen_toks`` (256),
-  ``dtype`` (HF models: ``float32``, ``bfloat16``, ...).
+* ``max_length`` (context window; default the model's), ``max_gen_toks`` (256),
+  ``dtype`` (HF models: ``float32``, ``bfloat16``, ...); ``device`` (``cpu``,
+  ``cuda``, ...; default cuda when available) and ``batch_size`` (``auto`` means 16)
+  come from lm_eval's ``--device`` / ``--batch_size`` (giving them in ``--model_args``
+  as well is an error in lm_eval).
 
 The three request types:
 

@@ -312,7 +312,8 @@ class CotCallback(Callback):
             else:
                 continue
             return {"rule": rule.name, "tasks": rule.tasks, "per_param": per_param,
-                    "per_layer": per_layer(per_param)}
+                    "per_layer": per_layer(per_param),
+                    "per_layer_module": per_layer_module(per_param)}
         return None
 
     def write_fisher(self, path: Path) -> Path | None:
@@ -342,6 +343,27 @@ def per_layer(per_param: dict[str, float]) -> dict[str, float]:
         return (1, 0) if k == "other" else (0, int(k.split()[1]))
 
     return {k: sum(groups[k]) / len(groups[k]) for k in sorted(groups, key=order)}
+
+
+_SKIP = {"weight", "bias", "default", "lora_A", "lora_B", "base_layer", "base_model", "model"}
+
+
+def module_kind(name: str) -> str:
+    """The layer type of a parameter name: ``...self_attn.q_proj.lora_A.default.weight``
+    -> ``q_proj``; ``transformer.h.0.mlp.c_fc.weight`` -> ``c_fc``."""
+    parts = [p for p in name.split(".") if p not in _SKIP and not p.isdigit()]
+    return parts[-1] if parts else name
+
+
+def per_layer_module(per_param: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{layer: {module kind: mean}}`` (see :func:`per_layer` and :func:`module_kind`)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, v in per_param.items():
+        m = _LAYER.search(name)
+        layer = f"layer {int(m.group(1))}" if m else "other"
+        out.setdefault(layer, {}).setdefault(module_kind(name), []).append(v)
+    order = list(per_layer(per_param))
+    return {k: {mod: sum(vs) / len(vs) for mod, vs in out[k].items()} for k in order}
 
 
 def callbacks(trainer) -> list[Callback]:
