@@ -477,6 +477,17 @@ def test_cot_evaluate_cli(tiny, tmp_path, capsys):
                           "--num_examples", "1", "--max_new_tokens", "4", "--output_file",
                           str(results), "--device", "cpu")
     assert code == 0 and json.loads(results.read_text())["model"]["kind"] == "hugging face model"
+    # sampling (the seed's --temperature 0.7 --top_p 0.9) is seeded: the same twice
+    sampled = []
+    for _ in range(2):
+        code, _, _ = run_main("cot", "evaluate", "--model_path", str(out), "--num_examples", "2",
+                              "--max_new_tokens", "8", "--temperature", "0.7", "--top_p", "0.9",
+                              "--output_file", str(results), "--device", "cpu")
+        assert code == 0
+        res = json.loads(results.read_text())
+        assert res["top_p"] == 0.9 and res["temperature"] == 0.7
+        sampled.append([r["generated"] for r in res["examples"]])
+    assert sampled[0] == sampled[1]
 
 
 def test_cot_demo_end_to_end(tiny, tmp_path, capsys):

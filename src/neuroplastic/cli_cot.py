@@ -87,6 +87,7 @@ def add_cot_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argpa
     _add(e, "--num_examples", type=int, default=0, help="evaluate the first N (0: all)")
     _add(e, "--max_new_tokens", type=int, default=256, help="generated tokens per question")
     e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    _add(e, "--top_p", type=float, help="nucleus sampling when --temperature > 0")
     _add(e, "--device", default="auto", help="auto, cpu, cuda, cuda:N")
     _add(e, "--data_dir", help="directory searched first for registry data")
 
@@ -194,7 +195,8 @@ def _cmd_evaluate(args, echo, table) -> int:
     res = evaluate_model(
         args.model_path, args.output_file, base_model=args.base_model, data=args.data,
         split=args.split, num_examples=args.num_examples, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, device=_device(args.device), data_dir=args.data_dir,
+        temperature=args.temperature, top_p=args.top_p, device=_device(args.device),
+        data_dir=args.data_dir,
     )
     print(f"model: {res['model']['kind']} {res['model']['model_path']}")
     print(f"data: {res['data']}; {'chat template' if res['chat_template'] else 'plain prompt'}, "

@@ -64,11 +64,13 @@ def evaluate_cot(
     *,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
+    top_p: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Exact-match accuracy of the final number, with per-example records."""
+    """Exact-match accuracy of the final number, with per-example records (greedy with
+    ``temperature=0``; otherwise sampled with ``top_p`` from a generator seeded by ``seed``)."""
     formatter = formatter or CotFormatter(tokenizer)
     codec = TextCodec(tokenizer)
     gen = None
@@ -91,8 +93,8 @@ def evaluate_cot(
         for i, ex in enumerate(examples):
             text = generate_until(
                 model, codec, formatter.prompt(ex.question), max_new_tokens=max_new_tokens,
-                until=formatter.stop_strings, temperature=temperature, generator=gen,
-                device=device,
+                until=formatter.stop_strings, temperature=temperature,
+                top_p=top_p if temperature > 0 else None, generator=gen, device=device,
             )
             solution = trim_solution(text)
             pred = extract_prediction(solution)
@@ -121,6 +123,7 @@ def evaluate_cot(
         "answered": sum(r["predicted"] is not None for r in records),
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
+        "top_p": top_p if temperature > 0 else None,
         "chat_template": formatter.chat,
         "seconds": time.perf_counter() - t0,
         "examples": records,

@@ -243,6 +243,7 @@ def evaluate_model(
     num_examples: int = 0,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
+    top_p: float | None = None,
     device: str = "cpu",
     data_dir: str | None = None,
     progress: bool = True,
@@ -254,11 +255,13 @@ def evaluate_model(
         raise UserError("--max_new_tokens must be a positive integer.")
     if temperature < 0:
         raise UserError("--temperature must be >= 0 (0 means greedy).")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}.")
     examples, what, opts = evaluation_examples(data, model_path, split, num_examples, data_dir)
     model, tokenizer, info = load_any_model(model_path, base_model, device)
     formatter = CotFormatter(tokenizer, opts.instruction, opts.system or None, opts.chat_mode)
     res = evaluate_cot(model, tokenizer, examples, formatter, max_new_tokens=max_new_tokens,
-                       temperature=temperature, device=device, progress=progress)
+                       temperature=temperature, top_p=top_p, device=device, progress=progress)
     res = {"model": info, "data": what, **res}
     if output_file:
         out = Path(output_file)
