@@ -45,6 +45,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     ],
     "agiformer_vs_gpt": ["--seconds", "10", "--slice", "5", "--batch", "4", "--block", "64"],
     "distributed": ["--quick"],
+    "needle_probe": ["--steps", "4", "--eval-every", "2", "--eval-lengths", "128", "--block", "256",
+                     "--batch", "2"],
 }
 
 # what to run on a GPU machine (recorded as commands only: no GPU numbers are made up here)
