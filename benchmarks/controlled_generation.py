@@ -36,10 +36,8 @@ and records it in its own part of the section.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -119,16 +117,13 @@ class BenchConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _cli(argv: list[str], quiet: bool = True) -> str:
-    """Run ``neuroplastic ARGV`` in this process; return its stdout, raise on failure."""
+def _cli(argv: list[str]) -> None:
+    """Run ``neuroplastic ARGV`` in this process (its output and progress bars as they come)."""
     from neuroplastic.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), (contextlib.redirect_stderr(err) if quiet else contextlib.nullcontext()):
-        rc = main(argv)
-    if rc != 0:
-        raise UserError(f"`neuroplastic {' '.join(argv)}` failed (exit {rc}): {err.getvalue().strip()[-500:]}")
-    return out.getvalue()
+    rc = main(argv)
+    if rc != 0:  # the CLI has printed its one-sentence reason on stderr
+        raise UserError(f"`neuroplastic {' '.join(argv[:2])} ...` failed with exit code {rc}.")
 
 
 def _synthetic_texts() -> list[str]:
@@ -226,12 +221,15 @@ def train_arm(cfg: BenchConfig, base: Path, lam: float, seed: int, out: Path, st
     control = _records(out, "control")
     tokens = cfg.batch * cfg.block
     step_s = [tokens / r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
+    # the reward of the sampled training generations and their length, per curriculum stage
+    stages: dict[str, dict[str, list[float]]] = {}
+    for r in control:
+        st = stages.setdefault(str(int(r["max_new_tokens"])), {"reward": [], "gen_len": []})
+        st["reward"].append(r["reward"])
+        st["gen_len"].append(r["gen_len"])
     return {
         "run": str(out), "seconds": seconds, "step_s": step_s,
-        "train_reward_first": _mean([r["reward"] for r in control[: max(1, len(control) // 5)]]),
-        "train_reward_last": _mean([r["reward"] for r in control[-max(1, len(control) // 5):]]),
-        "gen_len_first": _mean([r["gen_len"] for r in control[: max(1, len(control) // 5)]]),
-        "gen_len_last": _mean([r["gen_len"] for r in control[-max(1, len(control) // 5):]]),
+        "stages": {k: {m: _mean(v) for m, v in st.items()} for k, st in stages.items()},
         "final_ce": train[-1]["loss"] if train else math.nan,
     }
 
@@ -268,12 +266,19 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     result["params"] = _count_params(base)
     per_seed = []
     arms: dict[str, list[dict[str, Any]]] = {"reward": [], "ce": []}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3 * len(cfg.seeds), desc="fine-tunes + evaluations", unit="job",
+               disable=not cfg.progress)
     for seed in cfg.seeds:
         runs = {}
         for arm, lam in (("reward", cfg.lam), ("ce", 0.0)):
             runs[arm] = cfg.out / f"seed{seed}-{'cg' if arm == 'reward' else 'ce-only'}"
             arms[arm].append(train_arm(cfg, base, lam, seed, runs[arm], cfg.steps))
+            bar.update(1)
         per_seed.append(evaluate_seed(cfg, runs["reward"], runs["ce"], cfg.out / f"seed{seed}-rewards.json"))
+        bar.update(1)
+    bar.close()
     result["arms"] = arms
     result["per_seed"] = per_seed
     result["summary"] = summarise(per_seed)
@@ -301,6 +306,9 @@ def run_timing(cfg: BenchConfig) -> dict[str, Any]:
         groups: dict[str, list[float]] = {}
         for step, dt in zip(steps, r["step_s"]):
             groups.setdefault(str(length.get(step, 0)), []).append(dt)
+        first = str(length.get(steps[0], 0)) if steps else ""
+        if len(groups.get(first, [])) > 1:
+            groups[first] = groups[first][1:]  # the run's first step pays one-off warm-up
         out["arms"][arm] = {"by_stage": {k: statistics.median(v) for k, v in groups.items()},
                             "all_step_s": r["step_s"], "seconds": r["seconds"]}
         shutil.rmtree(run, ignore_errors=True)  # full-size checkpoints
@@ -339,24 +347,37 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         rows[n] = {"before": mean_ci(before), "reward": mean_ci(rew), "ce": mean_ci(ce),
                    "diff": (d_m, d_h), "verdict": verdict(d_m, d_h, True),
                    "values": {"before": before, "reward": rew, "ce": ce}}
-    return {"seeds": len(per_seed), "rows": rows}
+    lengths = {k: [float(sd[k].get("new_tokens", math.nan)) for sd in per_seed] for k in ("before", "reward", "ce")}
+    new_tokens = {k: mean_ci(v) for k, v in lengths.items()}
+    new_tokens["diff"] = mean_ci([a - b for a, b in zip(lengths["reward"], lengths["ce"])])
+    return {"seeds": len(per_seed), "rows": rows, "new_tokens": new_tokens}
 
 
 COLUMNS = ["term", "before (base)", "controlled-generation", "CE-only (lam=0)", "reward - CE", "verdict"]
 
 
-def _fmt(m: float, h: float) -> str:
+def _fmt(m: float, h: float, digits: int = 4) -> str:
     if not math.isfinite(m):
         return "n/a"
-    return f"{m:.4f} ± {h:.4f}" if math.isfinite(h) else f"{m:.4f}"
+    return f"{m:.{digits}f} ± {h:.{digits}f}" if math.isfinite(h) else f"{m:.{digits}f}"
+
+
+def _fmt_before(m: float, h: float, digits: int = 4) -> str:
+    # the base model and its greedy continuations are the same for every seed: no spread
+    return _fmt(m, h if h else math.nan, digits)
 
 
 def table(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for n, r in summary["rows"].items():
         verdict = r["verdict"] if summary["seeds"] > 1 else "(1 seed: no CI)"
-        lines.append(f"| {n} | {_fmt(*r['before'])} | {_fmt(*r['reward'])} | {_fmt(*r['ce'])} | "
+        lines.append(f"| {n} | {_fmt_before(*r['before'])} | {_fmt(*r['reward'])} | {_fmt(*r['ce'])} | "
                      f"{_fmt(*r['diff'])} | {verdict} |")
+    nt = summary.get("new_tokens")
+    if nt:  # not a reward: how long the continuations are (what the length term scores)
+        cells = " | ".join([_fmt_before(*nt["before"], digits=1)]
+                           + [_fmt(*nt[k], digits=1) for k in ("reward", "ce", "diff")])
+        lines.append(f"| generated tokens (not a reward) | {cells} | |")
     return "\n".join(lines)
 
 
@@ -399,6 +420,10 @@ def sentence(summary: dict[str, Any], cfg: BenchConfig) -> str:
     if helped or hurt:
         text += (" Terms whose CI excludes 0: "
                  + ", ".join([f"{n} (higher)" for n in helped] + [f"{n} (lower)" for n in hurt]) + ".")
+    nt = summary.get("new_tokens", {}).get("diff")
+    if nt and math.isfinite(nt[0]):
+        text += (f" The reward arm's held-out continuations are {nt[0]:+.1f} ± {nt[1]:.1f} tokens "
+                 f"longer than the CE-only arm's (of at most {cfg.eval_max_new}).")
     return text
 
 
@@ -415,7 +440,7 @@ def _machine() -> str:
     except OSError:
         pass
     dev = (f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-           else f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+           else f"CPU {cpu} ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})")
     import transformers
 
     return (f"{dev}; torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -445,16 +470,26 @@ def results_markdown(result: dict[str, Any], cfg: BenchConfig, command: str, png
     if cfg.weights is not None:
         opts.append(f"weights {cfg.weights}")
     opt_txt = ", ".join(opts) if opts else "the recipe's defaults"
-    train_rows = ["| arm | train reward, first -> last 20% of steps | generated tokens, first -> last 20% | final CE | min / run |",
-                  "|---|---|---|---|---|"]
+    lengths = sorted({int(k) for a in arms.values() for x in a for k in x["stages"]})
+    train_rows = [
+        "| arm | " + " | ".join(f"stage {n} tok: reward / tokens" for n in lengths) + " | final CE | min / run |",
+        "|---|" + "---|" * (len(lengths) + 2),
+    ]
     for arm, label in (("reward", f"controlled-generation (lam={cfg.lam:g})"), ("ce", "CE-only (lam=0)")):
         a = arms[arm]
-        train_rows.append(
-            f"| {label} | {_mean([x['train_reward_first'] for x in a]):.4f} -> "
-            f"{_mean([x['train_reward_last'] for x in a]):.4f} | "
-            f"{_mean([x['gen_len_first'] for x in a]):.1f} -> {_mean([x['gen_len_last'] for x in a]):.1f} | "
-            f"{_mean([x['final_ce'] for x in a]):.4f} | {_mean([x['seconds'] / 60 for x in a]):.1f} |")
+        cells = []
+        for n in lengths:
+            got = [x["stages"][str(n)] for x in a if str(n) in x["stages"]]
+            cells.append(f"{_mean([g['reward'] for g in got]):.4f} / {_mean([g['gen_len'] for g in got]):.1f}")
+        train_rows.append(f"| {label} | " + " | ".join(cells) + f" | {_mean([x['final_ce'] for x in a]):.4f} | "
+                          f"{_mean([x['seconds'] / 60 for x in a]):.1f} |")
     seeds = ", ".join(str(s) for s in cfg.seeds)
+    asked = [int(n) for n in _opt(cfg, "max_new_tokens")]
+    cap_note = ""
+    if lengths and lengths != sorted(asked)[: len(lengths)]:
+        cap_note = (f" (the recipe asks for {'/'.join(map(str, asked))} new tokens per stage; it keeps a "
+                    f"quarter of the {cfg.block}-token context for the prompt, so the stages generated at "
+                    f"most {'/'.join(map(str, lengths))})")
     return (
         f"Command: `{command}`  \n"
         f"Machine: {_machine()}\n\n"
@@ -469,6 +504,9 @@ def results_markdown(result: dict[str, Any], cfg: BenchConfig, command: str, png
         "explanations, dialogues); \"before\" is the base model.\n\n"
         f"{table(result['summary'])}\n\n"
         f"(mean ± 95% CI over seeds; reward - CE paired by seed.)\n\n"
+        "During training (mean over seeds and over the steps of each curriculum stage, named by its "
+        f"generation cap{cap_note}): the reward of the sampled generations on training prompts, and "
+        "their length in tokens.\n\n"
         + "\n".join(train_rows) + "\n\n"
         f"![reward components before / after, reward loss vs CE-only]({png_name})\n\n"
         f"What it shows: {sentence(result['summary'], cfg)}\n"
@@ -494,8 +532,8 @@ def timing_markdown(timing: dict[str, Any], cfg: BenchConfig, command: str, full
         f"{'LoRA r=' + str(cfg.lora) if cfg.lora else 'full fine-tune'}, "
         f"{_opt(cfg, 'samples_per_prompt')} samples x {_opt(cfg, 'prompts_per_step')} prompts per step; "
         f"{cfg.time_steps} steps per arm spread over the three curriculum stages (generation length "
-        f"{', '.join(str(n) for n in lengths)} tokens), one step's wall time each (the first step also "
-        "pays one-off warm-up). A random model never emits end-of-text, so every sample runs to the "
+        f"{', '.join(str(n) for n in lengths)} tokens), median wall time per step of each stage (the "
+        "run's first step, which pays one-off warm-up, left out where its stage has another). A random model never emits end-of-text, so every sample runs to the "
         "stage's full length: an upper bound for a pretrained model, which stops earlier.\n\n"
         + "\n".join(lines) + "\n\n"
         f"At this speed the recipe's {full_steps}-step run of both arms would take about {hours:.1f} h "

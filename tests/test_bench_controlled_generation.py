@@ -39,9 +39,11 @@ def _micro(out: Path, **kw) -> bench.BenchConfig:
     return bench.BenchConfig(**vals)
 
 
-def test_benchmark_end_to_end_micro(tmp_path):
+def test_benchmark_end_to_end_micro(tmp_path, capsys):
     cfg = _micro(tmp_path / "b")
     res = bench.run_benchmark(cfg)
+    # the CLI describes the HF model's own shape (micro: 1 layer x 32), not the recipe's keys
+    assert "model: 1 layers x 32 dim" in capsys.readouterr().out
     # the base was built, CE pre-trained through the trainer and exported with save_pretrained
     pre = tmp_path / "b" / "pretrained"
     assert (pre / "config.json").is_file() and (pre / "tokenizer.json").is_file()
@@ -55,6 +57,7 @@ def test_benchmark_end_to_end_micro(tmp_path):
     # evaluation columns: before / reward arm / CE-only arm, terms of the recipe weights + total
     cols = json.loads((tmp_path / "b" / "seed0-rewards.json").read_text())
     assert list(cols) == ["before", "after", "seed0-ce-only"]
+    assert all(0 <= c["new_tokens"] <= 6 for c in cols.values())  # mean generated length
     rows = res["summary"]["rows"]
     assert list(rows) == ["length", "bleu", "total"]
     for r in rows.values():
@@ -62,7 +65,7 @@ def test_benchmark_end_to_end_micro(tmp_path):
     md = bench.table(res["summary"])
     header = md.splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")] == bench.COLUMNS
-    assert len(md.splitlines()) == 2 + 3
+    assert len(md.splitlines()) == 2 + 3 + 1  # + generated tokens
     assert Path(res["png"]).stat().st_size > 1000
 
     # the docs section: the table part and the timing part coexist and are replaced in place
@@ -70,6 +73,7 @@ def test_benchmark_end_to_end_micro(tmp_path):
     doc.write_text("# Benchmarks\n\n<!-- begin:other -->\nkeep me\n<!-- end:other -->\n")
     body = bench.results_markdown(res, cfg, "python benchmarks/controlled_generation.py --x", "cg.png")
     assert "| total |" in body and "![" in body and "one seed" in body
+    assert "| generated tokens (not a reward) |" in body and "stage 6 tok: reward / tokens" in body
     bench.write_part("reward-table", body, doc=doc, intro=bench.INTRO)
     bench.write_part("gpt2-timing", "timing v1\n", doc=doc, intro=bench.INTRO)
     bench.write_part("gpt2-timing", "timing v2\n", doc=doc, intro=bench.INTRO)

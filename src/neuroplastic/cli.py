@@ -42,8 +42,12 @@ def _describe(trainer) -> str:
     else:  # curriculum: per-stage streams
         n_train = sum(len(v) for v in d.train.values())
         n_val = sum(len(v) for v in d.val.values())
+    # the model's own shape (a HF model's, not the recipe's unused model.n_layer / n_embd)
+    mc = getattr(m, "config", None)
+    n_layer = getattr(mc, "n_layer", trainer.cfg.model.n_layer)
+    n_embd = getattr(mc, "n_embd", trainer.cfg.model.n_embd)
     text = (
-        f"model: {trainer.cfg.model.n_layer} layers x {trainer.cfg.model.n_embd} dim, "
+        f"model: {n_layer} layers x {n_embd} dim, "
         f"{n / 1e6:.2f}M params | data: {d.description}, {n_train:,} train / "
         f"{n_val:,} val tokens ({trainer.tokenizer.kind} tokenizer, vocab "
         f"{trainer.tokenizer.vocab_size}) | device: {trainer.device}"

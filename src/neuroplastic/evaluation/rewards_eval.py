@@ -41,7 +41,7 @@ def reward_components(
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     block = model.config.block_size
-    preds, refs = [], []
+    preds, refs, n_new = [], [], []
     for prompt, ref in tqdm(pairs, desc="generating", unit="prompt", leave=False,
                             disable=len(pairs) < 8):
         ids = tokenizer.encode(prompt)[-max(1, block - max_new_tokens) :] or [tokenizer.eos_id]
@@ -50,9 +50,11 @@ def reward_components(
         row = [t for t in out[0, len(ids) :].tolist() if t != tokenizer.eos_id]
         preds.append(tokenizer.decode(row))
         refs.append(ref)
+        n_new.append(len(row))
     model.train(was_training)
     result = reward_fn(preds, refs)
     return {"total": float(result.total), "terms": {k: float(v) for k, v in result.terms.items()},
+            "new_tokens": float(np.mean(n_new)) if n_new else 0.0,  # mean generated length
             "samples": list(zip([p for p, _ in pairs], preds))[:5]}
 
 
