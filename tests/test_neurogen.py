@@ -336,7 +336,7 @@ def test_it_learns_below_the_unigram_entropy():
 
     train, val, vocab = _synthetic_corpus()
     h1 = unigram_entropy(train, vocab)
-    model = NeuroGenModel(vocab, 32, -1, scale=1 / 16, sparsity=1 / 32, lr=1e-2, replay_interval=10)
+    model = NeuroGenModel(vocab, 32, -1, scale=1 / 16, sparsity=1 / 32, replay_interval=10)
     vb = heldout_blocks(val, 32, 16)
     before = heldout_loss(model, vb)
     rng = np.random.default_rng(0)
@@ -346,7 +346,7 @@ def test_it_learns_below_the_unigram_entropy():
         if s % 10 == 9:
             curve.append(heldout_loss(model, vb))
     assert curve[0] < before and curve[-1] < curve[0]
-    assert curve[-1] < h1 - 0.15, (curve, h1)
+    assert curve[-1] < h1 - 0.25, (curve, h1)
 
 
 @pytest.mark.slow
@@ -512,3 +512,20 @@ def test_token_stream_resumes_inside_and_across_documents(tmp_path):
     t = TokenStream(lambda: iter(docs), enc, 0)
     t.load_state_dict(s.state_dict())
     assert first + t.take(100) == full and t.exhausted
+
+
+@needs_numba
+def test_kernel_top_k_selection_is_exact_with_ties():
+    from neuroplastic.models.brain_kernels import _select_topk
+
+    rng = np.random.default_rng(0)
+    for n, k, distinct in [(3000, 64, 10**9), (2000, 300, 10**9), (600, 100, 10**9), (1500, 50, 40), (300, 200, 7)]:
+        score = rng.integers(0, distinct, n).astype(np.float32) if distinct < 10**9 else rng.random(n).astype(np.float32)
+        sel = np.arange(n, dtype=np.int32) + 1000
+        row_idx, row_val = np.full(k, -1, np.int32), np.zeros(k, np.float32)
+        nw = _select_topk(score.copy(), sel, n, k, np.empty(n + 1, np.float32), np.empty(n + 1, np.int32),
+                          row_idx, row_val, 0)
+        # expected: the k largest, ties at the k-th value to the earliest candidates, in candidate order
+        order = sorted(range(n), key=lambda i: (-score[i], i))[:k]
+        assert nw == k and row_idx.tolist() == [int(sel[i]) for i in sorted(order)]
+        assert np.array_equal(row_val, score[sorted(order)])

@@ -33,7 +33,7 @@ Per token, for every stream (many sequences advance in parallel), the cycle is:
    ganglia) before its k-WTA.
 
 Activity: ``activity="kwta"`` (default) keeps the ``k = round(sparsity * N)`` neurons with the
-largest positive drive and gives them the rate ``tanh(rate_gain * drive)``.
+largest positive drive and gives them the rate ``x / (1 + x)`` of ``x = rate_gain * drive``.
 ``activity="lif"`` makes every module a population of leaky integrate-and-fire neurons:
 potentials leak by ``lif_decay`` per token, neurons above ``lif_threshold`` spike (value 1)
 and reset, at most ``k`` per token (the strongest). Both are event-driven: only neurons that
@@ -105,7 +105,7 @@ SEED_SIZES = {
 #: basal-ganglia gate of Broca instead of its drive
 PROJECTIONS = (
     ("pfc", "thalamus", 1, 1, "drive"),  # top-down attention on the thalamic relay
-    ("thalamus", "wernicke", 64, 0, "drive"),
+    ("thalamus", "wernicke", 32, 0, "drive"),
     ("wernicke", "hippocampus", 4, 0, "drive"),
     ("pfc", "hippocampus", 2, 1, "drive"),
     ("wernicke", "pfc", 8, 0, "drive"),
@@ -168,12 +168,13 @@ class BrainConfig:
     homeostasis: bool = True
     replay: bool = True
     # learning: readout and embeddings (gradient)
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # three-factor rule: dw = three_factor_lr * mean_{b,t} D[b,t] * pre * post
     three_factor_lr: float = 1.0
     eligibility_decay: float = 0.5  # D[t] = sum_{t' >= t} decay^(t'-t) * dopamine[t']
+    plasticity_streams: int = 16  # streams per step whose coincidences are counted (0: all)
     dopamine_baseline_decay: float = 0.99
     # synaptic tagging and capture
     tag_threshold: float = 0.02  # |early-phase weight| above which a synapse is tagged
@@ -242,6 +243,8 @@ class BrainConfig:
                     "homeostasis_rate", "lif_threshold", "gate_gain"):
             v = getattr(self, key)
             need(v >= 0, f"{key} must be >= 0, got {v}.")
+        need(isinstance(self.plasticity_streams, int) and self.plasticity_streams >= 0,
+             f"plasticity_streams must be an integer >= 0 (0: all streams), got {self.plasticity_streams!r}.")
         for key in ("hippocampal_capacity", "replay_interval", "replay_capacity", "replay_batch"):
             v = getattr(self, key)
             need(isinstance(v, int) and v >= 1, f"{key} must be a positive integer, got {v!r}.")
@@ -382,7 +385,7 @@ class Brain(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.vocab_size)
         with torch.no_grad():
-            self.embed.weight.normal_(0.0, 0.02, generator=gen)
+            self.embed.weight.normal_(0.0, 1.0, generator=gen)  # on the scale of the normalised Broca code
             # k Broca rates add up: keep their sum on the scale of one embedding row
             self.motor.normal_(0.0, 0.02 / math.sqrt(k["broca"]), generator=gen)
             self.head.weight.normal_(0.0, 0.02, generator=gen)
@@ -487,10 +490,11 @@ class Brain(nn.Module):
         if use_kernel:
             flags, fparams, decay, thr, soff = self._flags()
             n = lambda t: t.numpy()  # noqa: E731 - zero-copy views for the kernel
+            syn = torch.stack([self.syn_tgt.float(), w], 1)  # target and weight side by side
             K.cycle(
-                n(tokens.to(torch.int64).contiguous()), int(state.tick), n(self.code), n(self.syn_tgt),
-                n(w), n(self.proj), n(self.tgt_order), n(self.tgt_start), n(self.noff), n(self.koff),
-                n(self.kmod), soff, decay, thr, flags, fparams, n(state.v), n(state.tl),
+                n(tokens.to(torch.int64).contiguous()), int(state.tick), n(self.code), n(syn),
+                n(self.proj), n(self.tgt_order), n(self.tgt_start), n(self.koff),
+                n(self.kmod), self.sizes["hippocampus"], soff, decay, thr, flags, fparams, n(state.v), n(state.tl),
                 n(state.prev_idx), n(state.prev_val), n(state.hip_keys), n(state.hip_vals),
                 n(state.hip_n), n(out.idx), n(out.val), n(out.gate), n(out.recall), n(out.recall_token),
             )
@@ -615,7 +619,8 @@ class Brain(nn.Module):
                     fired = torch.zeros(B, n_m, dtype=torch.bool, device=dev).scatter_(1, top_i, ok)
                     st.v[:, so : so + n_m].masked_fill_(fired, 0.0)
                 else:
-                    vals = torch.tanh(top_v * np.float32(fparams[4]))
+                    xg = top_v * np.float32(fparams[4])
+                    vals = xg / (1.0 + xg)
                 row_idx[:, koff[m] : koff[m] + kk] = torch.where(ok, top_i, torch.full_like(top_i, -1)).to(torch.int32)
                 row_val[:, koff[m] : koff[m] + kk] = torch.where(ok, vals, torch.zeros_like(vals))
                 if m == 3:

@@ -97,14 +97,15 @@ def _kth_largest(a, n, k):
 
 
 @njit(cache=True, nogil=True)
-def _topk_threshold(score, n, k, tmp):
-    """The k-th largest of score[:n] (k < n), using tmp (size >= n + 1) as scratch.
+def _select_topk(score, sel, n, k, tmp, tsel, row_idx, row_val, base):
+    """Write the k largest of score[:n] (neuron sel[i]) to the row, in candidate order; ties
+    at the k-th value go to the earliest candidates. Returns the number written (k <= n).
 
-    A strided sample of 128 scores gives a threshold that about 1.5 k scores pass; only
-    those are collected (branch-free) and quickselected, so large candidate lists cost
-    one pass instead of a branchy quickselect over all of them (falls back to that when the
-    sample guessed too high)."""
-    if n >= 1024 and n >= 8 * k:
+    Long lists (n >= 256, k <= n / 2) are thinned first: a strided sample of 128 scores
+    gives a threshold that about 1.5 k scores pass; one branch-free pass collects those (in order) and only they
+    are quickselected (when the sample guessed too high, all n are)."""
+    m = 0
+    if n >= 256 and n >= 2 * k:
         s = 128
         stride = n // s
         for i in range(s):
@@ -114,22 +115,76 @@ def _topk_threshold(score, n, k, tmp):
         if r > s:
             r = s
         tau = _kth_largest(tmp, s, r)
-        m = 0
         for i in range(n):
             v = score[i]
             tmp[m] = v
+            tsel[m] = sel[i]
             m += v >= tau
-        if m >= k:
-            return _kth_largest(tmp, m, k)
-    for i in range(n):
-        tmp[i] = score[i]
-    return _kth_largest(tmp, n, k)
+    if m < k:  # no thinning (or it kept too few): all candidates
+        for i in range(n):
+            tmp[i] = score[i]
+            tsel[i] = sel[i]
+        m = n
+    # tmp/tsel now hold m >= k candidates in order; quickselect needs a scratch copy
+    for i in range(m):
+        score[i] = tmp[i]
+    kth = _kth_largest(tmp, m, k)
+    n_above = 0
+    for i in range(m):
+        n_above += score[i] > kth
+    ties = k - n_above
+    nw = 0
+    for i in range(m):
+        v = score[i]
+        if v > kth or (v == kth and ties > 0):
+            if v == kth:
+                ties -= 1
+            row_idx[base + nw] = tsel[i]
+            row_val[base + nw] = v
+            nw += 1
+    return nw
 
 
 @njit(cache=True, nogil=True)
-def _accumulate(p, proj, pre_idx, pre_val, koff, kmod, syn_tgt, syn_w, acc, stamp, cand, nc,
-                noff_t, t):
-    """Add the input of projection p from the active sources in pre_* to acc; returns nc."""
+def _hash_add(hkeys, hacc, mask, n, w, cand, nc):
+    """acc[n] += w in an open-addressing table (linear probing); a new key is appended
+    to cand (its slot), so cand lists the candidates in the order they first got input."""
+    h = (n * 2654435761) & mask
+    while True:
+        key = hkeys[h]
+        if key == n:
+            hacc[h] += w
+            return nc
+        if key < 0:
+            hkeys[h] = n
+            hacc[h] = w
+            cand[nc] = h
+            return nc + 1
+        h = (h + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def _hash_get(hkeys, hacc, mask, n):
+    h = (n * 2654435761) & mask
+    while True:
+        key = hkeys[h]
+        if key == n:
+            return hacc[h]
+        if key < 0:
+            return np.float32(0.0)
+        h = (h + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def _hash_clear(hkeys, cand, nc):
+    for i in range(nc):
+        hkeys[cand[i]] = -1
+
+
+@njit(cache=True, nogil=True)
+def _accumulate(p, proj, pre_idx, pre_val, koff, kmod, syn, hkeys, hacc, mask, cand, nc):
+    """Add the input of projection p from the active sources in pre_* (one token's row);
+    returns the new candidate count."""
     src = proj[p, P_SRC]
     off = proj[p, P_OFF]
     fan = proj[p, P_F]
@@ -144,67 +199,34 @@ def _accumulate(p, proj, pre_idx, pre_val, koff, kmod, syn_tgt, syn_w, acc, stam
             continue
         s0 = off + j * stride
         for f in range(fan):
-            n = noff_t + syn_tgt[s0 + f]
-            if stamp[n] != t:
-                stamp[n] = t
-                acc[n] = 0.0
-                cand[nc] = n - noff_t
-                nc += 1
-            acc[n] += syn_w[s0 + f] * v
+            nc = _hash_add(hkeys, hacc, mask, np.int64(syn[s0 + f, 0]), syn[s0 + f, 1] * v, cand, nc)
     return nc
 
 
 @njit(cache=True, nogil=True)
-def _accumulate_gate(p, proj, pre_idx, pre_val, koff, kmod, syn_tgt, syn_w, gacc, gstamp, t):
-    src = proj[p, P_SRC]
-    off = proj[p, P_OFF]
-    fan = proj[p, P_F]
-    stride = proj[p, P_STRIDE]
-    base = koff[src]
-    for i in range(kmod[src]):
-        j = pre_idx[base + i]
-        if j < 0:
-            continue
-        v = pre_val[base + i]
-        if v == 0.0:
-            continue
-        s0 = off + j * stride
-        for f in range(fan):
-            n = syn_tgt[s0 + f]
-            if gstamp[n] != t:
-                gstamp[n] = t
-                gacc[n] = 0.0
-            gacc[n] += syn_w[s0 + f] * v
-
-
-@njit(cache=True, nogil=True)
-def _finalize(m, nc, cand, acc, stamp, noff, koff, kmod, prev_idx, state_v, state_tl, soff,
-              decay, thr, lif, rate_scale, gated, gacc, gstamp, bg_floor, t, tick, score, sel,
-              tmp, row_idx, row_val):
-    """k-winners-take-all of module m among its candidates; writes the row slots of m."""
-    no = noff[m]
+def _finalize(m, nc, cand, hkeys, hacc, mask, koff, kmod, prev_idx, state_v, state_tl, soff,
+              decay, thr, lif, rate_scale, gated, gkeys, gacc, gmask, bg_floor, tick, score,
+              sel, tmp, tsel, row_idx, row_val):
+    """k-winners-take-all of module m among its candidates; writes the row slots of m and
+    empties the table."""
     stateful = soff >= 0
     if stateful and not lif:
         # working memory: the previous winners stay candidates with their decayed potential
         base = koff[m]
         for i in range(kmod[m]):
             j = prev_idx[base + i]
-            if j < 0:
-                continue
-            n = no + j
-            if stamp[n] != t:
-                stamp[n] = t
-                acc[n] = 0.0
-                cand[nc] = j
-                nc += 1
+            if j >= 0:
+                nc = _hash_add(hkeys, hacc, mask, np.int64(j), np.float32(0.0), cand, nc)
     dmax = decay.shape[0]
     ne = 0
     for ci in range(nc):
-        j = cand[ci]
-        a = np.float64(acc[no + j])
+        slot = cand[ci]
+        j = hkeys[slot]
+        a = np.float64(hacc[slot])
         if gated:
-            if gstamp[j] == t and gacc[j] != 0.0:
-                a *= bg_floor + (1.0 - bg_floor) * (1.0 - math.exp(-np.float64(gacc[j])))
+            g = _hash_get(gkeys, gacc, gmask, j)
+            if g != 0.0:
+                a *= bg_floor + (1.0 - bg_floor) * (1.0 - math.exp(-np.float64(g)))
             else:
                 a *= bg_floor
         if stateful:
@@ -220,6 +242,7 @@ def _finalize(m, nc, cand, acc, stamp, noff, koff, kmod, prev_idx, state_v, stat
             score[ne] = v
             sel[ne] = j
             ne += 1
+    _hash_clear(hkeys, cand, nc)
     k = kmod[m]
     base = koff[m]
     nw = 0
@@ -229,40 +252,39 @@ def _finalize(m, nc, cand, acc, stamp, noff, koff, kmod, prev_idx, state_v, stat
             row_val[base + nw] = score[i]
             nw += 1
     else:
-        kth = _topk_threshold(score, ne, k, tmp)
-        n_above = 0
-        for i in range(ne):
-            if score[i] > kth:
-                n_above += 1
-        ties = k - n_above
-        for i in range(ne):
-            s = score[i]
-            if s > kth or (s == kth and ties > 0):
-                if s == kth:
-                    ties -= 1
-                row_idx[base + nw] = sel[i]
-                row_val[base + nw] = s
-                nw += 1
+        nw = _select_topk(score, sel, ne, k, tmp, tsel, row_idx, row_val, base)
     for i in range(nw):
         j = row_idx[base + i]
         if lif:
             row_val[base + i] = 1.0
             state_v[soff + j] = 0.0  # fire and reset
         else:
-            row_val[base + i] = math.tanh(row_val[base + i] * rate_scale)
+            # saturating rate r = x / (1 + x) of the gained drive x > 0
+            xg = row_val[base + i] * rate_scale
+            row_val[base + i] = xg / (np.float32(1.0) + xg)
     for i in range(nw, k):
         row_idx[base + i] = -1
         row_val[base + i] = 0.0
     return nw
 
 
+@njit(cache=True)
+def _table_size(n):
+    size = 64
+    while size < 2 * n:
+        size *= 2
+    return size
+
+
 @njit(cache=True, parallel=True)
-def cycle(tokens, tick0, code, syn_tgt, syn_w, proj, tgt_order, tgt_start, noff, koff, kmod,
-          soff, decay, thr, flags, fparams, state_v, state_tl, prev_idx, prev_val, hip_keys,
-          hip_vals, hip_n, out_idx, out_val, out_gate, out_recall, out_rtok):
-    """Run the five-phase cycle over tokens (B, T) for every stream; see the module docs."""
+def cycle(tokens, tick0, code, syn, proj, tgt_order, tgt_start, koff, kmod, nhip, soff, decay,
+          thr, flags, fparams, state_v, state_tl, prev_idx, prev_val, hip_keys, hip_vals, hip_n,
+          out_idx, out_val, out_gate, out_recall, out_rtok):
+    """Run the five-phase cycle over tokens (B, T) for every stream; see the module docs.
+
+    ``syn`` (S, 2) float32 holds each synapse's target neuron and weight side by side.
+    """
     B, T = tokens.shape
-    ntot = noff[NMOD]
     ktot = koff[NMOD]
     kth = kmod[THAL]
     khip = kmod[HIP]
@@ -271,12 +293,12 @@ def cycle(tokens, tick0, code, syn_tgt, syn_w, proj, tgt_order, tgt_start, noff,
     thal_gating = flags[F_THAL_GATING] != 0
     hippocampus = flags[F_HIPPOCAMPUS] != 0
     bg_gating = flags[F_BG_GATING] != 0
+    working_memory = flags[F_WORKING_MEMORY] != 0
     gain = fparams[FP_GATE_GAIN]
     bias = fparams[FP_GATE_BIAS]
     recall_thr = fparams[FP_RECALL_THR]
     bg_floor = fparams[FP_BG_FLOOR]
     rate_scale = fparams[FP_RATE_SCALE]
-    nbroca = noff[BROCA + 1] - noff[BROCA]
     # the largest candidate list of any module: all its incoming events plus its previous winners
     maxc = 0
     for m in range(NMOD):
@@ -286,16 +308,20 @@ def cycle(tokens, tick0, code, syn_tgt, syn_w, proj, tgt_order, tgt_start, noff,
             c += kmod[proj[p, P_SRC]] * proj[p, P_F]
         if c > maxc:
             maxc = c
+    size = _table_size(maxc)
+    mask = size - 1
     for b in prange(B):
-        acc = np.zeros(ntot, np.float32)
-        stamp = np.full(ntot, -1, np.int32)
-        member = np.full(ntot, -1, np.int32)
-        gacc = np.zeros(nbroca, np.float32)
-        gstamp = np.full(nbroca, -1, np.int32)
+        hkeys = np.full(size, -1, np.int32)
+        hacc = np.zeros(size, np.float32)
+        gkeys = np.full(size, -1, np.int32)
+        gacc = np.zeros(size, np.float32)
+        gcand = np.empty(maxc, np.int32)
+        member = np.full(nhip, -1, np.int32)
         cand = np.empty(maxc, np.int32)
         score = np.empty(maxc, np.float32)
         sel = np.empty(maxc, np.int32)
         tmp = np.empty(maxc + 1, np.float32)
+        tsel = np.empty(maxc + 1, np.int32)
         sv = state_v[b]
         stl = state_tl[b]
         for t in range(T):
@@ -314,21 +340,22 @@ def cycle(tokens, tick0, code, syn_tgt, syn_w, proj, tgt_order, tgt_start, noff,
             if thal_gating:
                 for q in range(tgt_start[THAL], tgt_start[THAL + 1]):
                     p = tgt_order[q]
-                    src_row_i = pv_idx if proj[p, P_DELAY] == 1 else row_idx
-                    src_row_v = pv_val if proj[p, P_DELAY] == 1 else row_val
-                    nc = _accumulate(p, proj, src_row_i, src_row_v, koff, kmod, syn_tgt, syn_w,
-                                     acc, stamp, cand, nc, noff[THAL], t)
+                    if proj[p, P_DELAY] == 1:
+                        nc = _accumulate(p, proj, pv_idx, pv_val, koff, kmod, syn, hkeys, hacc, mask, cand, nc)
+                    else:
+                        nc = _accumulate(p, proj, row_idx, row_val, koff, kmod, syn, hkeys, hacc, mask, cand, nc)
             gsum = 0.0
             bth = koff[THAL]
             for i in range(kth):
                 n = code[x, i]
                 g = 1.0
                 if thal_gating:
-                    td = acc[noff[THAL] + n] if stamp[noff[THAL] + n] == t else 0.0
+                    td = _hash_get(hkeys, hacc, mask, n)
                     g = 1.0 / (1.0 + math.exp(-(gain * td + bias)))
                 row_idx[bth + i] = n
                 row_val[bth + i] = g
                 gsum += g
+            _hash_clear(hkeys, cand, nc)
             out_gate[b, t] = gsum / kth
             # clear the rows of the modules computed below (REC may stay empty)
             for i in range(koff[WERN], ktot):
@@ -342,11 +369,11 @@ def cycle(tokens, tick0, code, syn_tgt, syn_w, proj, tgt_order, tgt_start, noff,
                 if m == BG and not bg_gating:
                     continue
                 nc = 0
+                ngc = 0
                 gated = m == BROCA and bg_gating
                 for q in range(tgt_start[m], tgt_start[m + 1]):
                     p = tgt_order[q]
-                    src = proj[p, P_SRC]
-                    if src == PFC and proj[p, P_DELAY] == 1 and m == PFC and flags[F_WORKING_MEMORY] == 0:
+                    if proj[p, P_SRC] == PFC and m == PFC and proj[p, P_DELAY] == 1 and not working_memory:
                         continue
                     if proj[p, P_DELAY] == 1:
                         ri, rv = pv_idx, pv_val
@@ -354,33 +381,33 @@ def cycle(tokens, tick0, code, syn_tgt, syn_w, proj, tgt_order, tgt_start, noff,
                         ri, rv = row_idx, row_val
                     if proj[p, P_KIND] == 1:
                         if gated:
-                            _accumulate_gate(p, proj, ri, rv, koff, kmod, syn_tgt, syn_w, gacc,
-                                             gstamp, t)
+                            ngc = _accumulate(p, proj, ri, rv, koff, kmod, syn, gkeys, gacc, mask, gcand, ngc)
                     else:
-                        nc = _accumulate(p, proj, ri, rv, koff, kmod, syn_tgt, syn_w, acc,
-                                         stamp, cand, nc, noff[m], t)
+                        nc = _accumulate(p, proj, ri, rv, koff, kmod, syn, hkeys, hacc, mask, cand, nc)
                 so = soff[m]
-                if m == PFC and not lif and flags[F_WORKING_MEMORY] == 0:
+                if m == PFC and not lif and not working_memory:
                     so = -1
-                _finalize(m, nc, cand, acc, stamp, noff, koff, kmod, pv_idx, sv, stl, so,
-                          decay[m], thr[m], lif, rate_scale, gated, gacc, gstamp, bg_floor, t,
-                          tick, score, sel, tmp, row_idx, row_val)
+                _finalize(m, nc, cand, hkeys, hacc, mask, koff, kmod, pv_idx, sv, stl, so,
+                          decay[m], thr[m], lif, rate_scale, gated, gkeys, gacc, mask, bg_floor,
+                          tick, score, sel, tmp, tsel, row_idx, row_val)
+                if gated:
+                    _hash_clear(gkeys, gcand, ngc)
                 if m == HIP:
-                    # store the episode (hippocampal pattern of t-1 -> this token) after a
-                    # recall that sees only earlier episodes
+                    # recall with the current pattern (only earlier episodes are stored), then
+                    # store the episode (hippocampal pattern of t-1 -> this token)
                     bh = koff[HIP]
                     best = -1
                     bo = 0
                     for i in range(khip):
                         j = row_idx[bh + i]
                         if j >= 0:
-                            member[noff[HIP] + j] = t
+                            member[j] = t
                     nst = hip_n[b] if hip_n[b] < H else H
                     for e in range(nst):
                         o = 0
                         for i in range(khip):
                             kk = hip_keys[b, e, i]
-                            if kk >= 0 and member[noff[HIP] + kk] == t:
+                            if kk >= 0 and member[kk] == t:
                                 o += 1
                         if o > bo:
                             bo = o
@@ -420,60 +447,62 @@ def eligibility(out_idx, out_val, prev_idx, prev_val, dopa, syn_tgt, proj, noff,
     ``t - 1 < 0``), ``post`` the target's value at ``t`` (0 unless it won). Returns
     ``(dw (nsyn,), counts (ntot,))``.
     """
-    B, T, _ = out_idx.shape
+    B, T, ktot = out_idx.shape
     ntot = noff[NMOD]
     P = proj.shape[0]
+    size = _table_size(ktot)
+    mask = size - 1
     dw_loc = np.zeros((nchunks, nsyn), np.float32)
     cnt_loc = np.zeros((nchunks, ntot), np.float32)
     for c in prange(nchunks):
-        mtick = np.full(ntot, -1, np.int32)
-        mval = np.zeros(ntot, np.float32)
+        hkeys = np.full(size, -1, np.int32)
+        hval = np.zeros(size, np.float32)
+        slots = np.empty(ktot, np.int32)
         dwc = dw_loc[c]
         cc = cnt_loc[c]
         b0 = c * B // nchunks
         b1 = (c + 1) * B // nchunks
         for b in range(b0, b1):
             for t in range(T):
-                tick = b * T + t
                 ri = out_idx[b, t]
                 rv = out_val[b, t]
+                # the winners of this token (flat neuron ids) -> their values
+                ns = 0
                 for m in range(NMOD - 1):
                     for i in range(koff[m], koff[m] + kmod[m]):
                         j = ri[i]
                         if j >= 0:
-                            mtick[noff[m] + j] = tick
-                            mval[noff[m] + j] = rv[i]
                             cc[noff[m] + j] += 1.0
+                            ns = _hash_add(hkeys, hval, mask, noff[m] + j, rv[i], slots, ns)
                 d = dopa[b, t]
-                if d == 0.0:
-                    continue
-                if t == 0:
-                    pi, pv = prev_idx[b], prev_val[b]
-                else:
-                    pi, pv = out_idx[b, t - 1], out_val[b, t - 1]
-                for p in range(P):
-                    src = proj[p, P_SRC]
-                    tgt = proj[p, P_TGT]
-                    off = proj[p, P_OFF]
-                    fan = proj[p, P_F]
-                    stride = proj[p, P_STRIDE]
-                    if proj[p, P_DELAY] == 1:
-                        si, sv = pi, pv
+                if d != 0.0:
+                    if t == 0:
+                        pi, pv = prev_idx[b], prev_val[b]
                     else:
-                        si, sv = ri, rv
-                    nt = noff[tgt]
-                    for i in range(koff[src], koff[src] + kmod[src]):
-                        j = si[i]
-                        if j < 0:
-                            continue
-                        dv = d * sv[i]
-                        if dv == 0.0:
-                            continue
-                        s0 = off + j * stride
-                        for f in range(fan):
-                            n = nt + syn_tgt[s0 + f]
-                            if mtick[n] == tick:
-                                dwc[s0 + f] += dv * mval[n]
+                        pi, pv = out_idx[b, t - 1], out_val[b, t - 1]
+                    for p in range(P):
+                        src = proj[p, P_SRC]
+                        off = proj[p, P_OFF]
+                        fan = proj[p, P_F]
+                        stride = proj[p, P_STRIDE]
+                        nt = noff[proj[p, P_TGT]]
+                        if proj[p, P_DELAY] == 1:
+                            si, sv = pi, pv
+                        else:
+                            si, sv = ri, rv
+                        for i in range(koff[src], koff[src] + kmod[src]):
+                            j = si[i]
+                            if j < 0:
+                                continue
+                            dv = d * sv[i]
+                            if dv == 0.0:
+                                continue
+                            s0 = off + j * stride
+                            for f in range(fan):
+                                post = _hash_get(hkeys, hval, mask, nt + syn_tgt[s0 + f])
+                                if post != 0.0:
+                                    dwc[s0 + f] += dv * post
+                _hash_clear(hkeys, slots, ns)
     dw = np.zeros(nsyn, np.float32)
     counts = np.zeros(ntot, np.float32)
     for c in range(nchunks):

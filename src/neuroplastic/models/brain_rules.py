@@ -21,7 +21,9 @@ Per training step (one call of ``NeuroGenModel.train_step``) on streams ``b`` an
   eligibility trace that decays by ``eligibility_decay`` per token:
   ``D[b,t] = sum_{t' >= t} eligibility_decay^(t'-t) * delta[b,t']`` and
   ``dw_s = three_factor_lr * mean_{b,t} D[b,t] * pre_s(t - delay) * post_s(t)``
-  (pre/post: the rates of the synapse's source and target neuron, 0 when inactive);
+  (pre/post: the rates of the synapse's source and target neuron, 0 when inactive); the
+  mean runs over a strided subset of ``plasticity_streams`` streams (all when 0 or when
+  there are fewer), an unbiased estimate at a fraction of the cost;
 * **tagging and capture**: ``dw`` goes to an early-phase weight ``w_early`` that fades by
   ``early_decay`` per step; synapses with ``|w_early| > tag_threshold`` are tagged, and when
   the step's mean dopamine exceeds ``prp_threshold`` (plasticity-related proteins are made)
