@@ -195,3 +195,15 @@ def test_evaluate_task_malformed_files_exit_2(tmp_path, text_file):
     r = run_cli("evaluate", str(out), "--task", "mmlu", "--data", str(good), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert 0.0 <= json.loads(r.stdout)["acc"] <= 1.0
+
+
+def test_overrides_after_options_are_overrides(tmp_path, capsys):
+    from neuroplastic.cli import main
+
+    # parsed as an override (so the unknown key is named), not as an unrecognized argument
+    assert main(["train", "tiny", "--out", str(tmp_path / "r"), "model.n_layerz=3"]) == 2
+    assert "n_layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "tiny", "--bogus-flag"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --bogus-flag" in capsys.readouterr().err

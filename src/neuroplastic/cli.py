@@ -501,7 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("NEUROPLASTIC_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # overrides may come after options too: `ablate tiny --rule ewc train.max_steps=50`
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
