@@ -30,7 +30,7 @@ and records it in its own part of the section.
 
     python benchmarks/controlled_generation.py --size small --seeds 3 --write-docs
     python benchmarks/controlled_generation.py --size gpt2 --time-steps 4 --write-docs
-    python benchmarks/controlled_generation.py --model /path/to/gpt2 --lr 5e-5 --write-docs
+    python benchmarks/controlled_generation.py --model /path/to/gpt2 --lr 5e-5 --block 256 --steps 300 --write-docs
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     """Base model, both arms per seed, evaluation; returns everything the table needs."""
     cfg.validate()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"config": _jsonable(dataclasses.asdict(cfg))}
+    result: dict[str, Any] = {"config": _jsonable(dataclasses.asdict(cfg)), "load": [_load()]}
     if cfg.model:
         base = Path(cfg.model)
         result["base"] = {"kind": "given", "path": str(base)}
@@ -283,6 +283,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     result["per_seed"] = per_seed
     result["summary"] = summarise(per_seed)
     result["png"] = str(plot(result["summary"], cfg.out / "controlled_generation.png", cfg))
+    result["load"].append(_load())
     (cfg.out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return result
 
@@ -296,7 +297,7 @@ def run_timing(cfg: BenchConfig) -> dict[str, Any]:
     else:
         base, kind = build_init(cfg, cfg.out / "init"), f"built ({cfg.size}), randomly initialised"
     out: dict[str, Any] = {"config": _jsonable(dataclasses.asdict(cfg)), "base": kind,
-                           "params": _count_params(base), "arms": {}}
+                           "params": _count_params(base), "arms": {}, "load": [_load()]}
     for arm, lam in (("reward", cfg.lam), ("ce", 0.0)):
         run = cfg.out / f"time-{arm}"
         r = train_arm(cfg, base, lam, cfg.seeds[0], run, cfg.time_steps)
@@ -312,8 +313,22 @@ def run_timing(cfg: BenchConfig) -> dict[str, Any]:
         out["arms"][arm] = {"by_stage": {k: statistics.median(v) for k, v in groups.items()},
                             "all_step_s": r["step_s"], "seconds": r["seconds"]}
         shutil.rmtree(run, ignore_errors=True)  # full-size checkpoints
+    out["load"].append(_load())
     (cfg.out / "timing.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
     return out
+
+
+def _load() -> float | None:
+    """The 1-minute load average (how shared the machine was), where the OS has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _load_txt(record: dict[str, Any]) -> str:
+    load = [x for x in record.get("load", []) if x is not None]
+    return f"; 1-min load average at start / end: {' / '.join(f'{x:.2f}' for x in load)}" if load else ""
 
 
 def _count_params(path: Path) -> int:
@@ -492,7 +507,7 @@ def results_markdown(result: dict[str, Any], cfg: BenchConfig, command: str, png
                     f"most {'/'.join(map(str, lengths))})")
     return (
         f"Command: `{command}`  \n"
-        f"Machine: {_machine()}\n\n"
+        f"Machine: {_machine()}{_load_txt(result)}\n\n"
         f"Base model: {base_txt}. Each arm: `neuroplastic train controlled-generation model=BASE` "
         f"for {cfg.steps} steps x {cfg.batch} x {cfg.block} tokens, lr {cfg.lr:g}, "
         f"{'LoRA r=' + str(cfg.lora) if cfg.lora else 'full fine-tune'}, recipe options: {opt_txt}; "
@@ -524,22 +539,31 @@ def timing_markdown(timing: dict[str, Any], cfg: BenchConfig, command: str, full
     # stages are equal thirds of a run: the mean over stages is the mean step
     per_step = sum(_mean(list(a["by_stage"].values())) for a in arms.values())
     hours = per_step * full_steps / 3600
+    asked = [int(n) for n in _opt(cfg, "max_new_tokens")]
+    cap = ""
+    if lengths != sorted(asked)[: len(lengths)]:
+        cap = (f" (the recipe asks for {'/'.join(map(str, asked))}; it keeps a quarter of the "
+               f"{cfg.block}-token context for the prompt)")
     return (
         f"Cost of a GPT-2-size run here. Command: `{command}`  \n"
-        f"Machine: {_machine()}\n\n"
+        f"Machine: {_machine()}{_load_txt(timing)}\n\n"
         f"{timing['base']}: {timing['params'] / 1e6:.1f}M parameters (GPT2Config 12 layers x 768, "
         f"vocabulary 50257 rows); batch {cfg.batch} x {cfg.block} tokens, "
         f"{'LoRA r=' + str(cfg.lora) if cfg.lora else 'full fine-tune'}, "
         f"{_opt(cfg, 'samples_per_prompt')} samples x {_opt(cfg, 'prompts_per_step')} prompts per step; "
         f"{cfg.time_steps} steps per arm spread over the three curriculum stages (generation length "
-        f"{', '.join(str(n) for n in lengths)} tokens), median wall time per step of each stage (the "
-        "run's first step, which pays one-off warm-up, left out where its stage has another). A random model never emits end-of-text, so every sample runs to the "
-        "stage's full length: an upper bound for a pretrained model, which stops earlier.\n\n"
+        f"{', '.join(str(n) for n in lengths)} tokens{cap}), median wall time per step of each stage "
+        "(the run's first step, which pays one-off warm-up, left out where its stage has another; the "
+        "reward arm runs first, so its first step also loads the sentence-embedding model and WordNet). "
+        "A random model never emits end-of-text, so every sample runs to the stage's full length: an "
+        "upper bound for a pretrained model, which stops earlier. The CE-only arm still samples and "
+        "scores generations every step (same recipe, lam = 0); it skips only the backward pass of the "
+        "reward loss. On a shared 2-core CPU single steps are noisy: read these as rough costs.\n\n"
         + "\n".join(lines) + "\n\n"
         f"At this speed the recipe's {full_steps}-step run of both arms would take about {hours:.1f} h "
         "per seed on this machine. A run with real pretrained GPT-2 weights awaits a machine that has "
         "them (and preferably a GPU): `python benchmarks/controlled_generation.py --model /path/to/gpt2 "
-        "--lr 5e-5 --steps 300 --write-docs`.\n"
+        "--lr 5e-5 --block 256 --steps 300 --write-docs` (block 256 lets the last stage generate the full 150 tokens).\n"
     )
 
 
