@@ -610,7 +610,8 @@ INTRO = (
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespace]:
+    """The benchmark's configuration from command-line arguments (UserError on bad values)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="local HF causal LM directory (skips building and pre-training)")
     ap.add_argument("--size", default="small", choices=[s for s in SIZES if s != "micro"])
@@ -639,19 +640,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="smoke run: a microscopic model and a few steps (seconds); not a result")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        max_new = [int(s) for s in args.max_new_tokens.split(",") if s.strip()] or None
-    except ValueError:
-        print("controlled_generation.py: --seeds and --max-new-tokens take comma-separated integers.", file=sys.stderr)
-        return 2
     if args.quick:  # every knob at smoke size; the numbers mean nothing
         args.size, args.pretrain_steps, args.steps, args.batch, args.block = "micro", 4, 3, 2, 32
         args.seeds, args.max_new_tokens, args.samples_per_prompt, args.prompts_per_step = "0,1", "6", 2, 1
         args.eval_limit, args.eval_max_new = 4, 6
         args.time_steps = min(args.time_steps, 3)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        max_new = [int(s) for s in args.max_new_tokens.split(",") if s.strip()] or None
+    except ValueError:
+        raise UserError("--seeds and --max-new-tokens take comma-separated integers, e.g. 0,1,2.") from None
     cfg = BenchConfig(
         out=Path(args.out), model=args.model, size=args.size, pretrain_steps=args.pretrain_steps,
         pretrain_lr=args.pretrain_lr, steps=args.steps, batch=args.batch, block=args.block, lr=args.lr,
@@ -659,8 +657,15 @@ def main(argv: list[str] | None = None) -> int:
         samples_per_prompt=args.samples_per_prompt, prompts_per_step=args.prompts_per_step,
         eval_limit=args.eval_limit, eval_max_new=args.eval_max_new, time_steps=args.time_steps,
     )
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/controlled_generation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
+        cfg, args = build_config(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.time_steps:
             timing = run_timing(cfg)
             print(json.dumps(timing["arms"], indent=2))

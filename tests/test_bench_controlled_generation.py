@@ -115,6 +115,16 @@ def test_bad_arguments_are_one_sentence(tmp_path, capsys):
     assert "not a directory" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(UserError, match="lam"):
         _micro(tmp_path, lam=0.0).validate()
+    assert bench.main(["--seeds", "0,x", "--out", str(tmp_path / "o")]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_quick_is_smoke_size():
+    cfg, _ = bench.build_config(["--quick"])
+    assert (cfg.size, cfg.seeds, cfg.max_new_tokens, cfg.steps) == ("micro", [0, 1], [6], 3)
+    cfg, _ = bench.build_config(["--seeds", "3,4", "--max-new-tokens", "30,80,150", "--lora", "8"])
+    assert (cfg.size, cfg.seeds, cfg.max_new_tokens, cfg.lora) == ("small", [3, 4], [30, 80, 150], 8)
+    assert "model.lora={r: 8, alpha: 16}" in bench.arm_args(cfg, Path("m"), 0.5, 3, Path("o"), 5)
 
 
 # ----------------------------------------------------------------------------- held-out pairs
