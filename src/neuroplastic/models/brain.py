@@ -473,7 +473,14 @@ class Brain(nn.Module):
     # ------------------------------------------------------------------ the cycle
 
     @torch.no_grad()
-    def run_cycle(self, tokens: torch.Tensor, state: BrainState, backend: str | None = None) -> Activity:
+    def synapses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(effective weights (S,), targets and weights side by side (S, 2)) for :meth:`run_cycle`;
+        compute once and pass them when calling it token by token with unchanged weights."""
+        w = self.weights().contiguous()
+        return w, torch.stack([self.syn_tgt.float(), w], 1)
+
+    def run_cycle(self, tokens: torch.Tensor, state: BrainState, backend: str | None = None,
+                  synapses: tuple[torch.Tensor, torch.Tensor] | None = None) -> Activity:
         """Run the five-phase cycle over ``tokens`` (B, T), advancing ``state`` in place."""
         B, T = tokens.shape
         use_kernel = self.use_kernel() if backend is None else backend == "numba"
@@ -486,11 +493,10 @@ class Brain(nn.Module):
             recall=torch.empty(B, T, dtype=torch.float32, device=dev),
             recall_token=torch.empty(B, T, dtype=torch.int32, device=dev),
         )
-        w = self.weights().contiguous()
+        w, syn = synapses if synapses is not None else self.synapses()
         if use_kernel:
             flags, fparams, decay, thr, soff = self._flags()
             n = lambda t: t.numpy()  # noqa: E731 - zero-copy views for the kernel
-            syn = torch.stack([self.syn_tgt.float(), w], 1)  # target and weight side by side
             K.cycle(
                 n(tokens.to(torch.int64).contiguous()), int(state.tick), n(self.code), n(syn),
                 n(self.proj), n(self.tgt_order), n(self.tgt_start), n(self.koff),

@@ -357,7 +357,8 @@ class NeuroGenModel:
         brain = self.brain
         brain.eval()
         state = brain.fresh_state(1)
-        act = brain.run_cycle(p, state)
+        syn = brain.synapses()  # the weights do not change while generating
+        act = brain.run_cycle(p, state, synapses=syn)
         last = p[:, -1:]
         out: list[int] = []
         while len(out) < int(max_length):
@@ -372,7 +373,7 @@ class NeuroGenModel:
             if eos_token_id is not None and tok == eos_token_id:
                 break
             last = torch.tensor([[tok]], device=self.device)
-            act = brain.run_cycle(last, state)
+            act = brain.run_cycle(last, state, synapses=syn)
         return out
 
     # ------------------------------------------------------------------ statistics

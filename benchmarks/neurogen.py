@@ -1,0 +1,355 @@
+"""NeuroGen benchmarks: training speed of the full 79,872-neuron brain, learning vs a GRU and
+a small transformer at equal wall-clock time on tinyshakespeare, and an ablation of the
+brain's mechanisms.
+
+* throughput: ``NeuroGenModel.train_step`` tokens/s of the full brain (scale 1: 2,048 +
+  16,384 + 32,768 + 8,192 + 4,096 + 16,384 neurons), for a byte vocabulary with a 128- and a
+  512-dimensional readout and for the seed's API defaults (vocab 50,257, embedding 512);
+  warmup excluded, median of the timed steps, plus the cycle alone (no learning);
+* learning: the full brain, a 1-layer GRU and a 2-layer GPT train on random windows of
+  tinyshakespeare (bytes, 90/10 split) for the same number of seconds each, interleaved in
+  slices so that machine noise hits all alike; held-out loss (nats/token) on the first
+  64 x 128 held-out tokens over time, beside the unigram entropy and a count bigram;
+* ablation: ``neuroplastic neurogen ablate --mechanism all`` at scale 1/8 (paired seeds,
+  95% CIs, verdicts).
+
+    python benchmarks/neurogen.py --write-docs
+    python benchmarks/neurogen.py --sections throughput --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from neuroplastic.neurogen import NeuroGenModel  # noqa: E402
+from neuroplastic.neurogen.experiment import (  # noqa: E402
+    heldout_blocks,
+    heldout_loss,
+    load_corpus,
+    unigram_entropy,
+    windows,
+)
+
+SEED_TOKENS_PER_S = 196  # the seed's README: GTX 1650, 39,424 neurons, loss 1.0 / accuracy 0%
+
+
+def machine() -> str:
+    import numba
+
+    load = os.getloadavg()
+    return (f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores; torch threads "
+            f"{torch.get_num_threads()}, numba threads {numba.get_num_threads()}); torch {torch.__version__}, "
+            f"numba {numba.__version__}; load avg {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}")
+
+
+# ------------------------------------------------------------------ throughput
+
+
+def throughput(configs, steps: int, echo=print) -> list[dict]:
+    rows = []
+    for name, vocab, dim, B, T in configs:
+        model = NeuroGenModel(vocab, dim, -1)
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, vocab, (B, T + 1))
+        model.train_step(x[:, :-1], x[:, 1:])  # warmup (and compilation)
+        times, cpu = [], []
+        for _ in range(steps):
+            x = rng.integers(0, vocab, (B, T + 1))
+            t, c = time.perf_counter(), time.process_time()
+            model.train_step(x[:, :-1], x[:, 1:])
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        # the cycle alone (inference: no readout, no learning)
+        brain = model.brain
+        xc = torch.from_numpy(x[:, :-1])
+        t = time.perf_counter()
+        brain.run_cycle(xc, brain.fresh_state(B))
+        cyc = time.perf_counter() - t
+        n = B * T
+        tps = [n / s for s in times]
+        row = {
+            "config": name, "vocab": vocab, "dim": dim, "batch": B, "seq": T, "neurons": brain.n_neurons,
+            "synapses": brain.n_synapses, "params": sum(p.numel() for p in brain.readout_parameters()),
+            "tokens_per_s": statistics.median(tps), "min": min(tps), "max": max(tps),
+            "cpu_us_per_token": statistics.median(cpu) / n * 1e6, "cycle_tokens_per_s": n / cyc,
+        }
+        echo(f"{name}: {row['tokens_per_s']:,.0f} tokens/s (cycle alone {row['cycle_tokens_per_s']:,.0f}), "
+             f"{row['cpu_us_per_token']:.0f} CPU-us/token")
+        rows.append(row)
+        del model, brain
+    return rows
+
+
+# ------------------------------------------------------------------ baselines
+
+
+class GRULM(nn.Module):
+    def __init__(self, vocab: int, emb: int = 128, hidden: int = 256):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.rnn = nn.GRU(emb, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x))
+        return self.head(h)
+
+
+def gpt_lm(vocab: int, block: int):
+    from neuroplastic.config import ModelConfig
+    from neuroplastic.models.transformer import GPT
+
+    return GPT(ModelConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=4, n_embd=128))
+
+
+class TorchRunner:
+    """A baseline LM behind the two calls the comparison needs (train_step, evaluate)."""
+
+    def __init__(self, model: nn.Module, lr: float, gpt: bool = False):
+        self.model, self.gpt = model, gpt
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+
+    def _logits(self, x):
+        out = self.model(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def train_step(self, x, y) -> float:
+        self.model.train()
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        loss = F.cross_entropy(self._logits(x).flatten(0, 1), y.flatten())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return float(loss)
+
+    @torch.no_grad()
+    def evaluate(self, x, y) -> float:
+        self.model.eval()
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        return float(F.cross_entropy(self._logits(x).flatten(0, 1), y.flatten()))
+
+
+def bigram_loss(train: np.ndarray, val: tuple[np.ndarray, np.ndarray], vocab: int) -> float:
+    """Held-out loss of a count bigram (interpolated with the unigram, weight tuned on nothing: 0.9)."""
+    counts = np.zeros((vocab, vocab))
+    np.add.at(counts, (train[:-1], train[1:]), 1.0)
+    uni = np.bincount(train, minlength=vocab) + 1.0
+    uni /= uni.sum()
+    row = counts.sum(1, keepdims=True)
+    p = 0.9 * np.divide(counts, row, out=np.zeros_like(counts), where=row > 0) + 0.1 * uni[None, :]
+    x, y = val
+    return float(-np.log(p[x.reshape(-1), y.reshape(-1)]).mean())
+
+
+def learning(seconds: float, slice_steps: int, batch: int, seq: int, eval_every: float, scale: float,
+             dim: int, echo=print) -> dict:
+    corpus = load_corpus("tinyshakespeare")
+    val = heldout_blocks(corpus.val, 128, 64)
+    V = corpus.vocab_size
+    torch.manual_seed(0)
+    runners = {
+        f"NeuroGen brain (scale {scale:g}, d {dim})": NeuroGenModel(V, dim, -1, scale=scale),
+        "GRU (1 x 256)": TorchRunner(GRULM(V), 3e-3),
+        "GPT (2 x 128)": TorchRunner(gpt_lm(V, max(seq, 128)), 3e-3, gpt=True),
+    }
+    params = {
+        n: sum(p.numel() for p in (r.brain.readout_parameters() if isinstance(r, NeuroGenModel) else r.model.parameters()))
+        for n, r in runners.items()
+    }
+    rngs = {n: np.random.default_rng(1) for n in runners}  # the same windows for every model
+    spent = dict.fromkeys(runners, 0.0)
+    tokens = dict.fromkeys(runners, 0)
+    next_eval = dict.fromkeys(runners, 0.0)
+    curves: dict[str, list[tuple[float, int, float]]] = {n: [] for n in runners}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(runners) * seconds, unit="s", desc="learning (all models)")
+    while min(spent.values()) < seconds:
+        for name, r in runners.items():
+            if spent[name] >= seconds:
+                continue
+            if spent[name] >= next_eval[name]:
+                curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
+                next_eval[name] += eval_every
+            for _ in range(slice_steps):
+                x, y = windows(corpus.train, batch, seq, rngs[name])
+                t = time.perf_counter()
+                r.train_step(x, y)
+                dt = time.perf_counter() - t
+                spent[name] += dt
+                tokens[name] += x.size
+                bar.update(dt)
+                if spent[name] >= seconds:
+                    break
+    bar.close()
+    for name, r in runners.items():
+        curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
+        echo(f"{name}: held-out loss {curves[name][-1][2]:.4f} after {tokens[name]:,} tokens in {spent[name]:.0f} s")
+    return {
+        "curves": curves, "params": params, "tokens": tokens, "seconds": seconds,
+        "unigram": unigram_entropy(corpus.train, V), "bigram": bigram_loss(corpus.train, val, V),
+        "batch": batch, "seq": seq,
+    }
+
+
+def plot_learning(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for i, (name, pts) in enumerate(res["curves"].items()):
+        s, tok, loss = zip(*pts)
+        axes[0].plot(s, loss, "-o", ms=3, label=name, color=f"C{i}")
+        axes[1].plot(np.array(tok) / 1e6, loss, "-o", ms=3, label=name, color=f"C{i}")
+    for ax in axes:
+        ax.axhline(res["unigram"], color="0.5", ls="--", lw=1, label="unigram entropy")
+        ax.axhline(res["bigram"], color="0.3", ls=":", lw=1, label="count bigram")
+        ax.set_ylabel("held-out loss (nats/byte)")
+        ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("training seconds (same budget for all)")
+    axes[1].set_xlabel("training tokens (millions)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("tinyshakespeare (bytes): NeuroGen brain vs GRU vs GPT at equal wall-clock", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_throughput(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    names = [r["config"] for r in rows] + ["seed (GTX 1650)"]
+    vals = [r["tokens_per_s"] for r in rows] + [SEED_TOKENS_PER_S]
+    ax.barh(names, vals, color=["C0"] * len(rows) + ["0.6"])
+    ax.axvline(10_000, color="C3", ls="--", lw=1, label="target 10,000 tokens/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens/s (log)")
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("NeuroGen training throughput, full 79,872-neuron brain, 2 CPU cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="throughput,learning,ablation")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per throughput config")
+    ap.add_argument("--seconds", type=float, default=300.0, help="learning: training seconds per model")
+    ap.add_argument("--slice", type=int, default=5, help="learning: steps per interleaved slice")
+    ap.add_argument("--eval-every", type=float, default=30.0, help="learning: seconds between held-out evals")
+    ap.add_argument("--scale", type=float, default=1.0, help="learning: brain scale")
+    ap.add_argument("--dim", type=int, default=128, help="learning: brain embedding_dim")
+    ap.add_argument("--ablation-steps", type=int, default=60)
+    ap.add_argument("--ablation-seeds", type=int, default=3)
+    ap.add_argument("--out", default="runs/bench-neurogen")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args(argv)
+    import numba
+
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    sections = [s for s in args.sections.split(",") if s]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/neurogen.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    parts = [f"Command: `{cmd.strip()}`  ", f"Machine at start: {machine()}  ", f"Date: {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC", ""]
+    results: dict = {}
+    if "throughput" in sections:
+        configs = [
+            ("bytes, d 128, 256 x 64", 258, 128, 256, 64),
+            ("bytes, d 512, 256 x 64", 258, 512, 256, 64),
+            ("GPT-2 vocab 50,257, d 512 (seed's API defaults), 32 x 64", 50257, 512, 32, 64),
+        ]
+        rows = throughput(configs, args.steps)
+        results["throughput"] = rows
+        plot_throughput(rows, ROOT / "docs" / "neurogen_throughput.png")
+        parts += [
+            "### Training throughput of the full brain",
+            "",
+            "`NeuroGenModel.train_step` on random tokens (cycle + readout gradient + AdamW + three-factor, tagging, "
+            "homeostasis, replay), the full 79,872-neuron brain, median of the timed steps after a warmup step; "
+            "'cycle alone' is the five-phase cycle without learning. The seed reports 196 tokens/s on a GTX 1650 "
+            "(39,424 neurons, no learning: loss 1.0, accuracy 0%).",
+            "",
+            "| configuration | neurons | synapses | readout params | tokens/s (min-max) | CPU µs/token | cycle alone tokens/s | vs seed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            parts.append(
+                f"| {r['config']} | {r['neurons']:,} | {r['synapses']:,} | {r['params'] / 1e6:.1f}M | "
+                f"{r['tokens_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | {r['cpu_us_per_token']:.0f} | "
+                f"{r['cycle_tokens_per_s']:,.0f} | {r['tokens_per_s'] / SEED_TOKENS_PER_S:.0f}x |")
+        parts += ["", f"Machine after: {machine()}", "", "![throughput](neurogen_throughput.png)", ""]
+    if "learning" in sections:
+        res = learning(args.seconds, args.slice, 32, 64, args.eval_every, args.scale, args.dim)
+        results["learning"] = res
+        plot_learning(res, ROOT / "docs" / "neurogen_learning.png")
+        parts += [
+            f"### Learning at equal wall-clock: {args.seconds:.0f} s each on tinyshakespeare (bytes)",
+            "",
+            f"Random windows of 32 x 64 tokens (the same windows for every model), interleaved {args.slice}-step "
+            "slices; held-out loss on the first 64 x 128 bytes of the last 10% of the text. "
+            f"Unigram entropy {res['unigram']:.3f}, count bigram {res['bigram']:.3f} nats/byte.",
+            "",
+            "| model | trained params | tokens seen | tokens/s | held-out loss at the end | best held-out loss |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, pts in res["curves"].items():
+            tok = res["tokens"][name]
+            parts.append(f"| {name} | {res['params'][name] / 1e6:.2f}M | {tok:,} | {tok / args.seconds:,.0f} | "
+                         f"{pts[-1][2]:.4f} | {min(p[2] for p in pts):.4f} |")
+        parts += ["", f"Machine after: {machine()}", "", "![learning](neurogen_learning.png)", ""]
+    if "ablation" in sections:
+        from neuroplastic.neurogen.ablate import run_neurogen_ablation
+        from neuroplastic.neurogen.cli import MECHANISM_NAMES
+
+        res = run_neurogen_ablation(list(MECHANISM_NAMES), seeds=args.ablation_seeds, steps=args.ablation_steps,
+                                    batch=32, seq_len=64, embedding_dim=128, overrides={"scale": 1 / 8},
+                                    out_dir=out / "ablation")
+        results["ablation"] = {"markdown": res["markdown"], "losses": res["losses"]}
+        import shutil
+
+        shutil.copy(res["png"], ROOT / "docs" / "neurogen_ablation.png")
+        md = res["markdown"].replace("### ", "### Ablation: ", 1)
+        parts += [md, f"Machine after: {machine()}", "", "![ablation](neurogen_ablation.png)", ""]
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    body = "\n".join(parts) + "\n"
+    print(body)
+    if args.write_docs:
+        from plasticity_overhead import _write_section
+
+        _write_section("neurogen", "## NeuroGen brain (benchmarks/neurogen.py)\n\n" + body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
