@@ -138,7 +138,7 @@ class TorchRunner:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def evaluate(self, x, y) -> float:
@@ -240,19 +240,22 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
-    names = [r["config"] for r in rows] + ["seed (GTX 1650)"]
+    fig, ax = plt.subplots(figsize=(9, 3.8), dpi=110)
+    names = [textwrap.fill(r["config"], 30) for r in rows] + ["seed (GTX 1650, 39,424 neurons)"]
     vals = [r["tokens_per_s"] for r in rows] + [SEED_TOKENS_PER_S]
     ax.barh(names, vals, color=["C0"] * len(rows) + ["0.6"])
     ax.axvline(10_000, color="C3", ls="--", lw=1, label="target 10,000 tokens/s")
     ax.set_xscale("log")
-    ax.set_xlabel("training tokens/s (log)")
+    ax.set_xlim(right=max(vals) * 4)
+    ax.set_xlabel("training tokens/s (log scale)")
     for y, v in enumerate(vals):
         ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("NeuroGen training throughput, full 79,872-neuron brain, 2 CPU cores", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("NeuroGen training throughput: full 79,872-neuron brain, 2 CPU cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -270,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=128, help="learning: brain embedding_dim")
     ap.add_argument("--ablation-steps", type=int, default=60)
     ap.add_argument("--ablation-seeds", type=int, default=3)
+    ap.add_argument("--ablation-scale", type=float, default=1.0)
     ap.add_argument("--out", default="runs/bench-neurogen")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
@@ -281,8 +285,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/neurogen.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    parts = [f"Command: `{cmd.strip()}`  ", f"Machine at start: {machine()}  ", f"Date: {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC", ""]
+    head = [f"Command: `{cmd.strip()}`  ", f"Machine at start: {machine()}  ",
+            f"Date: {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC", ""]
     results: dict = {}
+    parts: dict[str, list[str]] = {}
     if "throughput" in sections:
         configs = [
             ("bytes, d 128, 256 x 64", 258, 128, 256, 64),
@@ -292,9 +298,10 @@ def main(argv=None) -> int:
         rows = throughput(configs, args.steps)
         results["throughput"] = rows
         plot_throughput(rows, ROOT / "docs" / "neurogen_throughput.png")
-        parts += [
+        p = parts["throughput"] = [
             "### Training throughput of the full brain",
             "",
+            *head,
             "`NeuroGenModel.train_step` on random tokens (cycle + readout gradient + AdamW + three-factor, tagging, "
             "homeostasis, replay), the full 79,872-neuron brain, median of the timed steps after a warmup step; "
             "'cycle alone' is the five-phase cycle without learning. The seed reports 196 tokens/s on a GTX 1650 "
@@ -304,18 +311,19 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            parts.append(
+            p.append(
                 f"| {r['config']} | {r['neurons']:,} | {r['synapses']:,} | {r['params'] / 1e6:.1f}M | "
                 f"{r['tokens_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | {r['cpu_us_per_token']:.0f} | "
                 f"{r['cycle_tokens_per_s']:,.0f} | {r['tokens_per_s'] / SEED_TOKENS_PER_S:.0f}x |")
-        parts += ["", f"Machine after: {machine()}", "", "![throughput](neurogen_throughput.png)", ""]
+        p += ["", f"Machine after: {machine()}", "", "![throughput](neurogen_throughput.png)", ""]
     if "learning" in sections:
         res = learning(args.seconds, args.slice, 32, 64, args.eval_every, args.scale, args.dim)
         results["learning"] = res
         plot_learning(res, ROOT / "docs" / "neurogen_learning.png")
-        parts += [
+        p = parts["learning"] = [
             f"### Learning at equal wall-clock: {args.seconds:.0f} s each on tinyshakespeare (bytes)",
             "",
+            *head,
             f"Random windows of 32 x 64 tokens (the same windows for every model), interleaved {args.slice}-step "
             "slices; held-out loss on the first 64 x 128 bytes of the last 10% of the text. "
             f"Unigram entropy {res['unigram']:.3f}, count bigram {res['bigram']:.3f} nats/byte.",
@@ -325,30 +333,51 @@ def main(argv=None) -> int:
         ]
         for name, pts in res["curves"].items():
             tok = res["tokens"][name]
-            parts.append(f"| {name} | {res['params'][name] / 1e6:.2f}M | {tok:,} | {tok / args.seconds:,.0f} | "
-                         f"{pts[-1][2]:.4f} | {min(p[2] for p in pts):.4f} |")
-        parts += ["", f"Machine after: {machine()}", "", "![learning](neurogen_learning.png)", ""]
+            p.append(f"| {name} | {res['params'][name] / 1e6:.2f}M | {tok:,} | {tok / args.seconds:,.0f} | "
+                     f"{pts[-1][2]:.4f} | {min(q[2] for q in pts):.4f} |")
+        p += ["", f"Machine after: {machine()}", "", "![learning](neurogen_learning.png)", ""]
     if "ablation" in sections:
+        import shutil
+
         from neuroplastic.neurogen.ablate import run_neurogen_ablation
         from neuroplastic.neurogen.cli import MECHANISM_NAMES
 
         res = run_neurogen_ablation(list(MECHANISM_NAMES), seeds=args.ablation_seeds, steps=args.ablation_steps,
-                                    batch=32, seq_len=64, embedding_dim=128, overrides={"scale": 1 / 8},
-                                    out_dir=out / "ablation")
+                                    batch=32, seq_len=64, embedding_dim=128,
+                                    overrides={"scale": args.ablation_scale}, out_dir=out / "ablation")
         results["ablation"] = {"markdown": res["markdown"], "losses": res["losses"]}
-        import shutil
-
         shutil.copy(res["png"], ROOT / "docs" / "neurogen_ablation.png")
-        md = res["markdown"].replace("### ", "### Ablation: ", 1)
-        parts += [md, f"Machine after: {machine()}", "", "![ablation](neurogen_ablation.png)", ""]
+        md = res["markdown"].replace("### ", f"### Ablation (brain scale {args.ablation_scale:g}): ", 1).split("\n", 2)
+        parts["ablation"] = [md[0], "", *head, md[2], f"Machine after: {machine()}", "",
+                             "![ablation](neurogen_ablation.png)", ""]
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    body = "\n".join(parts) + "\n"
-    print(body)
+    for key in parts:
+        print("\n".join(parts[key]))
     if args.write_docs:
-        from plasticity_overhead import _write_section
-
-        _write_section("neurogen", "## NeuroGen brain (benchmarks/neurogen.py)\n\n" + body)
+        write_parts({k: "\n".join(v) + "\n" for k, v in parts.items()})
     return 0
+
+
+PART_ORDER = ("throughput", "learning", "ablation")
+
+
+def write_parts(new: dict[str, str]) -> None:
+    """Update the parts that ran inside the ``neurogen`` section, keep the others."""
+    import re
+
+    from plasticity_overhead import _write_section
+
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    old = {}
+    m = re.search(r"<!-- begin:neurogen -->\n(.*?)<!-- end:neurogen -->", text, re.S)
+    if m:
+        old = dict(re.findall(r"<!-- part:(\w+) -->\n(.*?)<!-- /part:\1 -->\n", m.group(1), re.S))
+    old.update(new)
+    body = "## NeuroGen brain (benchmarks/neurogen.py)\n\n" + (
+        "Each part below was measured with the command it shows, on this 2-core CPU shared with other "
+        "engineers' jobs (load averages at start and end are given).\n\n"
+    ) + "".join(f"<!-- part:{k} -->\n{old[k]}<!-- /part:{k} -->\n" for k in PART_ORDER if k in old)
+    _write_section("neurogen", body)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def add_neurogen_parser(sub, parser_class) -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=32, help="streams per step (default 32)")
     a.add_argument("--seq-len", type=int, default=64, help="tokens per stream (default 64)")
     a.add_argument("--embedding-dim", type=int, default=128)
-    a.add_argument("--scale", type=float, default=1 / 8, help="brain scale (default 1/8)")
+    a.add_argument("--scale", type=float, default=1.0, help="brain scale (default 1: the full brain)")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="brain setting for all arms (repeat)")
     a.add_argument("--out", default="runs/neurogen-ablate")
