@@ -529,3 +529,16 @@ def test_kernel_top_k_selection_is_exact_with_ties():
         order = sorted(range(n), key=lambda i: (-score[i], i))[:k]
         assert nw == k and row_idx.tolist() == [int(sel[i]) for i in sorted(order)]
         assert np.array_equal(row_val, score[sorted(order)])
+
+
+def test_streaming_trainer_with_a_bpe_tokenizer_and_jsonl_data(tmp_path):
+    from neuroplastic.data.tokenizers import load_tokenizer
+    from neuroplastic.neurogen.train import train
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"body": s + "."}) + "\n" for s in SAMPLE_TEXT.split(". ") if s))
+    res = train(_train_opts(tmp_path, data=str(data), field="body", tokenizer="bpe", bpe_vocab_size=300,
+                            max_chunks=2), echo=lambda s: None)
+    tok = load_tokenizer(tmp_path / "run" / "tokenizer")
+    assert tok.kind == "bpe" and res["statistics"]["tokens_processed"] > 0
+    assert NeuroGenModel.from_checkpoint(res["checkpoint"]).vocab_size == tok.vocab_size
