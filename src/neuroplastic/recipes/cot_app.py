@@ -257,6 +257,8 @@ def evaluate_model(
         raise UserError("--temperature must be >= 0 (0 means greedy).")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {top_p}.")
+    if not Path(model_path).exists():  # before any data is looked up (or downloaded)
+        raise UserError(f"Model path {str(model_path)!r} does not exist.")
     examples, what, opts = evaluation_examples(data, model_path, split, num_examples, data_dir)
     model, tokenizer, info = load_any_model(model_path, base_model, device)
     formatter = CotFormatter(tokenizer, opts.instruction, opts.system or None, opts.chat_mode)
