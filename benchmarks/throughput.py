@@ -44,6 +44,7 @@ import torch
 from neuroplastic.config import ModelConfig, TrainConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.transformer import GPT
+from neuroplastic.training.mfu import CUDA_PEAKS  # the datasheet table the trainer uses too
 from neuroplastic.training.trainer import amp_dtype, build_optimizer, lr_at, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,23 +92,6 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# Dense (no sparsity) datasheet peaks in TFLOP/s: (name, substrings that must all be in
-# the device name, lower-cased), bf16/fp16 tensor core, TF32 tensor core, plain fp32.
-# More specific entries come first.
-CUDA_PEAKS: list[tuple[str, tuple[str, ...], float, float | None, float]] = [
-    ("H100 PCIe", ("h100", "pcie"), 756.0, 378.0, 51.0),
-    ("H100 NVL", ("h100", "nvl"), 835.0, 418.0, 60.0),
-    ("H100 SXM", ("h100",), 989.0, 494.0, 67.0),
-    ("H200", ("h200",), 989.0, 494.0, 67.0),
-    ("GH200", ("gh200",), 989.0, 494.0, 67.0),
-    ("A100", ("a100",), 312.0, 156.0, 19.5),
-    ("A10G", ("a10g",), 70.0, 35.0, 31.2),
-    ("A10", ("a10",), 125.0, 62.5, 31.2),
-    ("L40S", ("l40s",), 362.0, 183.0, 91.6),
-    ("L4", ("l4",), 121.0, 60.0, 30.3),
-    ("V100", ("v100",), 125.0, None, 15.7),  # fp16 only (no bf16, no TF32)
-    ("T4", ("t4",), 65.0, None, 8.1),  # fp16 only
-]
 
 
 # --------------------------------------------------------------------------- machine
