@@ -147,8 +147,10 @@ def _verdict(times: dict[str, list[float]]) -> str:
     return f"{'met' if r <= 1.10 else 'NOT met'} ({r:.3f}x)."
 
 
-def _write_section(key: str, body: str) -> None:
-    path = ROOT / "docs" / "BENCHMARKS.md"
+def _write_section(key: str, body: str, path: Path | None = None) -> None:
+    """Replace (or append) the ``<!-- begin:key -->`` ... ``<!-- end:key -->`` block of
+    ``path`` (default docs/BENCHMARKS.md); every benchmark writes its section with this."""
+    path = ROOT / "docs" / "BENCHMARKS.md" if path is None else Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     begin, end = f"<!-- begin:{key} -->", f"<!-- end:{key} -->"
     block = f"{begin}\n{body}{end}\n"

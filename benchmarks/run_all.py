@@ -201,27 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"\n== {name}: {status} in {outcome.seconds:.0f} s: {outcome.command}\n{outcome.tail.rstrip()}")
     bar.close()
     if write_docs:
-        _write_section(args.docs, "run-all", section(outcomes, argv, args.quick))
+        from plasticity_overhead import _write_section
+
+        _write_section("run-all", section(outcomes, argv, args.quick), args.docs)
         print(f"wrote {args.docs}")
     failed = [o.name for o in outcomes if o.returncode != 0]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _write_section(path: Path, key: str, body: str) -> None:
-    """Replace (or append) the ``<!-- begin:key -->`` ... ``<!-- end:key -->`` block of ``path``."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- begin:{key} -->", f"<!-- end:{key} -->"
-    block = f"{begin}\n{body}{end}\n"
-    if begin in text and end in text:
-        a = text.index(begin)
-        b = text.index(end) + len(end) + 1
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
