@@ -74,6 +74,44 @@ def test_generation_with_carried_state_equals_rerun(rule, prompt_len, conv):
 
 
 @pytest.mark.parametrize("rule", RULES)
+def test_generation_with_own_memory_projection_and_shift_init(rule):
+    cfg = tiny_cfg(memory_rule=rule, conv_size=3, conv_init="shift", memory_qkv="own")
+    model = sharp_model(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    n = cfg.block_size - 5
+    cached = model.generate(prompt, n, temperature=0.0, use_cache=True)
+    assert torch.equal(cached, _greedy_by_rerun(model, prompt, n))
+
+
+def test_shift_init_makes_the_memory_an_induction_lookup():
+    """conv_init=shift with an own projection: q and v see this token, k the token before,
+    through the same projection, so q_t . k_s is high exactly where x_t == x_{s-1}."""
+    cfg = tiny_cfg(conv_size=4, conv_init="shift", memory_qkv="own", memory_heads=1)
+    torch.manual_seed(0)
+    model = HebbianLM(cfg)
+    mix = model.transformer["h"][0].mix
+    C, K = cfg.n_embd, 4
+    w = mix.mem_conv.weight[:, 0]
+    assert torch.equal(w[:C, K - 1], torch.ones(C)) and torch.equal(w[:C, : K - 1], torch.zeros(C, K - 1))
+    assert torch.equal(w[C : 2 * C, K - 2], torch.ones(C)) and w[C : 2 * C].abs().sum() == C
+    assert torch.equal(w[2 * C :, K - 1], torch.ones(C))
+    assert torch.equal(mix.mem_attn.weight[:C], mix.mem_attn.weight[C : 2 * C])
+    # attention's own q/k are left alone (not tied)
+    assert not torch.equal(mix.c_attn.weight[:C], mix.c_attn.weight[C : 2 * C])
+    # a shared projection is not tied either (it would tie the attention's q and k)
+    shared = HebbianLM(tiny_cfg(conv_size=4, conv_init="shift")).transformer["h"][0].mix
+    assert shared.mem_attn is None
+    assert not torch.equal(shared.c_attn.weight[:C], shared.c_attn.weight[C : 2 * C])
+
+
+def test_own_memory_projection_adds_its_parameters():
+    shared = build_model(tiny_cfg(conv_size=4))
+    own = build_model(tiny_cfg(conv_size=4, memory_qkv="own"))
+    C, L = 32, 2
+    assert own.num_params() - shared.num_params() == L * 3 * C * C
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("conv", [0, 4])
 def test_stateful_pieces_match_full_forward(rule, conv):
     cfg = tiny_cfg(memory_rule=rule, conv_size=conv)
@@ -223,6 +261,9 @@ def test_meta_device_construction():
         ({"feature_map": "relu"}, "feature_map"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"conv_size": -1}, "conv_size"),
+        ({"conv_size": 1, "conv_init": "shift"}, "conv_size >= 2"),
+        ({"conv_init": "zeros"}, "conv_init"),
+        ({"memory_qkv": "separate"}, "memory_qkv"),
         ({"alpha": 0.0}, "alpha"),
         ({"pos": "learned"}, "pos"),
     ],

@@ -51,6 +51,8 @@ class ModelConfig:
     feature_map: str = "elu1"  # identity_l2 | elu1 | seed
     chunk_size: int = 64  # chunk length of the chunk-parallel memory kernel
     conv_size: int = 0  # causal depthwise conv over the memory's q/k/v (tokens; 0: none)
+    conv_init: str = "random"  # random (torch's) | shift (q, v: this token; k: the one before)
+    memory_qkv: str = "shared"  # shared (with the local attention) | own projection
     alpha: float = 1.0  # developmental decay scale (set by the curriculum)
     # arch=hf: any Hugging Face causal LM from a local directory (a hub name needs allow_hub)
     hf_path: str = ""
@@ -242,6 +244,8 @@ class RunConfig:
             "model.arch": (m.arch, ("gpt", "hebbian", "hf")),
             "model.memory_rule": (m.memory_rule, ("hebbian", "delta")),
             "model.feature_map": (m.feature_map, ("identity_l2", "elu1", "seed")),
+            "model.conv_init": (m.conv_init, ("random", "shift")),
+            "model.memory_qkv": (m.memory_qkv, ("shared", "own")),
             "train.amp": (t.amp, ("auto", "bf16", "fp16", "none")),
             "train.parallel": (t.parallel, ("auto", "ddp", "fsdp")),
         }

@@ -31,6 +31,16 @@ it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
   ``n_embd`` channels as ``memory_heads`` heads. So a block costs what a GPT block costs
   plus ``n_embd`` gate logits, ``memory_heads`` decay logits, ``n_embd / memory_heads``
   norm weights (and ``n_embd * memory_heads`` for the delta rule's beta).
+- **Memory inputs** (``model.memory_qkv``, ``model.conv_size``, ``model.conv_init``):
+  ``shared`` (default) feeds the memory the attention's q/k/v; ``own`` gives it its own
+  projection (``3 n_embd^2`` more parameters per layer). ``conv_size > 0`` runs a causal
+  depthwise convolution over the memory's q/k/v; ``conv_init=shift`` starts it as a pure
+  shift: q and v see this token, k the token before. With ``own`` the key projection
+  is also initialised equal to the query's, so at step 0 ``q_t . k_s`` compares token
+  ``t`` with token ``s - 1`` and a read returns what followed earlier occurrences of this
+  token: the memory starts as an induction head instead of having to discover one. This
+  is what makes needle recall learnable on a CPU budget (docs/BENCHMARKS.md, "needle":
+  with torch's random conv init and shared projections, recall stays at chance).
 - **Decay**: per layer and memory head, ``lambda = (0.99 + 0.01 * sigmoid(p)) * alpha``
   with ``p`` a learned per-head logit (initialised spread over ``[-3, 3]`` across heads:
   horizons from ~100 to ~2000 tokens at ``alpha = 1``) and ``alpha`` the developmental
@@ -153,6 +163,15 @@ def _check_hebbian_config(cfg: ModelConfig) -> None:
         raise UserError(f"model.chunk_size must be a positive integer, got {cfg.chunk_size}.")
     if cfg.conv_size < 0:
         raise UserError(f"model.conv_size must be >= 0 (0: no convolution), got {cfg.conv_size}.")
+    if cfg.conv_init not in ("random", "shift"):
+        raise UserError(f"model.conv_init must be random or shift; got {cfg.conv_init!r}.")
+    if cfg.conv_init == "shift" and cfg.conv_size < 2:
+        raise UserError(
+            f"model.conv_init=shift gives the memory's keys the previous token, which needs "
+            f"model.conv_size >= 2 (got {cfg.conv_size})."
+        )
+    if cfg.memory_qkv not in ("shared", "own"):
+        raise UserError(f"model.memory_qkv must be shared or own; got {cfg.memory_qkv!r}.")
     _check_alpha(cfg.alpha, UserError, "model.alpha")
 
 
@@ -186,6 +205,8 @@ class LocalAttentionMemory(nn.Module):
         self.mem_norm = nn.RMSNorm(self.mem_dim, eps=1e-5)
         self.beta_proj = nn.Linear(C, self.mem_heads, bias=cfg.bias) if self.rule == "delta" else None
         self.conv_size = cfg.conv_size
+        self.conv_init = cfg.conv_init
+        self.mem_attn = nn.Linear(C, 3 * C, bias=cfg.bias) if cfg.memory_qkv == "own" else None
         self.mem_conv = (
             nn.Conv1d(3 * C, 3 * C, cfg.conv_size, groups=3 * C, bias=False) if cfg.conv_size else None
         )
@@ -199,6 +220,17 @@ class LocalAttentionMemory(nn.Module):
         self.gate.zero_()
         if self.mem_conv is not None:
             self.mem_conv.reset_parameters()
+            if self.conv_init == "shift":
+                # taps are ordered oldest .. newest: the last one is this token (lag 0)
+                C, K = self.mem_conv.in_channels // 3, self.conv_size
+                self.mem_conv.weight.zero_()
+                self.mem_conv.weight[:C, 0, K - 1] = 1.0  # q: this token
+                self.mem_conv.weight[C : 2 * C, 0, K - 2] = 1.0  # k: the token before
+                self.mem_conv.weight[2 * C :, 0, K - 1] = 1.0  # v: this token
+                if self.mem_attn is not None:
+                    # keys through the queries' projection: q_t . k_s compares this token
+                    # with the one before s, so reading returns what followed a match
+                    self.mem_attn.weight[C : 2 * C].copy_(self.mem_attn.weight[:C])
 
     def _short_conv(self, qkv: torch.Tensor, state: HebbianState | None, layer: int) -> torch.Tensor:
         """Causal depthwise convolution of ``qkv`` ``(B, T, 3C)`` over the last ``conv_size``
@@ -251,6 +283,9 @@ class LocalAttentionMemory(nn.Module):
 
         # fast-weight memory: mem_heads heads, no positions
         H, d = self.mem_heads, self.mem_dim
+        if self.mem_attn is not None:
+            qkv = self.mem_attn(x)
+            q, k, v = qkv.split(C, dim=-1)
         if self.mem_conv is not None:
             q, k, v = self._short_conv(qkv, state, layer).split(C, dim=-1)
         qm = feature_map(q.view(B, T, H, d).transpose(1, 2), self.feature)
