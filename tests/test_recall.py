@@ -135,6 +135,39 @@ def test_needle_documents():
     assert len(needle_documents()) == 1000  # defaults, for data.source=needle
 
 
+def test_multi_needle_document():
+    from neuroplastic.data.recall_tasks import NEEDLE_SUBJECTS, multi_needle_document, needle_query
+
+    assert needle_query("secret key") == NEEDLE_QUERY
+    for seed in range(20):
+        k = 1 + seed % 5
+        doc, spans = multi_needle_document(900, k, rng=seed)
+        assert (doc, spans) == multi_needle_document(900, k, rng=seed)
+        raw = doc.encode()
+        assert len(raw) <= 900 and len(spans) == k
+        found = re.findall(r"The ([a-z ]+) is (\d{4})\. ", doc.split("\nQuestion:")[0] + " ")
+        assert len(found) == k and len({s for s, _ in found}) == k
+        assert all(s in NEEDLE_SUBJECTS for s, _ in found)
+        hidden = dict(found)
+        asked = re.findall(r"Question: What is the ([a-z ]+)\?\nAnswer: The \1 is", doc)
+        assert sorted(asked) == sorted(hidden)
+        for subject, (a, b) in zip(asked, spans):
+            assert raw[a:b].decode() == " " + hidden[subject]
+            assert raw[:a].decode().endswith(needle_query(subject))
+    with pytest.raises(UserError, match="too small"):
+        multi_needle_document(200, 4, rng=0)
+    with pytest.raises(UserError, match="num_needles"):
+        multi_needle_document(9000, len(NEEDLE_SUBJECTS) + 1, rng=0)
+
+
+def test_filler_never_mentions_a_needle_subject():
+    from neuroplastic.data.recall_tasks import NEEDLE_SUBJECTS
+
+    filler = "The door code is 1234. Cats purr. My room number is nine. Dogs bark."
+    hay, _ = needle_example(200, 0.0, key="4821", rng=0, filler=filler)
+    assert not any(s in hay.split("\nQuestion")[0].lower() for s in NEEDLE_SUBJECTS if s != "secret key")
+
+
 # =========================================================================== MQAR data
 
 

@@ -59,6 +59,9 @@ __all__ = [
     "mqar_text",
     "needle_documents",
     "needle_example",
+    "NEEDLE_SUBJECTS",
+    "multi_needle_document",
+    "needle_query",
     "needle_sentence",
     "random_key",
 ]
@@ -142,14 +145,14 @@ def _split_long(sentence: str) -> list[str]:
 @functools.lru_cache(maxsize=8)
 def _units(text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Filler split into sentence units (each with its trailing separator, ``" "`` or
-    ``"\\n"``) and their UTF-8 lengths. Units that mention the needle's phrase are dropped."""
+    ``"\\n"``) and their UTF-8 lengths. Units that mention a needle subject (:data:`NEEDLE_SUBJECTS`) are dropped."""
     units: list[str] = []
     pos = 0
     for m in _SENTENCE_END.finditer(text + "\n"):
         sentence = text[pos : m.start()].strip()
         sep = "\n" if "\n" in m.group() else " "
         pos = m.end()
-        if not sentence or "secret key" in sentence.lower():
+        if not sentence or any(s in sentence.lower() for s in NEEDLE_SUBJECTS):
             continue
         pieces = _split_long(sentence)
         units.extend(p + " " for p in pieces[:-1])
@@ -168,6 +171,46 @@ def _filler_text(filler: Filler) -> str:
         f"filler must be a text, a list of texts or None (the synthetic curriculum), "
         f"got {type(filler).__name__}."
     )
+
+
+def _haystack(
+    room: int, rng: random.Random, filler: Filler, inserts: Sequence[tuple[float, str]]
+) -> list[str]:
+    """Filler sentence units filling at most ``room`` bytes, with each ``(depth, text)`` of
+    ``inserts`` put at the sentence boundary nearest ``depth`` of the filler's length (in
+    the order given when two land on the same boundary)."""
+    units, sizes = _units(_filler_text(filler))
+    if not units:
+        raise UserError("the needle filler has no text; give a non-empty filler.")
+
+    # Take sentences from a random start, cycling, while they fit the room; then top up the
+    # gap with later sentences short enough to fit (a filler sentence may be skipped).
+    chosen: list[int] = []
+    used = 0
+    i = rng.randrange(len(units))
+    skipped = 0
+    while skipped < _TOPUP_TRIES and used < room:
+        if used + sizes[i] <= room:
+            chosen.append(i)
+            used += sizes[i]
+        else:
+            skipped += 1
+        i = (i + 1) % len(units)
+
+    bounds = [0]
+    for j in chosen:
+        bounds.append(bounds[-1] + sizes[j])
+    parts: list[list[str]] = [[units[j]] for j in chosen] + [[]]
+    slots: list[list[str]] = [[] for _ in bounds]
+    for depth, text in inserts:
+        target = depth * used
+        at = min(range(len(bounds)), key=lambda b: (abs(bounds[b] - target), b))
+        slots[at].append(text)
+    out: list[str] = []
+    for slot, part in zip(slots, parts):
+        out.extend(slot)
+        out.extend(part)
+    return out
 
 
 # =========================================================================== needle
@@ -204,32 +247,7 @@ def needle_example(
             f"n_bytes={n_bytes} is too small for the needle and the question "
             f"({n_bytes - room} bytes); use at least {n_bytes - room}."
         )
-    units, sizes = _units(_filler_text(filler))
-    if not units:
-        raise UserError("the needle filler has no text; give a non-empty filler.")
-
-    # Take sentences from a random start, cycling, while they fit the room; then top up the
-    # gap with later sentences short enough to fit (a filler sentence may be skipped).
-    chosen: list[int] = []
-    used = 0
-    i = rng.randrange(len(units))
-    skipped = 0
-    while skipped < _TOPUP_TRIES and used < room:
-        if used + sizes[i] <= room:
-            chosen.append(i)
-            used += sizes[i]
-        else:
-            skipped += 1
-        i = (i + 1) % len(units)
-
-    # The needle goes at the boundary nearest depth * haystack length.
-    bounds = [0]
-    for j in chosen:
-        bounds.append(bounds[-1] + sizes[j])
-    target = depth * used
-    at = min(range(len(bounds)), key=lambda b: (abs(bounds[b] - target), b))
-    parts = [units[j] for j in chosen]
-    parts.insert(at, needle)
+    parts = _haystack(room, rng, filler, [(depth, needle)])
     haystack = "".join(parts).rstrip()
     return haystack + NEEDLE_QUERY, answer
 
@@ -255,6 +273,71 @@ def needle_documents(
         prompt, answer = needle_example(n - 1, rng.random(), rng=rng, filler=filler)
         docs.append(prompt + answer + ".")
     return docs
+
+
+#: What multi-needle documents hide; "secret key" is the evaluation's needle. Several share
+#: words ("key", "code", "number") so that recalling one needs more than the last word.
+NEEDLE_SUBJECTS = (
+    "secret key", "door code", "room number", "safe code", "ticket number", "locker number",
+    "bus number", "house number", "gate code", "order number", "lucky number", "secret code",
+    "train number", "key number", "phone code", "box number",
+)
+
+
+def needle_query(subject: str) -> str:
+    """The question for a needle about ``subject``, ending ``"... The {subject} is"``."""
+    return f"\nQuestion: What is the {subject}?\nAnswer: The {subject} is"
+
+
+def multi_needle_document(
+    n_bytes: int,
+    num_needles: int,
+    rng: random.Random | int | None = None,
+    filler: Filler = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """A training document with ``num_needles`` needles about distinct subjects of
+    :data:`NEEDLE_SUBJECTS` (``"The door code is 7730."``) at random depths of one haystack,
+    then a question for each, in random order, answered as the evaluation expects::
+
+        <filler> The door code is 7730. <filler> The secret key is 4821. <filler>
+        Question: What is the secret key?
+        Answer: The secret key is 4821.
+        Question: What is the door code?
+        Answer: The door code is 7730.
+
+    Returns the document (at most ``n_bytes`` UTF-8 bytes) and the ``(start, end)`` byte
+    offsets of each answer's ``" 4821"``: the positions that only recall can predict. Every
+    question is a recall target, so a document teaches ``num_needles`` times what a
+    single-needle document teaches."""
+    _check_int("n_bytes", n_bytes, 1)
+    _check_int("num_needles", num_needles, 1)
+    if num_needles > len(NEEDLE_SUBJECTS):
+        raise UserError(
+            f"num_needles must be at most {len(NEEDLE_SUBJECTS)} (the distinct subjects), "
+            f"got {num_needles}."
+        )
+    rng = _rng(rng)
+    subjects = rng.sample(NEEDLE_SUBJECTS, num_needles)
+    keys = [random_key(rng) for _ in subjects]
+    needles = [f"The {s} is {k}. " for s, k in zip(subjects, keys)]
+    order = rng.sample(range(num_needles), num_needles)
+    questions = [(needle_query(subjects[j]), f" {keys[j]}", ".") for j in order]
+    fixed = sum(_nbytes(n) for n in needles) + sum(_nbytes("".join(q)) for q in questions)
+    room = n_bytes - fixed
+    if room < 0:
+        raise UserError(
+            f"n_bytes={n_bytes} is too small for {num_needles} needles and their questions "
+            f"({fixed} bytes); use at least {fixed}."
+        )
+    inserts = sorted((rng.random(), n) for n in needles)
+    doc = "".join(_haystack(room, rng, filler, inserts)).rstrip()
+    spans: list[tuple[int, int]] = []
+    for query, answer, end in questions:
+        doc += query
+        start = _nbytes(doc)
+        doc += answer + end
+        spans.append((start, start + _nbytes(answer)))
+    return doc, spans
 
 
 # =========================================================================== MQAR
