@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--embd", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--memory-heads", type=int, default=0)
+    p.add_argument("--conv-init", default="random", choices=["random", "shift"])
+    p.add_argument("--memory-qkv", default="shared", choices=["shared", "own"])
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--block", type=int, default=512, help="training block (bytes)")
     p.add_argument("--min-bytes", type=int, default=128)
@@ -46,6 +48,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--answer-weight", type=float, default=10.0)
+    p.add_argument("--needles", type=int, default=1,
+                   help="needles per training document, drawn from 1..N (multi_needle_document)")
+    p.add_argument("--long-steps", type=int, default=0,
+                   help="then this many steps on --long-min..--long-max byte documents in "
+                        "blocks of --long-block (same bytes per step)")
+    p.add_argument("--long-min", type=int, default=512)
+    p.add_argument("--long-max", type=int, default=2048)
+    p.add_argument("--long-block", type=int, default=2048)
+    p.add_argument("--save", default="", help="save the final model state_dict + config here")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-lengths", default="512,1024,2048")
     p.add_argument("--threads", type=int, default=1)
@@ -57,23 +68,28 @@ def main() -> None:
     cfg = ModelConfig(
         arch=a.arch, vocab_size=257, block_size=4096, n_layer=a.layers, n_head=a.heads,
         n_embd=a.embd, window=a.window, memory_rule=a.rule, feature_map=a.feature_map,
-        memory_heads=a.memory_heads, conv_size=a.conv, chunk_size=64, pos="rope", dropout=0.0,
+        memory_heads=a.memory_heads, conv_size=a.conv,
+        conv_init=a.conv_init, memory_qkv=a.memory_qkv, chunk_size=64, pos="rope", dropout=0.0,
     )
     model = build_model(cfg)
     print(f"{a.arch}: {sum(q.numel() for q in model.parameters()):,} parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     rng = random.Random(a.seed)
 
-    def block() -> tuple[list[int], list[float]]:
+    def block(size: int, lo: int, hi: int) -> tuple[list[int], list[float]]:
         toks: list[int] = []
         wts: list[float] = []
-        while len(toks) < a.block + 1:
-            prompt, answer = recall_tasks.needle_example(
-                rng.randint(a.min_bytes, a.max_bytes) - 1, rng.random(), rng=rng)
-            pt, at = list(prompt.encode()), list((answer + ".").encode())
-            toks += pt + at + [EOT]
-            wts += [1.0] * len(pt) + [a.answer_weight] * len(at) + [1.0]
-        return toks[: a.block + 1], wts[: a.block + 1]
+        while len(toks) < size + 1:
+            n = rng.randint(lo, hi) - 1
+            k = max(1, min(rng.randint(1, a.needles), n // 128))  # room for the haystack
+            doc, spans = recall_tasks.multi_needle_document(n, k, rng=rng)
+            dt = list(doc.encode())
+            w = [1.0] * len(dt)
+            for s0, s1 in spans:
+                w[s0:s1] = [a.answer_weight] * (s1 - s0)
+            toks += dt + [EOT]
+            wts += w + [1.0]
+        return toks[: size + 1], wts[: size + 1]
 
     erng = random.Random(12345)
     evals = {
@@ -87,6 +103,7 @@ def main() -> None:
         out = {}
         for n, examples in evals.items():
             exact = digits = 0.0
+            pos = torch.zeros(4)
             for prompt, answer in examples:
                 x = torch.tensor([list((prompt + answer).encode())])
                 logits, _ = model(x[:, :-1])
@@ -94,16 +111,23 @@ def main() -> None:
                 pred, gold = logits[0, -la:].argmax(-1), x[0, -la:]
                 exact += float(torch.equal(pred, gold))
                 digits += (pred[1:] == gold[1:]).float().mean().item()
-            out[n] = (exact / len(examples), round(digits / len(examples), 2))
+                pos += (pred[1:] == gold[1:]).float()
+            out[n] = (exact / len(examples), round(digits / len(examples), 2),
+                      "/".join(f"{v:.2f}" for v in (pos / len(examples)).tolist()))
         model.train()
         return out
 
     t0 = time.time()
-    for step in range(1, a.steps + 1):
-        lr = a.lr * min(1.0, step / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / a.steps)))
+    total = a.steps + a.long_steps
+    for step in range(1, total + 1):
+        lr = a.lr * min(1.0, step / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total)))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = [block() for _ in range(a.batch)]
+        if step <= a.steps:
+            batch = [block(a.block, a.min_bytes, a.max_bytes) for _ in range(a.batch)]
+        else:
+            nb = max(1, a.batch * a.block // a.long_block)
+            batch = [block(a.long_block, a.long_min, a.long_max) for _ in range(nb)]
         x = torch.tensor([b[0] for b in batch])
         w = torch.tensor([b[1] for b in batch])[:, 1:].reshape(-1)
         logits, _ = model(x[:, :-1])
@@ -114,8 +138,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % a.eval_every == 0:
-            res = " ".join(f"{n}B: exact {e:.2f} digits {d:.2f}" for n, (e, d) in evaluate().items())
+            res = " ".join(f"{n}B: exact {e:.2f} digits {d:.2f} ({p})" for n, (e, d, p) in evaluate().items())
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s | {res}", flush=True)
+    if a.save:
+        torch.save({"config": cfg, "model": model.state_dict()}, a.save)
 
 
 if __name__ == "__main__":
