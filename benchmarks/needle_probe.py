@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--memory-heads", type=int, default=0)
     p.add_argument("--conv-init", default="random", choices=["random", "shift"])
     p.add_argument("--memory-qkv", default="shared", choices=["shared", "own"])
+    p.add_argument("--beta-bias", type=float, default=None, help="model.beta_bias")
+    p.add_argument("--decay-init", type=float, default=None, help="model.decay_logit_init (one value)")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--block", type=int, default=512, help="training block (bytes)")
     p.add_argument("--min-bytes", type=int, default=128)
@@ -69,7 +71,8 @@ def main() -> None:
         arch=a.arch, vocab_size=257, block_size=4096, n_layer=a.layers, n_head=a.heads,
         n_embd=a.embd, window=a.window, memory_rule=a.rule, feature_map=a.feature_map,
         memory_heads=a.memory_heads, conv_size=a.conv,
-        conv_init=a.conv_init, memory_qkv=a.memory_qkv, chunk_size=64, pos="rope", dropout=0.0,
+        conv_init=a.conv_init, memory_qkv=a.memory_qkv,
+        decay_logit_init=[] if a.decay_init is None else [a.decay_init], beta_bias=a.beta_bias, chunk_size=64, pos="rope", dropout=0.0,
     )
     model = build_model(cfg)
     print(f"{a.arch}: {sum(q.numel() for q in model.parameters()):,} parameters", flush=True)

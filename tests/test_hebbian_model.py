@@ -104,6 +104,28 @@ def test_shift_init_makes_the_memory_an_induction_lookup():
     assert not torch.equal(shared.c_attn.weight[:C], shared.c_attn.weight[C : 2 * C])
 
 
+def test_decay_logit_init():
+    one = HebbianLM(tiny_cfg(memory_heads=2, decay_logit_init=[6.0]))
+    lam = 0.99 + 0.01 / (1 + math.exp(-6.0))
+    torch.testing.assert_close(one.decay_rates(), torch.full((2, 2), lam))
+    per = HebbianLM(tiny_cfg(memory_heads=2, decay_logit_init=[-1.0, 2.0]))
+    want = torch.tensor([0.99 + 0.01 / (1 + math.exp(1.0)), 0.99 + 0.01 / (1 + math.exp(-2.0))])
+    torch.testing.assert_close(per.decay_rates(), want.expand(2, 2))
+    default = HebbianLM(tiny_cfg(memory_heads=2))  # spread over [-3, 3]
+    assert default.decay_rates()[0, 0] < default.decay_rates()[0, 1]
+    with pytest.raises(UserError, match="decay_logit_init"):
+        HebbianLM(tiny_cfg(memory_heads=2, decay_logit_init=[1.0, 2.0, 3.0]))
+
+
+def test_beta_bias():
+    plain = HebbianLM(tiny_cfg(memory_rule="delta"))
+    assert plain.transformer["h"][0].mix.beta_proj.bias is None
+    biased = HebbianLM(tiny_cfg(memory_rule="delta", beta_bias=-2.0))
+    bias = biased.transformer["h"][0].mix.beta_proj.bias
+    assert torch.equal(bias, torch.full_like(bias, -2.0))
+    assert biased.num_params() == plain.num_params() + 2 * 4  # n_layer x memory heads
+
+
 def test_own_memory_projection_adds_its_parameters():
     shared = build_model(tiny_cfg(conv_size=4))
     own = build_model(tiny_cfg(conv_size=4, memory_qkv="own"))

@@ -53,6 +53,12 @@ class ModelConfig:
     conv_size: int = 0  # causal depthwise conv over the memory's q/k/v (tokens; 0: none)
     conv_init: str = "random"  # random (torch's) | shift (q, v: this token; k: the one before)
     memory_qkv: str = "shared"  # shared (with the local attention) | own projection
+    # initial decay logits p (lambda = (0.99 + 0.01 sigmoid(p)) alpha): [] = spread over
+    # [-3, 3] across memory heads (0 for one head), [p] = every head, or one per head
+    decay_logit_init: list[float] = dataclasses.field(default_factory=list)
+    # delta rule: a learned bias on the write-strength logits, initialised to this value
+    # (beta = sigmoid(W h + b)); None: no bias (beta = sigmoid(W h))
+    beta_bias: float | None = None
     alpha: float = 1.0  # developmental decay scale (set by the curriculum)
     # arch=hf: any Hugging Face causal LM from a local directory (a hub name needs allow_hub)
     hf_path: str = ""

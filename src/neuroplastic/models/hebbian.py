@@ -18,7 +18,7 @@ it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
 - **Memory** (:func:`neuroplastic.ops.fast_weight.fast_weight`):
   ``M_t = lambda M_{t-1} + k_t v_t^T``, ``o_t = q_t M_t`` (``memory_rule=hebbian``) or the
   gated delta rule ``M' = lambda M_{t-1}``, ``M_t = M' + beta_t k_t (v_t - M'^T k_t)^T`` with
-  ``beta_t = sigmoid(linear(h_t))`` per memory head (``memory_rule=delta``; q and k are
+  ``beta_t = sigmoid(linear(h_t))`` per memory head (plus a learned bias when ``model.beta_bias`` is set, initialised to it) (``memory_rule=delta``; q and k are
   then L2-normalised after the feature map so that the update is a contraction).
   ``memory_heads`` heads (``0``: ``n_head``) of size ``n_embd / memory_heads``; q and k go
   through ``feature_map(x, cfg.feature_map)`` without RoPE (the memory has no positions
@@ -42,7 +42,7 @@ it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
   is what makes needle recall learnable on a CPU budget (docs/BENCHMARKS.md, "needle":
   with torch's random conv init and shared projections, recall stays at chance).
 - **Decay**: per layer and memory head, ``lambda = (0.99 + 0.01 * sigmoid(p)) * alpha``
-  with ``p`` a learned per-head logit (initialised spread over ``[-3, 3]`` across heads:
+  with ``p`` a learned per-head logit (``model.decay_logit_init``; by default spread over ``[-3, 3]`` across heads:
   horizons from ~100 to ~2000 tokens at ``alpha = 1``) and ``alpha`` the developmental
   curriculum's value, a buffer in the state dict (checkpoints restore it):
   :meth:`HebbianLM.set_alpha`, ``float(model.alpha)``. ``log lambda`` is computed as
@@ -170,6 +170,11 @@ def _check_hebbian_config(cfg: ModelConfig) -> None:
             f"model.conv_init=shift gives the memory's keys the previous token, which needs "
             f"model.conv_size >= 2 (got {cfg.conv_size})."
         )
+    if len(cfg.decay_logit_init) not in (0, 1, heads):
+        raise UserError(
+            f"model.decay_logit_init takes no value, one for every memory head, or one per "
+            f"memory head ({heads}); got {len(cfg.decay_logit_init)} values."
+        )
     if cfg.memory_qkv not in ("shared", "own"):
         raise UserError(f"model.memory_qkv must be shared or own; got {cfg.memory_qkv!r}.")
     _check_alpha(cfg.alpha, UserError, "model.alpha")
@@ -201,9 +206,14 @@ class LocalAttentionMemory(nn.Module):
         self.c_proj = nn.Linear(C, C, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.decay_logit = nn.Parameter(torch.empty(self.mem_heads))  # p, per memory head
+        self.decay_init = [float(p) for p in cfg.decay_logit_init]
         self.gate = nn.Parameter(torch.empty(C))  # sigmoid(gate): the memory's share
         self.mem_norm = nn.RMSNorm(self.mem_dim, eps=1e-5)
-        self.beta_proj = nn.Linear(C, self.mem_heads, bias=cfg.bias) if self.rule == "delta" else None
+        self.beta_bias = cfg.beta_bias
+        self.beta_proj = (
+            nn.Linear(C, self.mem_heads, bias=cfg.bias or cfg.beta_bias is not None)
+            if self.rule == "delta" else None
+        )
         self.conv_size = cfg.conv_size
         self.conv_init = cfg.conv_init
         self.mem_attn = nn.Linear(C, 3 * C, bias=cfg.bias) if cfg.memory_qkv == "own" else None
@@ -213,11 +223,15 @@ class LocalAttentionMemory(nn.Module):
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
-        if self.mem_heads > 1:
+        if self.decay_init:
+            self.decay_logit.copy_(torch.tensor(self.decay_init, dtype=torch.float32).expand(self.mem_heads))
+        elif self.mem_heads > 1:
             self.decay_logit.copy_(torch.linspace(-3.0, 3.0, self.mem_heads))
         else:
             self.decay_logit.zero_()
         self.gate.zero_()
+        if self.beta_proj is not None and self.beta_proj.bias is not None:
+            self.beta_proj.bias.fill_(self.beta_bias or 0.0)
         if self.mem_conv is not None:
             self.mem_conv.reset_parameters()
             if self.conv_init == "shift":
