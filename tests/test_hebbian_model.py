@@ -60,7 +60,7 @@ def _greedy_by_rerun(model: HebbianLM, prompt: torch.Tensor, n: int) -> torch.Te
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("prompt_len", [1, 5, 6, 7])  # window = 6
+@pytest.mark.parametrize("prompt_len", [1, 5, 6, 7, 30])  # window = 6; 30 >= 4 windows: blockwise prefill
 @pytest.mark.parametrize("conv", [0, 3])
 def test_generation_with_carried_state_equals_rerun(rule, prompt_len, conv):
     cfg = tiny_cfg(memory_rule=rule, alpha=0.9, conv_size=conv)
@@ -102,6 +102,30 @@ def test_shift_init_makes_the_memory_an_induction_lookup():
     shared = HebbianLM(tiny_cfg(conv_size=4, conv_init="shift")).transformer["h"][0].mix
     assert shared.mem_attn is None
     assert not torch.equal(shared.c_attn.weight[:C], shared.c_attn.weight[C : 2 * C])
+
+
+@pytest.mark.parametrize("T,W", [(8, 2), (37, 4), (64, 16), (70, 8), (9, 1)])
+def test_blocked_local_attention_equals_banded_mask(T, W):
+    from neuroplastic.models.hebbian import blocked_local_attention
+
+    g = torch.Generator().manual_seed(T * W)
+    q, k, v = (torch.randn(2, 3, T, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    rel = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+    mask = (rel <= 0) & (rel > -W)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(blocked_local_attention(q, k, v, W), want, rtol=1e-12, atol=1e-12)
+
+
+def test_long_forward_with_small_window_uses_blocks_and_matches_pieces():
+    """T >= 4 window runs the blockwise kernel; feeding the same tokens in short pieces
+    with a carried state (banded-mask path) gives the same logits."""
+    cfg = tiny_cfg(window=3, block_size=40)
+    model = sharp_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    full, _ = model(idx)
+    state = model.new_state()
+    pieces = [model(idx[:, a : a + 5], state=state)[0] for a in range(0, 40, 5)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
 
 
 def test_decay_logit_init():

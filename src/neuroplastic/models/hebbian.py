@@ -14,7 +14,10 @@ it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
 
 - **Local attention**: :func:`torch.nn.functional.scaled_dot_product_attention` with a
   banded causal mask (query ``i`` sees keys ``i - window < j <= i``) and RoPE at absolute
-  positions; ``n_head`` heads. When ``window >= T`` the plain causal kernel is used.
+  positions; ``n_head`` heads. When ``window >= T`` the plain causal kernel is used; when
+  ``T >= 4 window`` a blockwise kernel (:func:`blocked_local_attention`, ``O(T window)``
+  instead of a ``(T, T)`` masked product; the needle-recall model's forward + backward on
+  2 x 2048 bytes, window 8: 234 -> 130 ms on 2 CPU threads).
 - **Memory** (:func:`neuroplastic.ops.fast_weight.fast_weight`):
   ``M_t = lambda M_{t-1} + k_t v_t^T``, ``o_t = q_t M_t`` (``memory_rule=hebbian``) or the
   gated delta rule ``M' = lambda M_{t-1}``, ``M_t = M' + beta_t k_t (v_t - M'^T k_t)^T`` with
@@ -185,6 +188,41 @@ def _check_alpha(alpha: float, exc: type[Exception], name: str) -> None:
         raise exc(f"{name} must be in (0, 1] (it scales the memory decay), got {alpha!r}.")
 
 
+def _blocked(T: int, past: int, window: int) -> bool:
+    """Whether the local attention of a ``T``-token forward after ``past`` kept tokens runs
+    blockwise (:func:`blocked_local_attention`) rather than with a (T, T) banded mask."""
+    return past == 0 and T >= 4 * window
+
+
+def blocked_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Causal sliding-window attention, query ``i`` seeing keys ``i - window < j <= i``, in
+    ``O(T * window)``: the sequence is cut into blocks of ``window`` positions and each block
+    attends to itself and the block before (``2 * window`` keys, a fixed band mask), instead
+    of one ``(T, T)`` masked product that is almost all masked out when ``window << T``.
+    ``q, k, v``: ``(B, H, T, D)``; returns ``(B, H, T, D)``. Equals SDPA with the banded mask."""
+    B, H, T, D = q.shape
+    W = window
+    nb = -(-T // W)
+    pad = nb * W - T
+    if pad:  # padded keys come after every real query, so no real query sees them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    kp, vp = (F.pad(t, (0, 0, W, 0)) for t in (k, v))  # a zero block before the first
+
+    def pairs(t: torch.Tensor) -> torch.Tensor:  # (B, H, nb, 2W, D): block before + this one
+        return torch.cat((t[:, :, :-W].view(B, H, nb, W, D), t[:, :, W:].view(B, H, nb, W, D)), dim=3)
+
+    r = torch.arange(W, device=q.device)[:, None]
+    c = torch.arange(2 * W, device=q.device)[None, :]
+    mask = ((c > r) & (c <= r + W)).expand(nb, W, 2 * W).clone()
+    mask[0, :, :W] = False  # the zero block before the sequence
+    out = F.scaled_dot_product_attention(
+        q.view(B, H, nb, W, D), pairs(kp), pairs(vp), attn_mask=mask, dropout_p=dropout_p
+    )
+    return out.reshape(B, H, nb * W, D)[:, :, :T]
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -196,6 +234,7 @@ class LocalAttentionMemory(nn.Module):
         C = cfg.n_embd
         self.n_head = cfg.n_head
         self.head_dim = C // cfg.n_head
+        self.window = cfg.window
         self.mem_heads = cfg.memory_heads or cfg.n_head
         self.mem_dim = C // self.mem_heads
         self.rule = cfg.memory_rule
@@ -286,13 +325,14 @@ class LocalAttentionMemory(nn.Module):
         qa, ka = apply_rope(qa, *rope), apply_rope(ka, *rope)
         if state is not None:
             ka, va = state.update_kv(layer, ka, va)
-        is_causal = attn_mask is None and ka.size(2) == T and T > 1
-        a = F.scaled_dot_product_attention(
-            qa, ka, va,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
+        p_drop = self.dropout if self.training else 0.0
+        if _blocked(T, ka.size(2) - T, self.window):  # no kept keys before this forward
+            a = blocked_local_attention(qa, ka, va, self.window, p_drop)
+        else:
+            is_causal = attn_mask is None and ka.size(2) == T and T > 1
+            a = F.scaled_dot_product_attention(
+                qa, ka, va, attn_mask=attn_mask, dropout_p=p_drop, is_causal=is_causal
+            )
         a = a.transpose(1, 2).reshape(B, T, C)
 
         # fast-weight memory: mem_heads heads, no positions
@@ -433,9 +473,10 @@ class HebbianLM(nn.Module):
     def _attn_mask(self, T: int, past: int, device: torch.device) -> torch.Tensor | None:
         """Boolean ``(T, past + T)`` mask: query ``i`` (after ``past`` kept keys) sees key
         ``j`` iff ``past + i - window < j <= past + i``. ``None`` where SDPA needs none:
-        no past and ``T <= window`` (plain causal), or a single query (sees all kept keys)."""
+        no past and ``T <= window`` (plain causal), a single query (sees all kept keys), or
+        a forward long enough for the blockwise kernel (:func:`blocked_local_attention`)."""
         W = self.config.window
-        if T == 1 or (past == 0 and T <= W):
+        if T == 1 or (past == 0 and T <= W) or _blocked(T, past, W):
             return None
         rel = torch.arange(past + T, device=device)[None, :] - torch.arange(T, device=device)[:, None]
         return (rel <= past) & (rel > past - W)
