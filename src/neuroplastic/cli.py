@@ -78,6 +78,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     cfg = load_config(args.recipe, overrides)
+    if cfg.recipe_module == "recall":
+        from neuroplastic.recipes.recall import train_recall
+
+        summary = train_recall(cfg, echo=_echo)
+        print(f"run dir: {summary['run_dir']}")
+        return 0
     trainer = Trainer(cfg, echo=_echo).setup()
     print(_describe(trainer))
     if trainer.resumed_from:
