@@ -156,6 +156,18 @@ def test_hebbian_chunked_blockwise_backward(monkeypatch):
     check_forms_agree("hebbian", inp, 4, TOL[torch.float64])
 
 
+@pytest.mark.parametrize("limit", [0, 1000], ids=["loop-over-chunks", "one-matmul"])
+@pytest.mark.parametrize("decay", ["mixed", "near0", "near1"])
+def test_hebbian_state_passing_both_ways(monkeypatch, limit, decay):
+    """Chunk states are passed on by an (N, N) matmul up to _PASS_MATMUL_CHUNKS chunks and
+    by a loop beyond: both agree with the recurrence (outputs, state, all gradients)."""
+    import neuroplastic.ops.fast_weight as fw
+
+    monkeypatch.setattr(fw, "_PASS_MATMUL_CHUNKS", limit)
+    inp = make_inputs(2, 2, 37, 4, 3, decay=decay, seed=5, state=True)
+    check_forms_agree("hebbian", inp, 3, TOL[torch.float64])
+
+
 def test_hebbian_chunked_gradcheck():
     inp = make_inputs(1, 2, 11, 3, 2, decay="uniform", seed=22)
     args = [inp[n].requires_grad_() for n in ("q", "k", "v", "log_decay", "initial_state")]

@@ -230,6 +230,60 @@ def _blocks(q: torch.Tensor):
     return [(n, min(N, n + step)) for n in range(0, N, step)]
 
 
+# up to this many chunks the chunk states are passed on by one (N, N) matmul, beyond it
+# by a loop over chunks (the matmul costs N^2 dk dv, the loop N dk dv in N small steps)
+_PASS_MATMUL_CHUNKS = 64
+
+
+def _pass_states(contrib: torch.Tensor, a: torch.Tensor, la: torch.Tensor, s0: torch.Tensor):
+    """Chunk-entry states ``prev[n]`` and the final state of ``S_n = a_n S_{n-1} +
+    contrib_n`` from ``S_{-1} = s0``; contrib ``(B, H, N, dk, dv)``, a ``(B, H, N, 1, 1)``
+    and ``la = log a`` ``(B, H, N)`` (the chunk's summed log-decays: finite even where
+    ``a`` underflows to 0).
+
+    For ``N <= _PASS_MATMUL_CHUNKS``: all states at once, ``S = E @ contrib + G s0`` with
+    ``E[i, m] = prod_{m < l <= i} a_l`` (a causal decay matrix built from segment sums of
+    ``log a``, as within a chunk) and ``G_i = prod_{l <= i} a_l``; no loop."""
+    B, H, N, dk, dv = contrib.shape
+    if N > _PASS_MATMUL_CHUNKS:
+        prev = torch.empty_like(contrib)
+        S = s0
+        for n in range(N):
+            prev[:, :, n] = S
+            S = torch.addcmul(contrib[:, :, n], a[:, :, n], S)
+        return prev, S
+    E = _decay_mask(la)
+    G = la.cumsum(-1).exp()
+    S_all = (E @ contrib.reshape(B, H, N, dk * dv)).reshape(B, H, N, dk, dv)
+    S_all.add_(G[..., None, None] * s0.unsqueeze(2))
+    prev = torch.cat((s0.unsqueeze(2), S_all[:, :, :-1]), dim=2)
+    return prev, S_all[:, :, -1]
+
+
+def _pass_states_backward(
+    dprev: torch.Tensor, ds: torch.Tensor, prev: torch.Tensor, a: torch.Tensor, la: torch.Tensor
+):
+    """Gradients of :func:`_pass_states`: ``(dcontrib, dlog_a (B, H, N), ds0)`` from the
+    gradients of the chunk-entry states and of the final state."""
+    B, H, N, dk, dv = prev.shape
+    if N > _PASS_MATMUL_CHUNKS:
+        dcontrib = torch.empty_like(prev)
+        da = torch.empty_like(a)
+        for n in range(N - 1, -1, -1):
+            dcontrib[:, :, n] = ds
+            da[:, :, n] = (ds * prev[:, :, n]).sum((-1, -2), keepdim=True)
+            ds = torch.addcmul(dprev[:, :, n], a[:, :, n], ds)
+        return dcontrib, (da * a)[..., 0, 0], ds
+    # d S_all[i] = dprev[i + 1] (i < N - 1), ds (i = N - 1); the gradient reaching state
+    # S_m in full is sum_i E_im dS_i (= dcontrib_m, as in the loop); S_m = a_m S_{m-1} + ...
+    dS = torch.cat((dprev[:, :, 1:], ds.unsqueeze(2)), dim=2).reshape(B, H, N, dk * dv)
+    E = _decay_mask(la)
+    dcontrib = (E.transpose(-1, -2) @ dS).reshape(B, H, N, dk, dv)
+    dlog_a = a[..., 0, 0] * (dcontrib * prev).sum((-1, -2))
+    ds0 = torch.addcmul(dprev[:, :, 0], a[:, :, 0], dcontrib[:, :, 0])
+    return dcontrib, dlog_a, ds0
+
+
 class _HebbianChunked(torch.autograd.Function):
     """Chunk-parallel Hebbian memory with a hand-written backward.
 
@@ -254,11 +308,7 @@ class _HebbianChunked(torch.autograd.Function):
         tail = _suffix_sums(g).exp()
         a = gamma[..., -1:].unsqueeze(-1)  # (B, H, N, 1, 1)
         contrib = (k * tail.unsqueeze(-1)).transpose(-1, -2) @ v  # (B, H, N, dk, dv)
-        prev = torch.empty_like(contrib)
-        S = s0
-        for n in range(N):
-            prev[:, :, n] = S
-            S = torch.addcmul(contrib[:, :, n], a[:, :, n], S)
+        prev, S = _pass_states(contrib, a, g.sum(-1), s0)
         o = (q * gamma.unsqueeze(-1)) @ prev
         for n0, n1 in _blocks(q):
             sl = slice(n0, n1)
@@ -271,7 +321,6 @@ class _HebbianChunked(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, ds):
         q, k, v, g, prev = ctx.saved_tensors
-        N = q.shape[2]
         gamma = g.cumsum(-1).exp()
         tail = _suffix_sums(g).exp()
         a = gamma[..., -1:].unsqueeze(-1)
@@ -280,14 +329,9 @@ class _HebbianChunked(torch.autograd.Function):
         dlog_gamma = (dq * q).sum(-1)  # d(gamma_i) * gamma_i
         dprev = (q * gamma.unsqueeze(-1)).transpose(-1, -2) @ do
         # state passing, backwards over chunks
-        dcontrib = torch.empty_like(prev)
-        da = torch.empty_like(a)
-        for n in range(N - 1, -1, -1):
-            dcontrib[:, :, n] = ds
-            da[:, :, n] = (ds * prev[:, :, n]).sum((-1, -2), keepdim=True)
-            ds = torch.addcmul(dprev[:, :, n], a[:, :, n], ds)
-        dlog_gamma[..., -1] += (da * a)[..., 0, 0]  # a = gamma_C
-        del dprev, da
+        dcontrib, dlog_a, ds = _pass_states_backward(dprev, ds, prev, a, g.sum(-1))
+        dlog_gamma[..., -1] += dlog_a  # a = gamma_C
+        del dprev, dlog_a
         # each chunk's writes: contrib = (k * tail)^T v
         kt = k * tail.unsqueeze(-1)
         dkt = v @ dcontrib.transpose(-1, -2)  # (B, H, N, C, dk)
