@@ -9,7 +9,7 @@ trainer, because recall needs two things that trainer does not do:
 * **answer-weighted loss**: the bytes of each answer (``" 4821"``) count
   ``options.answer_weight`` times in the cross-entropy, all other bytes once. Measured
   (docs/BENCHMARKS.md, section "needle"): with weight 1 a 1 x 128 delta-rule agiformer
-  is still at chance after 600 steps; with weight 10 it recalls from step ~100, because
+  is still at chance after 700 steps; with weight 10 its digit accuracy leaves chance by step 100, because
   four digits per ~300 bytes are otherwise a whisper in the language-model loss.
 
 A length curriculum goes with them: ``options.short_fraction`` of ``train.max_steps`` on
