@@ -24,7 +24,11 @@ forcing: ``exact`` = all four digits right (what greedy decoding needs), ``digit
 per-digit accuracy (chance 0.1). The full grid with a heatmap is ``neuroplastic evaluate
 RUN --task needle``. Checkpoints (``train.ckpt_interval`` and at the end) have the
 trainer's format, so ``evaluate``/``generate`` read them, and ``--resume`` continues a run
-exactly (model, optimizer, step and the document generator's state).
+exactly (model, optimizer, step and the document generator's state). It uses
+``train.max_steps``, ``batch_size`` (rows of ``short_block`` bytes; the long phase keeps the
+bytes per step), ``lr``/``min_lr``/``warmup_steps``, the AdamW settings, ``grad_clip``,
+``seed``, ``device`` and the interval keys; it runs in float32 on one process (``amp``,
+``grad_accum``, ``compile`` and the plasticity/reward sections do not apply here).
 """
 
 from __future__ import annotations
