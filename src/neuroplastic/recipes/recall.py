@@ -159,15 +159,6 @@ def quick_recall_eval(model: torch.nn.Module, examples: dict[int, list[tuple[str
 # --------------------------------------------------------------------------- loop
 
 
-def _lr(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up, then cosine from ``train.lr`` down to ``train.min_lr``."""
-    tc = cfg.train
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
-    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _rng_to_json(state: tuple) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
@@ -186,7 +177,12 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
     from neuroplastic.models import build_model
     from neuroplastic.training import checkpoint as ckpt
     from neuroplastic.training.metrics import MetricsLogger
-    from neuroplastic.training.trainer import build_optimizer, check_writable, resolve_device
+    from neuroplastic.training.trainer import (
+        build_optimizer,
+        check_writable,
+        lr_at,
+        resolve_device,
+    )
 
     opts = _build(RecallOptions, dict(cfg.options), "options").validate(cfg)
     if cfg.data.tokenizer != "byte":
@@ -275,7 +271,7 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
                                tok.eos_id)
         t0 = time.perf_counter()
         x, y, w = x.to(device), y.to(device), w.to(device)
-        lr = _lr(step, cfg)
+        lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits, _ = model(x)
