@@ -21,8 +21,9 @@ it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
 - **Memory** (:func:`neuroplastic.ops.fast_weight.fast_weight`):
   ``M_t = lambda M_{t-1} + k_t v_t^T``, ``o_t = q_t M_t`` (``memory_rule=hebbian``) or the
   gated delta rule ``M' = lambda M_{t-1}``, ``M_t = M' + beta_t k_t (v_t - M'^T k_t)^T`` with
-  ``beta_t = sigmoid(linear(h_t))`` per memory head (plus a learned bias when ``model.beta_bias`` is set, initialised to it) (``memory_rule=delta``; q and k are
-  then L2-normalised after the feature map so that the update is a contraction).
+  ``beta_t = sigmoid(linear(h_t))`` per memory head (``memory_rule=delta``; plus a
+  learned bias initialised to ``model.beta_bias`` when that is set; q and k are then
+  L2-normalised after the feature map so that the update is a contraction).
   ``memory_heads`` heads (``0``: ``n_head``) of size ``n_embd / memory_heads``; q and k go
   through ``feature_map(x, cfg.feature_map)`` without RoPE (the memory has no positions
   and no length limit). Each head's output is RMS-normalised (a learned weight shared by
@@ -45,7 +46,8 @@ it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
   is what makes needle recall learnable on a CPU budget (docs/BENCHMARKS.md, "needle":
   with torch's random conv init and shared projections, recall stays at chance).
 - **Decay**: per layer and memory head, ``lambda = (0.99 + 0.01 * sigmoid(p)) * alpha``
-  with ``p`` a learned per-head logit (``model.decay_logit_init``; by default spread over ``[-3, 3]`` across heads:
+  with ``p`` a learned per-head logit (initialised from ``model.decay_logit_init``, by
+  default spread over ``[-3, 3]`` across heads:
   horizons from ~100 to ~2000 tokens at ``alpha = 1``) and ``alpha`` the developmental
   curriculum's value, a buffer in the state dict (checkpoints restore it):
   :meth:`HebbianLM.set_alpha`, ``float(model.alpha)``. ``log lambda`` is computed as
