@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from neuroplastic.config import ModelConfig
 from neuroplastic.data import recall_tasks
 from neuroplastic.models import build_model
+from neuroplastic.recipes.recall import recall_batch
 
 EOT = 256
 
@@ -79,21 +80,6 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     rng = random.Random(a.seed)
 
-    def block(size: int, lo: int, hi: int) -> tuple[list[int], list[float]]:
-        toks: list[int] = []
-        wts: list[float] = []
-        while len(toks) < size + 1:
-            n = rng.randint(lo, hi) - 1
-            k = max(1, min(rng.randint(1, a.needles), n // 128))  # room for the haystack
-            doc, spans = recall_tasks.multi_needle_document(n, k, rng=rng)
-            dt = list(doc.encode())
-            w = [1.0] * len(dt)
-            for s0, s1 in spans:
-                w[s0:s1] = [a.answer_weight] * (s1 - s0)
-            toks += dt + [EOT]
-            wts += w + [1.0]
-        return toks[: size + 1], wts[: size + 1]
-
     erng = random.Random(12345)
     evals = {
         n: [recall_tasks.needle_example(n, d, rng=erng) for d in (0, 0.25, 0.5, 0.75, 1) for _ in range(4)]
@@ -127,15 +113,14 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         if step <= a.steps:
-            batch = [block(a.block, a.min_bytes, a.max_bytes) for _ in range(a.batch)]
+            rows, size, lo, hi = a.batch, a.block, a.min_bytes, a.max_bytes
         else:
-            nb = max(1, a.batch * a.block // a.long_block)
-            batch = [block(a.long_block, a.long_min, a.long_max) for _ in range(nb)]
-        x = torch.tensor([b[0] for b in batch])
-        w = torch.tensor([b[1] for b in batch])[:, 1:].reshape(-1)
-        logits, _ = model(x[:, :-1])
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none")
-        loss = (nll * w).sum() / w.sum()
+            rows, size = max(1, a.batch * a.block // a.long_block), a.long_block
+            lo, hi = a.long_min, a.long_max
+        x, y, w = recall_batch(rng, rows, size, lo, hi, a.needles, a.answer_weight, EOT)
+        logits, _ = model(x)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        loss = (nll * w.reshape(-1)).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

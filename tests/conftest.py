@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +56,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         [sys.executable, "-m", "neuroplastic", *args],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
     )
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: more threads only add contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

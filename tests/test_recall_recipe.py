@@ -17,13 +17,7 @@ from neuroplastic.recipes.recall import recall_batch, train_recall
 from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out, **extra):
