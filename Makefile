@@ -1,9 +1,16 @@
 # Two commands on a fresh machine:  make demo   and   make test
-# torch is pinned first so that pip takes the CPU build instead of a multi-GB CUDA one.
+# torch is pinned and installed first. From plain PyPI on Linux x86_64, torch==2.13.0 is the
+# CUDA build (several GB with its nvidia-* packages); on this project's CI machines a CPU build
+# of it lies on local disk and pip takes that. On a laptop or CPU server, `make demo TORCH=cpu`
+# takes the CPU build from PyTorch's CPU wheel index (falling back to plain PyPI when that index
+# cannot be reached); a GPU user runs plain `make demo` (or installs the torch build matching
+# the machine's CUDA first, then `pip install -e '.[hf,metrics,eval]'`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH ?= torch==2.13.0
+TORCH ?= pinned
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= dev,hf,metrics,eval
 
 .PHONY: install demo test test-compat lint bench clean
@@ -12,7 +19,11 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH)
+	@if [ "$(TORCH)" = "cpu" ]; then \
+		$(PY) -m pip install --quiet --timeout 10 --retries 1 torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) \
+		|| { echo "PyTorch's CPU index unreachable: installing torch==$(TORCH_VERSION) from PyPI"; \
+		     $(PY) -m pip install --quiet torch==$(TORCH_VERSION); }; \
+	else $(PY) -m pip install --quiet torch==$(TORCH_VERSION); fi
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
@@ -26,7 +37,7 @@ test: install
 COMPAT_VENV ?= .venv-compat
 test-compat:
 	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet 'transformers>=4.45,<4.50' 'peft<0.14' -e '.[$(EXTRAS)]'
 	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_recipes.py tests/test_controlled_generation.py tests/test_multiple_choice.py
 
