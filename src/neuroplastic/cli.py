@@ -312,26 +312,32 @@ def _evaluate_task(args, model, tok, device, directory) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from neuroplastic.evaluation.generation import check_finite_weights, check_sampling, resolve_device
     from neuroplastic.training.inference import load_trained
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.max_new_tokens <= 0:
-        raise UserError("--max-new-tokens must be a positive integer.")
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0 (0 means greedy).")
+    check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
+    device = resolve_device(args.device)
     model, tok, cfg, directory = load_trained(args.checkpoint, device=device)
+    check_finite_weights(model, str(directory))
     ids = tok.encode(args.prompt) or [tok.eos_id]
     ids = ids[-cfg.model.block_size :]
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
     for i in range(args.num_samples):
-        out = model.generate(
-            torch.tensor([ids], device=device), args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-            eos_id=tok.eos_id, generator=gen,
-        )
+        try:
+            out = model.generate(
+                torch.tensor([ids], device=device), args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                eos_id=tok.eos_id, generator=gen,
+            )
+        except RuntimeError as exc:
+            if "probability tensor contains" not in str(exc):
+                raise
+            raise UserError(
+                f"the model in {directory} produced NaN or inf probabilities while sampling; "
+                "use an earlier checkpoint, or --temperature 0 for greedy decoding."
+            ) from exc
         text = tok.decode(out[0, len(ids):].tolist())
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")

@@ -15,12 +15,73 @@ Tokenizers are ours (``encode``/``decode``/``eos_id``) or ``transformers`` ones
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["TextCodec", "generate_until"]
+from neuroplastic.errors import UserError
+
+__all__ = ["TextCodec", "check_finite_weights", "check_sampling", "generate_until", "resolve_device"]
+
+
+def check_sampling(
+    *, temperature: float, top_k: int | None = None, top_p: float | None = None,
+    num_samples: int = 1, max_new_tokens: int = 1,
+) -> None:
+    """UserError (naming the command-line option) for sampling settings that cannot work."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 means no top-k filter), got {top_k}.")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise UserError(f"--top-p must be in (0, 1] (1 means no nucleus filter), got {top_p}.")
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {num_samples}.")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}.")
+
+
+def resolve_device(spec: str, option: str = "--device") -> torch.device:
+    """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda[:N]`` or ``mps``;
+    UserError naming ``option`` when the device does not exist on this machine."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"{option} {spec!r} is not a device; use auto, cpu, cuda or cuda:N.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{option} is {spec!r} but CUDA is not available on this machine; use {option} cpu (or auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{option} is {spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{option} is {spec!r} but MPS is not available on this machine; use {option} cpu (or auto).")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{option} {spec!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    return dev
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """UserError when any parameter or floating-point buffer of ``model`` holds NaN or inf."""
+    bad = total = 0
+    names: list[str] = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not torch.is_floating_point(t):
+            continue
+        n = int((~torch.isfinite(t.detach())).sum())
+        total += t.numel()
+        if n:
+            bad += n
+            names.append(name)
+    if bad:
+        raise UserError(
+            f"the weights in {where} are not finite ({bad:,} of {total:,} values are NaN or inf, first in "
+            f"{names[0]}); the run diverged before this checkpoint was saved, so generate from an earlier "
+            "checkpoint (a checkpoints/step_N folder) or retrain with a lower learning rate."
+        )
 
 
 class TextCodec:

@@ -40,8 +40,10 @@ def add_neurogen_parser(sub, parser_class) -> argparse.ArgumentParser:
                    help="start over (removes the run directory's checkpoints)")
     t.add_argument("--init-from", help="start a new run from this checkpoint (fine-tuning)")
     t.add_argument("--lr", type=float, help="learning rate of the readout and embeddings")
-    t.add_argument("--embedding-dim", type=int, default=512)
-    t.add_argument("--scale", type=float, default=1.0, help="neurons per module = seed size x scale (default 1: 79,872)")
+    t.add_argument("--embedding-dim", type=int, default=None,
+                   help="embedding size of a new run (default 512; on --resume the checkpoint's is used)")
+    t.add_argument("--scale", type=float, default=None,
+                   help="neurons per module = seed size x scale (default 1: 79,872; on --resume the checkpoint's is used)")
     t.add_argument("--gpu-device", type=int, default=0, help="CUDA device, -1 for the CPU (default 0, CPU if no CUDA)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="brain setting for a new run, e.g. --set hippocampus=false --set activity=lif (repeat)")
@@ -90,15 +92,42 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     return 2
 
 
+def _resume_size_note(args) -> str | None:
+    """A note when --embedding-dim / --scale are given with --resume: the checkpoint decides them."""
+    from pathlib import Path
+
+    from neuroplastic.neurogen.model import NeuroGenModel
+    from neuroplastic.neurogen.train import list_checkpoints
+
+    given = {k: v for k, v in (("embedding-dim", args.embedding_dim), ("scale", args.scale)) if v is not None}
+    if args.resume is not True or not given:
+        return None
+    found = list_checkpoints(Path(args.out) / "checkpoints")
+    if not found:
+        return None  # no checkpoint: the run starts new and uses the options
+    config = NeuroGenModel.read_metadata(found[-1][1]).get("config") or {}
+    saved = {"embedding-dim": config.get("embedding_dim"), "scale": config.get("scale")}
+    parts = [f"--{k} {v} (the checkpoint has {saved[k]})" for k, v in given.items()
+             if saved[k] is None or float(v) != float(saved[k])]
+    if not parts:
+        return None
+    return (f"note: {' and '.join(parts)} {'is' if len(parts) == 1 else 'are'} ignored with --resume; "
+            f"the checkpoint {found[-1][1].name} decides the model's size (use --no-resume to start over with new sizes)")
+
+
 def _train(args, echo) -> int:
     from neuroplastic.neurogen.train import TrainOptions, train
 
+    note = _resume_size_note(args)
+    if note:
+        echo(note)
     opts = TrainOptions(
         data=args.data, field=args.field, data_dir=args.data_dir, tokenizer=args.tokenizer,
         bpe_vocab_size=args.bpe_vocab_size, tokens_per_chunk=args.tokens_per_chunk, max_chunks=args.max_chunks,
         max_seq_length=args.max_seq_length, checkpoint_interval=args.checkpoint_interval,
         log_interval=args.log_interval, out=args.out, resume=args.resume, init_from=args.init_from, lr=args.lr,
-        embedding_dim=args.embedding_dim, gpu_device=args.gpu_device, scale=args.scale,
+        embedding_dim=512 if args.embedding_dim is None else args.embedding_dim, gpu_device=args.gpu_device,
+        scale=1.0 if args.scale is None else args.scale,
         overrides=list(args.overrides), eval_data=args.eval_data, eval_tokens=args.eval_tokens, seed=args.seed,
         tensorboard=args.tensorboard, progress=args.progress,
     )
