@@ -312,7 +312,11 @@ def _evaluate_task(args, model, tok, device, directory) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from neuroplastic.evaluation.generation import check_finite_weights, check_sampling, resolve_device
+    from neuroplastic.evaluation.generation import (
+        check_finite_weights,
+        check_sampling,
+        resolve_device,
+    )
     from neuroplastic.training.inference import load_trained
 
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -376,14 +380,27 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from neuroplastic.data.registry import status
 
-    rows = []
+    rows, found = [], []
     for e in status(args.data_dir):
+        files = e.get("files") or []
         size = e.get("size_bytes")
-        rows.append([
-            e["name"], "yes" if e["available"] else "no",
-            _human_size(size) if size else "-", e.get("path") or "-", e.get("description", ""),
-        ])
+        if e["available"]:
+            local = "yes"
+        elif files:  # only other splits than the default one are here
+            local = "partial: " + ", ".join(f["split"] or "?" for f in files)
+            size = sum(f["size_bytes"] for f in files)
+        else:
+            local = "no"
+        path = e.get("path") or (files[0]["path"] if files else "-")
+        rows.append([e["name"], local, _human_size(size) if size else "-", path, e.get("description", "")])
+        for f in files:
+            split = f"{e['name']}@{f['split']}" if f["split"] else e["name"]
+            found.append([split, _human_size(f["size_bytes"]), f["path"]])
     print(_format_table(rows, ["name", "local", "size", "path", "description"]))
+    if found:
+        print()
+        print("Files found (read a split with NAME@SPLIT, e.g. wikitext2@valid):")
+        print(_format_table(found, ["corpus / split", "size", "file"]))
     print("Lookup order: --data-dir, $NEUROPLASTIC_DATA, ../shared/data, the download cache.")
     return 0
 

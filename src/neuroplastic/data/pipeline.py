@@ -156,42 +156,70 @@ def _synthetic_stage(cfg: DataConfig, name: str, cache: dict) -> tuple[list[str]
 
 
 def _stage_available(spec: str, cfg: DataConfig) -> bool:
-    from neuroplastic.data.registry import REGISTRY, find_local
+    from neuroplastic.data.registry import find_local, parse_spec
 
     if spec.startswith("synthetic:") or spec in RECALL_SOURCES:
         return True
-    if spec in REGISTRY:
-        return find_local(spec, cfg.data_dir or None) is not None
+    parsed = parse_spec(spec)
+    if parsed is not None:
+        entry, split = parsed
+        return not entry.downloadable or find_local(entry.name, cfg.data_dir or None, split) is not None
     return Path(spec).exists()
 
 
-def stage_documents(cfg: DataConfig, stages: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+def choose_stage_source(stage: str, cfg: DataConfig) -> str:
+    """The source a curriculum stage reads: the first of its ``a|b|c`` alternatives available
+    locally. Passing over an alternative is a :class:`~neuroplastic.data.sources.DataWarning`
+    naming what was skipped, where it was looked for and what is used instead."""
+    from neuroplastic.data.registry import data_dirs
+    from neuroplastic.data.sources import warn_data
+
+    options = [o.strip() for o in stage.split("|") if o.strip()]
+    if not options:
+        raise UserError(f"Curriculum stage {stage!r} names no data source; give a source or a synthetic stage.")
+    chosen = next((o for o in options if _stage_available(o, cfg)), options[-1])
+    skipped = options[: options.index(chosen)]
+    if skipped:
+        looked = ", ".join(str(d) for d in data_dirs(cfg.data_dir or None))
+        warn_data(
+            f"curriculum stage {stage!r}: {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} not on this "
+            f"machine (looked in {looked}), so this stage trains on {chosen} instead; put the corpus in a data dir "
+            "(see `neuroplastic data`) to train on it"
+        )
+    return chosen
+
+
+def stage_documents(
+    cfg: DataConfig, stages: list[str], chosen: dict[str, str] | None = None
+) -> dict[str, tuple[list[str], list[str]]]:
     """Train/val documents per curriculum stage.
 
     A stage is a synthetic stage name (with ``data.source=synthetic``), ``synthetic:NAME``,
     or any data source spec. ``a|b|c`` lists alternatives: the first one available
     locally is used (e.g. ``wordnet|synthetic:definitions`` falls back to the embedded
-    definitions when WordNet is not on this machine).
+    definitions when WordNet is not on this machine), with a warning (:func:`choose_stage_source`).
+    ``chosen``, when given, receives the source each stage reads.
     """
     from neuroplastic.data.sources import load_documents
 
     out: dict[str, tuple[list[str], list[str]]] = {}
     cache: dict = {}
     for stage in stages:
-        options = [o.strip() for o in stage.split("|") if o.strip()]
-        chosen = next((o for o in options if _stage_available(o, cfg)), options[-1])
-        if cfg.source == "synthetic" and "|" not in stage and ":" not in chosen:
-            out[stage] = _synthetic_stage(cfg, chosen, cache)
+        chosen_source = choose_stage_source(stage, cfg)
+        if chosen is not None:
+            chosen[stage] = chosen_source
+        if cfg.source == "synthetic" and "|" not in stage and ":" not in chosen_source:
+            out[stage] = _synthetic_stage(cfg, chosen_source, cache)
             continue
-        if chosen in RECALL_SOURCES:
-            out[stage] = _recall_documents(chosen, cfg.synthetic_seed, cfg.recall_max_bytes)
+        if chosen_source in RECALL_SOURCES:
+            out[stage] = _recall_documents(chosen_source, cfg.synthetic_seed, cfg.recall_max_bytes)
             continue
-        if chosen.startswith("synthetic:"):
-            out[stage] = _synthetic_stage(cfg, chosen.split(":", 1)[1], cache)
+        if chosen_source.startswith("synthetic:"):
+            out[stage] = _synthetic_stage(cfg, chosen_source.split(":", 1)[1], cache)
             continue
-        docs = [d for d in load_documents(chosen, field=cfg.field, data_dir=cfg.data_dir or None) if d]
+        docs = [d for d in load_documents(chosen_source, field=cfg.field, data_dir=cfg.data_dir or None) if d]
         if not docs:
-            raise UserError(f"Curriculum stage {chosen!r} contains no text.")
+            raise UserError(f"Curriculum stage {chosen_source!r} contains no text.")
         out[stage] = _split_documents(docs, cfg.val_fraction)
     if cfg.max_chars > 0:
         per = max(1, cfg.max_chars // len(stages))
@@ -205,7 +233,8 @@ def stage_documents(cfg: DataConfig, stages: list[str]) -> dict[str, tuple[list[
 def prepare_stages(cfg: DataConfig, stages: list[str], tokenizer_dir: Path | None = None) -> PreparedStages:
     from neuroplastic.data.tokenizers import build_tokenizer, load_tokenizer
 
-    docs = stage_documents(cfg, stages)
+    chosen: dict[str, str] = {}
+    docs = stage_documents(cfg, stages, chosen)
     if tokenizer_dir is not None:
         tok = load_tokenizer(tokenizer_dir)
     else:
@@ -218,5 +247,11 @@ def prepare_stages(cfg: DataConfig, stages: list[str], tokenizer_dir: Path | Non
         val[s] = join_documents([tok.encode(d) for d in va], tok.eos_id)
         if len(val[s]) < 2:
             raise UserError(f"The validation split of curriculum stage {s!r} is empty.")
-    desc = ("synthetic curriculum " if cfg.source == "synthetic" else "curriculum ") + " -> ".join(stages)
+    # name what each stage reads, not the alternatives it was given ("a|b" -> "b (a not found)")
+    names = []
+    for s in stages:
+        options = [o.strip() for o in s.split("|") if o.strip()]
+        skipped = options[: options.index(chosen[s])] if chosen[s] in options else []
+        names.append(chosen[s] + (f" ({', '.join(skipped)} not found)" if skipped else ""))
+    desc = ("synthetic curriculum " if cfg.source == "synthetic" else "curriculum ") + " -> ".join(names)
     return PreparedStages(tok, train, val, desc)

@@ -43,6 +43,8 @@ __all__ = [
     "data_dirs",
     "find_local",
     "get_entry",
+    "local_files",
+    "parse_spec",
     "resolve",
     "sha256_of",
     "status",
@@ -77,6 +79,9 @@ class CorpusEntry:
     local_sha256: dict[str, str] = field(default_factory=dict)
     hf: str | None = None  # Hugging Face dataset as NAME[:CONFIG], for "hf:" specs / streaming
     note: str = ""
+    # named parts a user can pick with NAME@SPLIT: (split, candidate paths best first); a bare NAME
+    # reads ``paths`` (the first split's files), never another split in its place
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def downloadable(self) -> bool:
@@ -120,6 +125,13 @@ _ENTRIES = [
         download_to="wikitext2/wikitext-2-raw-v1.zip",
         members=(("wikitext-2-raw/", "wikitext2/"),),
         hf="Salesforce/wikitext:wikitext-2-raw-v1",
+        splits=(
+            ("train", ("wikitext2/wiki.train.raw", "wikitext2/wiki.train.tokens")),
+            ("valid", ("wikitext2/wiki.valid.raw", "wikitext2/wiki.valid.tokens")),
+            ("test", ("wikitext2/wiki.test.raw", "wikitext2/wiki.test.tokens")),
+        ),
+        note="the shared copy holds only the validation split, tokenized (wiki.valid.tokens, with <unk>); "
+        "read it with the spec wikitext2@valid",
     ),
     CorpusEntry(
         name="wikitext103",
@@ -132,6 +144,11 @@ _ENTRIES = [
         download_to="wikitext103/wikitext-103-raw-v1.zip",
         members=(("wikitext-103-raw/", "wikitext103/"),),
         hf="Salesforce/wikitext:wikitext-103-raw-v1",
+        splits=(
+            ("train", ("wikitext103/wiki.train.raw", "wikitext103/wiki.train.tokens")),
+            ("valid", ("wikitext103/wiki.valid.raw", "wikitext103/wiki.valid.tokens")),
+            ("test", ("wikitext103/wiki.test.raw", "wikitext103/wiki.test.tokens")),
+        ),
     ),
     CorpusEntry(
         name="enwik8",
@@ -266,15 +283,61 @@ def _present(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def find_local(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The best local copy of a corpus (first of ``paths`` found in any data dir), or None."""
+def parse_spec(spec: str) -> tuple[CorpusEntry, str | None] | None:
+    """``NAME`` or ``NAME@SPLIT`` of a registry corpus as (entry, split), else None (a path, hf:...)."""
+    spec = str(spec)
+    if spec.startswith("hf:") or any(c in spec for c in "/\\."):
+        return None  # a path (corpus names have no dots or slashes)
+    name, at, split = spec.partition("@")
+    try:
+        entry = get_entry(name)
+    except UserError:
+        return None
+    if not at:
+        return entry, None
+    _split_paths(entry, split)  # an unknown split is an error now
+    return entry, split
+
+
+def _split_paths(entry: CorpusEntry, split: str | None) -> tuple[str, ...]:
+    """Relative paths that hold ``split`` of ``entry`` (None: the default one), best first."""
+    if split is None:
+        first = entry.splits[0][1] if entry.splits else ()
+        return entry.paths + tuple(p for p in first if p not in entry.paths)
+    for name, rels in entry.splits:
+        if name == split:
+            return rels
+    if entry.splits:
+        have = ", ".join(f"{entry.name}@{n}" for n, _ in entry.splits)
+        raise UserError(f"corpus {entry.name} has no split {split!r}; use one of {have}")
+    raise UserError(f"corpus {entry.name} has no named splits; write {entry.name} without @{split}")
+
+
+def find_local(name: str, data_dir: str | os.PathLike | None = None, split: str | None = None) -> Path | None:
+    """The best local copy of a corpus (first of its paths found in any data dir), or None.
+
+    ``split`` picks a named split (``entry.splits``); None is the default one (``paths``)."""
     entry = get_entry(name)
     dirs = data_dirs(data_dir)
-    for rel in entry.paths:
+    for rel in _split_paths(entry, split):
         for d in dirs:
             if _present(d / rel):
                 return d / rel
     return None
+
+
+def local_files(name: str, data_dir: str | os.PathLike | None = None) -> list[tuple[str | None, Path]]:
+    """Every local file of a corpus as (split or None, path): for a corpus with named splits the
+    best copy of each split found; otherwise each of ``paths`` found (the first data dir wins)."""
+    entry = get_entry(name)
+    dirs = data_dirs(data_dir)
+    groups = [(n, rels) for n, rels in entry.splits] if entry.splits else [(None, (rel,)) for rel in entry.paths]
+    found: list[tuple[str | None, Path]] = []
+    for split, rels in groups:
+        hit = next((d / rel for rel in rels for d in dirs if _present(d / rel)), None)
+        if hit is not None:
+            found.append((split, hit))
+    return found
 
 
 # -- checksums -------------------------------------------------------------------------------
@@ -298,20 +361,37 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 # -- downloads -------------------------------------------------------------------------------
-def resolve(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Path of a local copy of ``name``, downloading it into the cache when there is none."""
+def resolve(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = True, split: str | None = None
+) -> Path:
+    """Path of a local copy of ``name`` (its ``split``), downloading it into the cache when there is none."""
     entry = get_entry(name)
-    local = find_local(entry.name, data_dir)
+    local = find_local(entry.name, data_dir, split)
     if local is not None:
         return local
     if not entry.downloadable:
         raise UserError(f"{entry.name} is only streamed, never downloaded whole; use the data spec 'hf:{entry.hf}'")
     searched = ", ".join(str(d) for d in data_dirs(data_dir))
+    want = _split_paths(entry, split)[0]
+    label = entry.name if split is None else f"{entry.name}@{split}"
+    others = [s for s, _ in local_files(entry.name, data_dir) if s is not None and s != (split or entry.splits[0][0])]
+    also = f" (its {', '.join(others)} split is here: use {entry.name}@{others[0]})" if others else ""
     offline = os.environ.get("NEUROPLASTIC_OFFLINE", "") not in ("", "0")
     if not download or offline:
         how = " or unset NEUROPLASTIC_OFFLINE to download it" if offline and download else ""
-        raise UserError(f"{entry.name} is not in any data dir ({searched}) and downloads are off; put {entry.paths[0]} under one of them{how}")
-    return _fetch(entry, cache_dir())
+        raise UserError(f"{label} is not in any data dir ({searched}){also} and downloads are off; put {want} under one of them{how}")
+    try:
+        main = _fetch(entry, cache_dir())
+    except UserError as e:
+        if also:
+            raise UserError(f"{label} is not in any data dir ({searched}){also}, and {e}") from e
+        raise
+    if split is None:
+        return main
+    got = find_local(entry.name, data_dir, split)
+    if got is None:
+        raise UserError(f"the download of {entry.name} from {entry.url} has no {split} split ({want}); place a copy in a data dir by hand")
+    return got
 
 
 def _fetch(entry: CorpusEntry, root: Path) -> Path:
@@ -480,6 +560,10 @@ def status(data_dir: str | os.PathLike | None = None) -> list[dict]:
     rows = []
     for entry in REGISTRY.values():
         local = find_local(entry.name, data_dir)
+        files = [
+            {"split": split, "path": str(path), "size_bytes": _size(path)}
+            for split, path in local_files(entry.name, data_dir)
+        ]
         rows.append(
             {
                 "name": entry.name,
@@ -493,6 +577,8 @@ def status(data_dir: str | os.PathLike | None = None) -> list[dict]:
                 "sha256": entry.sha256,
                 "stream": f"hf:{entry.hf}" if entry.hf else None,
                 "downloadable": entry.downloadable,
+                "files": files,  # every local file found, with its split (None: the corpus has none)
+                "splits": [n for n, _ in entry.splits],
             }
         )
     return rows

@@ -6,7 +6,9 @@ A *spec* names where the text comes from:
   document), ``tinystories`` (one per story), ``gsm8k`` (question + answer), ``hellaswag``
   (context + right ending), ``mmlu`` (question, choices, answer; dev and val only),
   ``wordnet`` ("lemma (pos): gloss" lines, grouped :data:`WORDNET_LINES_PER_DOC` to a
-  document), ``wikitext2`` (one per article), ``slimpajama`` (streamed);
+  document), ``wikitext2`` (one per article), ``slimpajama`` (streamed); ``NAME@SPLIT`` reads
+  one named split of a corpus that has them (``wikitext2@valid``); a bare name never reads
+  another split in place of the missing default one;
 * a text file (one document); a ``.jsonl`` file (each line's ``field``; ``field`` may join
   several with ``+``, e.g. ``question+answer``);
 * a directory: every ``.txt``, ``.md`` and ``.jsonl`` file inside, recursively, in sorted order
@@ -18,27 +20,68 @@ A corpus name wins over a file or folder of the same name in the working directo
 ``./NAME`` for the path. Registry corpora ignore ``field``.
 
 Anything a user can get wrong raises :class:`~neuroplastic.errors.UserError` naming the path.
+What is used but not as given (bytes that are not UTF-8, a corpus passed over for another) is a
+:class:`DataWarning` saying what happened, never silent.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
+import os
 import re
+import socket
+import urllib.parse
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from neuroplastic.data import registry
 from neuroplastic.errors import UserError
 
-__all__ = ["TEXT_SUFFIXES", "WORDNET_LINES_PER_DOC", "iter_documents", "load_documents"]
+__all__ = ["TEXT_SUFFIXES", "WORDNET_LINES_PER_DOC", "DataWarning", "iter_documents", "load_documents", "warn_data"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 WORDNET_LINES_PER_DOC = 64
 _SAMPLE = 1 << 20  # bytes looked at to tell text from binary
 _EOT = "<|endoftext|>"
+
+
+class DataWarning(UserWarning):
+    """Data was used, but not exactly as given (undecodable bytes, a fallback source, a smaller vocabulary)."""
+
+
+def warn_data(message: str, stacklevel: int = 3) -> None:
+    """Emit a :class:`DataWarning` (one sentence; shown by the CLI on stderr)."""
+    warnings.warn(" ".join(message.split()), DataWarning, stacklevel=stacklevel)
+
+
+def _undecodable_bytes(data: bytes) -> int:
+    """How many bytes of ``data`` are not part of valid UTF-8."""
+    return sum(1 for c in data.decode("utf-8", "surrogateescape") if "\udc80" <= c <= "\udcff")
+
+
+def _warn_replaced(path: Path, n: int) -> None:
+    warn_data(
+        f"{path} is not valid UTF-8: {n:,} byte{'s' if n != 1 else ''} could not be decoded and "
+        f"{'were' if n != 1 else 'was'} replaced with U+FFFD (the file may be Latin-1 or cp1252); "
+        f"convert it with `iconv -f latin1 -t utf-8 {path.name}` to keep those characters",
+        stacklevel=4,
+    )
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 text of ``data``; undecodable bytes become U+FFFD with a warning naming the file and count."""
+    text = data.decode("utf-8", "replace")
+    if "\ufffd" in text:
+        n = _undecodable_bytes(data)
+        if n:
+            _warn_replaced(path, n)
+    return text
 
 
 def load_documents(
@@ -68,12 +111,8 @@ def iter_documents(spec: str, *, field: str = "text", data_dir: str | None = Non
 
 # -- dispatch --------------------------------------------------------------------------------
 def _registry_entry(spec: str) -> registry.CorpusEntry | None:
-    if spec.startswith("hf:") or any(c in spec for c in "/\\."):
-        return None  # a path (corpus names have no dots or slashes)
-    try:
-        return registry.get_entry(spec)
-    except UserError:
-        return None
+    parsed = registry.parse_spec(spec)
+    return parsed[0] if parsed is not None else None
 
 
 def _open(spec: str, field: str, data_dir: str | None, streaming: bool) -> Iterator[str]:
@@ -81,9 +120,9 @@ def _open(spec: str, field: str, data_dir: str | None, streaming: bool) -> Itera
     spec = str(spec)
     if spec.startswith("hf:"):
         return _iter_hf(spec, field, streaming)
-    entry = _registry_entry(spec)
-    if entry is not None:
-        return _iter_entry(entry, data_dir, streaming)
+    parsed = registry.parse_spec(spec)
+    if parsed is not None:
+        return _iter_entry(parsed[0], data_dir, streaming, split=parsed[1])
     path = Path(spec).expanduser()
     if path.is_dir():
         return _iter_dir(path, field)
@@ -134,7 +173,7 @@ def _read_text(path: Path, *, allow_empty: bool = False) -> str:
         raise UserError(f"file {path} is empty; give a file with text in it")
     if b"\0" in data or _looks_binary(data[:_SAMPLE]):
         raise UserError(f"file {path} looks binary, not UTF-8 text; give a text file or a .jsonl file")
-    return data.decode("utf-8", "replace").removeprefix("\ufeff")
+    return _decode(data, path).removeprefix("\ufeff")
 
 
 def _iter_file(path: Path, field: str) -> Iterator[str]:
@@ -159,13 +198,21 @@ def _check_text_file(path: Path) -> None:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number from 1, decoded line) of a text file, streamed."""
+    """(line number from 1, decoded line) of a text file, streamed; undecodable bytes become
+    U+FFFD, and reading to the end warns once with their count."""
+    bad = 0
     try:
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
-                yield n, raw.decode("utf-8", "replace")
+                line = raw.decode("utf-8", "replace")
+                if "\ufffd" in line:
+                    bad += _undecodable_bytes(raw)
+                yield n, line
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror or e}); check that you may read it") from e
+    finally:  # also when the reader stops early (max_chars): the bytes seen so far
+        if bad:
+            _warn_replaced(path, bad)
 
 
 def _field_text(record: dict, field: str, where: str) -> str | None:
@@ -232,10 +279,12 @@ def _iter_dir(path: Path, field: str) -> Iterator[str]:
 
 
 # -- registry corpora ------------------------------------------------------------------------
-def _iter_entry(entry: registry.CorpusEntry, data_dir: str | None, streaming: bool) -> Iterator[str]:
+def _iter_entry(
+    entry: registry.CorpusEntry, data_dir: str | None, streaming: bool, split: str | None = None
+) -> Iterator[str]:
     if not entry.downloadable:
         return _iter_hf(f"hf:{entry.hf}", "text", streaming=True)
-    path = registry.resolve(entry.name, data_dir)
+    path = registry.resolve(entry.name, data_dir, split=split)
     fmt = entry.format
     if fmt == "text":
         return iter([_read_text(path)])
@@ -323,7 +372,7 @@ def _iter_mmlu(path: Path) -> Iterator[str]:
     if not files:
         raise UserError(f"no MMLU csv files under {root}/dev or {root}/val; fetch the corpus again")
     for p in files:
-        with open(p, encoding="utf-8", errors="replace", newline="") as f:
+        with io.StringIO(_decode(_read_bytes(p), p), newline="") as f:
             for row in csv.reader(f):
                 if len(row) >= 6:
                     q, a, b, c, d, ans = row[:6]
@@ -367,6 +416,45 @@ def _short(e: BaseException) -> str:
     return first[:200]
 
 
+_TRUE = ("1", "ON", "YES", "TRUE")
+HUB_PROBE_TIMEOUT = 3.0  # seconds to open a TCP connection to the Hub before calling it unreachable
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be used now (offline env var set, or no TCP connection to
+    it within :data:`HUB_PROBE_TIMEOUT` seconds), or None when it can be tried."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in _TRUE:
+            return f"{var} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy: a direct probe says nothing; let the client try
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as e:
+        return f"no connection to {host}:{port}: {e.strerror or e}"
+    return None
+
+
+@contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """Make ``datasets`` / ``huggingface_hub`` work from their caches only (no retries) while on."""
+    if not on:
+        yield
+        return
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
 def _iter_hf(spec: str, field: str, streaming: bool) -> Iterator[str]:
     name, config, split = _parse_hf(spec)
     try:
@@ -374,6 +462,7 @@ def _iter_hf(spec: str, field: str, streaming: bool) -> Iterator[str]:
     except ImportError as e:
         raise UserError("reading hf: datasets needs the `datasets` package; install it with pip install 'neuroplastic[hf]'") from e
     path = Path(name).expanduser()
+    offline = None if path.exists() else hub_offline_reason()  # local data needs no Hub
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
             ds = datasets.load_from_disk(str(path))
@@ -384,10 +473,17 @@ def _iter_hf(spec: str, field: str, streaming: bool) -> Iterator[str]:
             if streaming:
                 ds = ds.to_iterable_dataset()
         else:
-            ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
+            with _hub_offline(offline is not None):
+                ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, hub errors)
+        if offline is not None:
+            raise UserError(
+                f"Hugging Face dataset {name!r} is not in the local cache and the Hub cannot be reached ({offline}); "
+                "connect to the network (and unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), or give a local copy: "
+                "a text or .jsonl file, a folder of data files, or a save_to_disk directory"
+            ) from e
         raise UserError(f"cannot load Hugging Face dataset {name!r} (config {config}, split {split!r}): {_short(e)}; check the name, config and split, or use a local copy") from e
     columns = getattr(ds, "column_names", None)
     if columns is not None and field not in columns and not all(f in columns for f in field.split("+")):

@@ -354,7 +354,25 @@ class BPETokenizer(_TokenizersBackend):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tk.train_from_iterator(iter(texts), trainer=trainer)
+        seen = {"chars": 0, "docs": 0}
+
+        def counted() -> Iterable[str]:
+            for t in texts:
+                seen["chars"] += len(t)
+                seen["docs"] += 1
+                yield t
+
+        tk.train_from_iterator(counted(), trainer=trainer)
+        got = tk.get_vocab_size(with_added_tokens=True)
+        if got < vocab_size:
+            from neuroplastic.data.sources import warn_data
+
+            warn_data(
+                f"the BPE tokenizer has {got:,} tokens, not the {vocab_size:,} asked for: its training text "
+                f"({seen['chars']:,} characters in {seen['docs']:,} documents) is too small to hold more merges "
+                f"that occur at least {min_frequency} times; give it more text, or ask for a vocabulary of "
+                f"{got:,} or less (data.bpe_vocab_size / --bpe-vocab-size) to silence this"
+            )
         return cls(tk)
 
     @classmethod
