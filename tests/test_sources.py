@@ -32,7 +32,8 @@ def test_text_file_is_one_document(text_file):
 def test_text_file_bom_and_bad_bytes(tmp_path):
     p = tmp_path / "bom.txt"
     p.write_bytes(b"\xef\xbb\xbfhello caf\xe9 world")  # a BOM and one latin-1 byte
-    assert load_documents(str(p)) == ["hello caf\ufffd world"]
+    with pytest.warns(UserWarning, match=r"bom\.txt is not valid UTF-8: 1 byte could not be decoded"):
+        assert load_documents(str(p)) == ["hello caf\ufffd world"]
 
 
 def test_max_chars_truncates_total(tmp_path):
@@ -182,7 +183,7 @@ def test_stories_and_wikitext_formats(tmp_path):
 
 
 def test_missing_corpus_does_not_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "find_local", lambda name, data_dir=None: None)
+    monkeypatch.setattr(registry, "find_local", lambda name, data_dir=None, split=None: None)
     with pytest.raises(UserError, match="downloads are off"):
         load_documents("wikitext103")
 

@@ -369,7 +369,7 @@ class BPETokenizer(_TokenizersBackend):
 
             warn_data(
                 f"the BPE tokenizer has {got:,} tokens, not the {vocab_size:,} asked for: its training text "
-                f"({seen['chars']:,} characters in {seen['docs']:,} documents) is too small to hold more merges "
+                f"({seen['chars']:,} characters in {seen['docs']:,} document{'s' if seen['docs'] != 1 else ''}) is too small to hold more merges "
                 f"that occur at least {min_frequency} times; give it more text, or ask for a vocabulary of "
                 f"{got:,} or less (data.bpe_vocab_size / --bpe-vocab-size) to silence this"
             )
