@@ -71,6 +71,15 @@ def test_curriculum_fallback_warns_and_the_banner_names_what_is_read(isolated_da
     assert set(staged.train) == {"wordnet|synthetic:definitions", "synthetic:explanations"}
 
 
+def test_curriculum_fallback_names_a_split_that_is_here(isolated_data):
+    from neuroplastic.data.pipeline import choose_stage_source
+
+    (isolated_data / "wikitext2").mkdir()
+    (isolated_data / "wikitext2" / "wiki.valid.tokens").write_text(WIKI, encoding="utf-8")
+    with pytest.warns(DataWarning, match=r"present instead: wikitext2@valid\), so this stage trains on synthetic:dialogues"):
+        assert choose_stage_source("wikitext2|synthetic:dialogues", DataConfig()) == "synthetic:dialogues"
+
+
 def test_curriculum_uses_a_present_corpus_without_a_warning(isolated_data):
     from neuroplastic.data.pipeline import prepare_stages
 

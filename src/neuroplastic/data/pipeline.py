@@ -181,12 +181,25 @@ def choose_stage_source(stage: str, cfg: DataConfig) -> str:
     skipped = options[: options.index(chosen)]
     if skipped:
         looked = ", ".join(str(d) for d in data_dirs(cfg.data_dir or None))
+        others = [o for spec in skipped for o in _other_splits(spec, cfg)]
+        also = f"; present instead: {', '.join(others)}" if others else ""
         warn_data(
             f"curriculum stage {stage!r}: {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} not on this "
-            f"machine (looked in {looked}), so this stage trains on {chosen} instead; put the corpus in a data dir "
-            "(see `neuroplastic data`) to train on it"
+            f"machine (looked in {looked}{also}), so this stage trains on {chosen} instead; put the corpus in a "
+            "data dir (see `neuroplastic data`) to train on it"
         )
     return chosen
+
+
+def _other_splits(spec: str, cfg: DataConfig) -> list[str]:
+    """``NAME@SPLIT`` specs of the splits of a registry corpus that are here when ``spec`` is not."""
+    from neuroplastic.data.registry import local_files, parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed is None:
+        return []
+    entry, split = parsed
+    return [f"{entry.name}@{s}" for s, _ in local_files(entry.name, cfg.data_dir or None) if s and s != split]
 
 
 def stage_documents(
