@@ -163,7 +163,7 @@ def _stage_available(spec: str, cfg: DataConfig) -> bool:
     parsed = parse_spec(spec)
     if parsed is not None:
         entry, split = parsed
-        return not entry.downloadable or find_local(entry.name, cfg.data_dir or None, split) is not None
+        return find_local(entry.name, cfg.data_dir or None, split) is not None  # stream-only: never local
     return Path(spec).exists()
 
 
