@@ -6,6 +6,10 @@ directories, ``os.pathsep``-separated), ``../shared/data`` relative to the worki
 ``~/.cache/neuroplastic``). A local copy is always used before anything is downloaded; set
 ``NEUROPLASTIC_OFFLINE=1`` to forbid downloads altogether.
 
+Splits. A corpus with ``CorpusEntry.splits`` (WikiText) is read whole by its bare name only
+from its default (training) files, never from another split in their place; ``NAME@SPLIT``
+(``wikitext2@valid``) reads one named split. :func:`local_files` lists every file/split found.
+
 Checksums. ``CorpusEntry.sha256`` is the sha256 of the file at ``url`` and is given only where
 it is known for certain (the upstream bytes are exactly the copy in the workplace's shared data
 folder, pinned to a commit). Where it is ``None`` the download is verified only by size (when
