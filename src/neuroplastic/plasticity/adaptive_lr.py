@@ -164,6 +164,8 @@ class AdaptiveLR(Rule):
     def after_backward(self) -> None:
         groups = self.optimizer.param_groups
         self.multiplier = self._next_multiplier()
+        if self.multiplier != 1.0:
+            self.acted += 1
         base = []
         for i, g in enumerate(groups):
             lr = _as_float(g["lr"])

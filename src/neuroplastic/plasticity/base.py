@@ -106,6 +106,9 @@ class Rule:
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         self.step_count = 0
+        #: steps on which the rule changed something (the parameters, the learning rate or
+        #: the loss): an ablation reports a rule that never acted instead of judging it
+        self.acted = 0
 
     # ---- binding
 
@@ -167,10 +170,11 @@ class Rule:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors (lists aligned with ``self.names``) and scalars; must round-trip exactly."""
-        return {"step_count": self.step_count}
+        return {"step_count": self.step_count, "acted": self.acted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state.get("step_count", 0))
+        self.acted = int(state.get("acted", 0))
 
     # ---- helpers for subclasses
 

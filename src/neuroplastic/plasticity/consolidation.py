@@ -262,6 +262,7 @@ class Consolidation(Rule):
         else:
             self.ref = [th.clone() for th in theta]
         self.checks += 1
+        self.acted += 1
 
     def after_step(self, advantage: float | None) -> None:
         if (self.step_count + 1) % self.interval == 0:

@@ -154,6 +154,8 @@ class EligibilityTrace(Rule):
                 p.data.add_(full.view_as(p))
         self._last_fraction = count / max(self._numel, 1)
         self._last_update_norm = 0.0 if sq is None else sq.sqrt()
+        if count:
+            self.acted += 1
 
     def _global_topk(self) -> list[torch.Tensor]:
         dev = self.eligibility[0].device

@@ -259,6 +259,11 @@ class EWC(Rule):
         self._last_penalty = out.detach()  # a tensor: no device sync on the hot path
         return out
 
+    def after_step(self, advantage: float | None) -> None:
+        # the penalty was part of this step's loss once a task has been consolidated
+        if self.lam != 0 and self._pairs():
+            self.acted += 1
+
     def after_backward(self) -> None:
         if self.grad_sq is None:
             return

@@ -218,6 +218,7 @@ class Hebbian(Rule):
             with torch.no_grad():
                 for p, u in zip(params, updates):
                     p.add_(u.to(p.dtype))
+            self.acted += 1
             # kept as tensors: converting here would sync the device every step
             self._last_norm = torch.stack([n.float() for n in norms]).pow(2).sum().sqrt()
         else:

@@ -100,6 +100,7 @@ class Homeostasis(Rule):
                 else:
                     p.copy_((p.float() * f.view(shape)).to(p.dtype))
         self.applied += 1
+        self.acted += 1
 
     def after_step(self, advantage: float | None) -> None:
         # the engine increments step_count after this call: this is step step_count + 1

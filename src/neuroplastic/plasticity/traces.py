@@ -196,6 +196,7 @@ class Traces(Rule):
             self._last_update_norm = 0.0
             return
         r = float(advantage)
+        self.acted += 1
         a = self.sign * self.plasticity_lr * r * self.scale  # momentum coefficient
         b = (
             self.sign
