@@ -8,7 +8,11 @@ paired difference (with - without, paired by seed) with its 95% CI, and a verdic
 - ``no detectable effect``: the CI contains 0 (or fewer than 2 seeds).
 
 Nothing is claimed beyond what the interval supports: with 3 seeds the t quantile is
-4.30, so only large, consistent effects are detected.
+4.30, so only large, consistent effects are detected. Nor is anything claimed on evidence
+that is not there: a run that was interrupted or failed is marked (:class:`ArmRun`) and
+leaves its seed out, and while any seed is incomplete no metric gets a verdict
+(:func:`no_verdict_incomplete`); a mechanism that never acted in its runs gets
+:data:`NOT_ACTED` instead of a verdict (its arms can only differ by chance).
 """
 
 from __future__ import annotations
@@ -55,6 +59,15 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return m, t_quantile(n - 1) * math.sqrt(var / n)
 
 
+#: the verdict of a mechanism that never acted in the runs of the arm that has it
+NOT_ACTED = "did not act in this budget"
+
+
+def no_verdict_incomplete(complete: int, total: int) -> str:
+    """The verdict while only ``complete`` of ``total`` seeds have all their runs complete."""
+    return f"no verdict: {complete} of {total} seeds complete"
+
+
 def verdict(diff_mean: float, half: float, higher_is_better: bool) -> str:
     if not math.isfinite(half) or not math.isfinite(diff_mean):
         return "no detectable effect"
@@ -90,12 +103,71 @@ class MetricSummary:
 
 
 @dataclass
+class ArmRun:
+    """One training run of an ablation: its seed, arm, whether it ran its whole budget,
+    its final metrics and how many steps each ablated mechanism acted on."""
+
+    seed: int
+    arm: str
+    status: str = "not run"  # complete | interrupted | failed | not run
+    step: int = 0
+    max_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    acted: dict[str, int] = field(default_factory=dict)
+    detail: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def describe(self) -> str:
+        """``complete``, ``interrupted at step 36 of 60``, ``failed at step 3 of 60: ...``."""
+        if self.status in ("complete", "not run"):
+            return self.status
+        text = f"{self.status} at step {self.step} of {self.max_steps}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+@dataclass
 class AblationReport:
     title: str
     rules: list[str]
     seeds: list[int]
     metrics: list[MetricSummary] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    runs: list[ArmRun] = field(default_factory=list)
+    #: 0 when every run completed; 130 / 143 when the ablation was interrupted; 1 when a
+    #: run failed
+    exit_code: int = 0
+
+    def complete_seeds(self) -> list[int]:
+        """Seeds whose runs (every arm) all completed; every seed when no runs are recorded."""
+        if not self.runs:
+            return list(self.seeds)
+        return [s for s in self.seeds if all(r.complete for r in self.runs if r.seed == s)]
+
+    def status_line(self) -> str:
+        done = self.complete_seeds()
+        line = f"Runs: {len(done)} of {len(self.seeds)} seeds complete"
+        bad = [r for r in self.runs if not r.complete]
+        if bad:
+            line += "; " + "; ".join(f"seed {r.seed} {r.arm}: {r.describe()}" for r in bad)
+            line += (". Incomplete seeds are left out of the statistics and no verdict is given; "
+                     "run the same command again to continue the interrupted runs from their checkpoints.")
+        else:
+            line += "."
+        return line
+
+    def runs_table(self) -> list[str]:
+        if not self.runs:
+            return []
+        names = sorted({k for r in self.runs for k in r.acted})
+        head = "| seed | arm | status | steps |" + "".join(f" {n} acted (steps) |" for n in names)
+        lines = [head, "|---" * (4 + len(names)) + "|"]
+        for r in self.runs:
+            acted = "".join(f" {r.acted[n]} |" if n in r.acted else " – |" for n in names)
+            lines.append(f"| {r.seed} | {r.arm} | {r.describe()} | {r.step} of {r.max_steps} |{acted}")
+        return lines
 
     def markdown(self) -> str:
         def f(m: float, h: float) -> str:
@@ -118,6 +190,8 @@ class AblationReport:
                 f"{f(m.without_mean, m.without_ci)} | {f(m.with_mean, m.with_ci)} | "
                 f"{f(m.diff_mean, m.diff_ci)} | {m.verdict} |"
             )
+        if self.runs:
+            lines += ["", self.status_line(), "", *self.runs_table()]
         for n in self.notes:
             lines += ["", n]
         return "\n".join(lines) + "\n"
@@ -127,8 +201,11 @@ class AblationReport:
             "title": self.title,
             "rules": self.rules,
             "seeds": self.seeds,
+            "complete_seeds": self.complete_seeds(),
             "metrics": [m.__dict__ for m in self.metrics],
             "notes": self.notes,
+            "runs": [dict(r.__dict__) for r in self.runs],
+            "exit_code": self.exit_code,
         }
 
     def plot(self, path: Path) -> Path:

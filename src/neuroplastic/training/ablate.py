@@ -5,6 +5,20 @@ For seed ``s`` both arms use ``train.seed = s`` (same initialisation and data or
 and the same data; they differ only in ``plasticity.rules``. When a rule needs a reward
 and the recipe computes none, ``reward.interval`` is switched on in *both* arms, so the
 reward is measured alike and only its use differs.
+
+Every run is recorded in ``OUT/seedS-ARM/ablation_arm.json``: its settings, its status
+(``complete``, ``interrupted``, ``failed``), the step it reached, its final metrics and, in
+the arm with the rules, on how many steps each ablated rule acted (``Rule.acted``). So:
+
+- a run cut short (SIGTERM, Ctrl-C: the trainer saves a checkpoint and stops) is never
+  scored as complete: the ablation stops, writes the table with the run marked, gives no
+  verdict while a seed is incomplete, and exits non-zero (130 Ctrl-C, 143 SIGTERM);
+  running the same command again keeps the completed runs and continues the cut one from
+  its checkpoint (resume is bit-exact, so the result equals an uninterrupted ablation);
+- a run that fails is marked and its seed left out; the others still run;
+- a rule that never acted in the arm that has it (EWC that never consolidated, a
+  reward-modulated rule that never got a reward) gets "did not act in this budget",
+  never a verdict.
 """
 
 from __future__ import annotations
@@ -12,14 +26,26 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from neuroplastic.config import RunConfig, load_config
 from neuroplastic.errors import UserError
-from neuroplastic.evaluation.ablation import AblationReport, MetricSummary
+from neuroplastic.evaluation.ablation import (
+    NOT_ACTED,
+    AblationReport,
+    ArmRun,
+    MetricSummary,
+    no_verdict_incomplete,
+)
 from neuroplastic.plasticity.registry import rule_class
-from neuroplastic.training.trainer import Trainer
+from neuroplastic.training import checkpoint as ckpt
+from neuroplastic.training.trainer import Callback, Trainer
+
+ARM_FILE = "ablation_arm.json"
 
 REWARD_RULES = {"traces", "eligibility", "hebbian"}
 
@@ -76,6 +102,166 @@ def higher_is_better(name: str) -> bool:
     return not name.endswith(("loss", "bpb", "ppl"))
 
 
+def rules_acted(trainer: Trainer, rules: list[str]) -> dict[str, int]:
+    """Steps on which each ablated rule type acted in this run (0 for a type it lacks)."""
+    engine = trainer.engine
+    out = {}
+    for r in rules:
+        cls = rule_class(r)
+        out[r] = sum(x.acted for x in engine.rules if isinstance(x, cls)) if engine is not None else 0
+    return out
+
+
+class _Signals:
+    """Which signal (SIGINT / SIGTERM) interrupted the ablation, if any.
+
+    Between runs (and while a finished run is scored) the ablation's own handler records the
+    signal, and the ablation stops before the next run. While a run trains, the trainer's
+    handler finishes the step, saves and stops; :meth:`chain` wraps that handler so that the
+    signal's number is recorded too (for the exit code) before the trainer handles it.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+    def chain(self) -> None:
+        """Record the signal before the handler now installed (the trainer's) sees it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if not callable(current) or current == self._handler or getattr(current, "ablate_chain", False):
+                continue
+
+            def wrapper(signum, frame, _inner=current):
+                self.signum = signum
+                _inner(signum, frame)
+
+            wrapper.ablate_chain = True  # type: ignore[attr-defined]
+            signal.signal(sig, wrapper)
+
+
+class _RunProgress(Callback):
+    """A tqdm bar over one run's steps, named by its seed and arm; chains the signal record."""
+
+    name = "ablate-progress"
+
+    def __init__(self, desc: str, signals: _Signals, show: bool):
+        self.desc = desc
+        self.signals = signals
+        self.show = show
+        self.bar = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=trainer.cfg.train.max_steps, initial=trainer.step, desc=self.desc,
+                            unit="step", dynamic_ncols=True, leave=False)
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.signals.chain()
+        if self.bar is not None:
+            self.bar.update(1)
+            if "loss" in metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _settings(cfg: RunConfig, mc_limit: int) -> dict[str, Any]:
+    """What makes two runs the same run (JSON-normalised): the config less its resume policy."""
+    d = cfg.to_dict()
+    d["train"].pop("resume", None)
+    return json.loads(json.dumps({"config": d, "mc_limit": mc_limit}, default=str))
+
+
+def _read_arm(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_arm(path: Path, settings: dict[str, Any], run: ArmRun) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "run": dict(run.__dict__)}, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signals: _Signals,
+             desc: str, progress: bool, echo: Callable[[str], None]) -> ArmRun:
+    """Train (or continue, or reuse) one run and score it when it ran its whole budget."""
+    arm_dir = Path(cfg.train.out_dir)
+    arm_file = arm_dir / ARM_FILE
+    settings = _settings(cfg, mc_limit)
+    prev = _read_arm(arm_file)
+    same = prev is not None and prev.get("settings") == settings
+    if same and prev["run"].get("status") == "complete":
+        done = ArmRun(**prev["run"])
+        echo(f"seed {run.seed} {run.arm:>7}: complete in {arm_dir} (kept)")
+        return done
+    resume = same and ckpt.latest_checkpoint(arm_dir / "checkpoints") is not None
+    if not resume:
+        shutil.rmtree(arm_dir, ignore_errors=True)
+    cfg.train.resume = "auto" if resume else "none"
+    bar = _RunProgress(desc, signals, progress)
+    trainer = Trainer(cfg, callbacks=[bar])
+    trainer.setup()  # a setting the user can fix: UserError now, before any run is marked
+    if resume:
+        echo(f"seed {run.seed} {run.arm:>7}: continuing from step {trainer.step} in {arm_dir}")
+    run.status = "running"
+    _write_arm(arm_file, settings, run)  # a run killed outright (kill -9) continues next time
+    summary: dict[str, Any] = {}
+    try:
+        if trainer.step < run.max_steps:
+            summary = trainer.train()
+        else:  # killed while it was scored: the last checkpoint is the final state
+            trainer.logger.close()
+    except Exception as exc:  # noqa: BLE001 - the run failed: mark it, the ablation goes on
+        run.status, run.detail = "failed", str(exc).split("\n")[0][:300]
+    finally:
+        bar.close()
+    run.step = trainer.step
+    if run.status != "failed":
+        if summary.get("interrupted") or (signals.signum is not None and run.step < run.max_steps):
+            run.status = "interrupted"
+        elif run.step < run.max_steps:
+            run.status, run.detail = "failed", "stopped before its last step"
+        else:
+            try:
+                run.metrics = final_metrics(trainer, mc_limit)
+                run.acted = rules_acted(trainer, rules) if run.arm == "with" else {}
+                run.status = "complete"
+            except Exception as exc:  # noqa: BLE001
+                run.status, run.detail = "failed", "scoring: " + str(exc).split("\n")[0][:300]
+    _write_arm(arm_file, settings, run)
+    return run
+
+
 def run_ablation(
     recipe: str,
     rules: list[str],
@@ -86,6 +272,12 @@ def run_ablation(
     echo: Callable[[str], None] = print,
     progress: bool = True,
 ) -> AblationReport:
+    """Train both arms for every seed and compare them; see the module docs.
+
+    Returns the report (also written as ``ablation.md``/``.json``/``.png`` in ``out_dir``);
+    ``report.exit_code`` is 0 when every run completed, 130/143 when the ablation was
+    interrupted by Ctrl-C/SIGTERM (run it again to continue), 1 when a run failed.
+    """
     if seeds < 2:
         raise UserError("An ablation needs --seeds >= 2 to give a confidence interval.")
     if not rules:
@@ -93,50 +285,82 @@ def run_ablation(
     base = load_config(recipe, list(overrides or []))
     out = Path(out_dir or f"runs/ablate-{base.name}-{'+'.join(rules)}")
     without_cfg, with_cfg = arm_configs(base, rules)
-    results: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
     seed_list = list(range(seeds))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=2 * seeds, desc="ablation runs", unit="run")
+    plan = []
     for s in seed_list:
         for arm, cfg0 in (("without", without_cfg), ("with", with_cfg)):
             cfg = copy.deepcopy(cfg0)
             cfg.train.seed = s
             cfg.train.out_dir = str(out / f"seed{s}-{arm}")
-            cfg.train.resume = "none"
             cfg.train.progress = False
             cfg.train.keep_best = False
             cfg.train.tensorboard = False
             cfg.validate()
-            shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
-            trainer = Trainer(cfg)
-            trainer.train()
-            m = final_metrics(trainer, mc_limit)
-            results[arm].append(m)
-            echo(f"seed {s} {arm:>7}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            plan.append((s, arm, cfg))
+    runs: list[ArmRun] = []
+    stopped = False
+    with _Signals() as signals:
+        for i, (s, arm, cfg) in enumerate(plan):
+            run = ArmRun(seed=s, arm=arm, max_steps=cfg.train.max_steps)
+            if stopped or signals.signum is not None:
+                stopped = True
+                runs.append(run)  # "not run"
+                continue
+            run = _run_arm(cfg, run, rules, mc_limit, signals, f"run {i + 1}/{len(plan)} seed {s} {arm}",
+                           progress, echo)
+            runs.append(run)
+            if run.complete:
+                echo(f"seed {s} {arm:>7}: " + ", ".join(f"{k}={v:.4f}" for k, v in run.metrics.items()))
+            else:
+                echo(f"seed {s} {arm:>7}: {run.describe()}")
+            if run.status == "interrupted":
+                stopped = True
+        signum = signals.signum
     report = AblationReport(
         title=f"ablate {base.name} --rule {' '.join(rules)} --seeds {seeds}",
-        rules=rules, seeds=seed_list,
+        rules=rules, seeds=seed_list, runs=runs,
     )
-    for name in results["without"][0]:
-        report.metrics.append(MetricSummary(
+    done = report.complete_seeds()
+    by = {(r.seed, r.arm): r for r in runs}
+    pairs = [(by[(s, "without")], by[(s, "with")]) for s in done]
+    names = list(pairs[0][0].metrics) if pairs else []
+    never_acted = [r for r in rules if pairs and all(w.acted.get(r, 0) == 0 for _, w in pairs)]
+    for name in names:
+        m = MetricSummary(
             name, higher_is_better(name),
-            [r[name] for r in results["without"]], [r[name] for r in results["with"]],
-        ).compute())
+            [a.metrics[name] for a, _ in pairs], [b.metrics[name] for _, b in pairs],
+        ).compute()
+        if len(done) < seeds:
+            m.verdict = no_verdict_incomplete(len(done), seeds)
+        elif len(never_acted) == len(rules):
+            m.verdict = NOT_ACTED
+        report.metrics.append(m)
+    if never_acted and len(done) == seeds:
+        which = ", ".join(never_acted)
+        if len(never_acted) == len(rules):
+            report.notes.append(
+                f"{which} never acted in the runs that have {'it' if len(rules) == 1 else 'them'} "
+                f"({NOT_ACTED}): the arms can differ only by chance, so no verdict is given. Give the runs "
+                "more steps, or what the rule needs (a reward, a task boundary to consolidate at)."
+            )
+        else:
+            report.notes.append(f"{which} never acted in the runs that have it ({NOT_ACTED}); "
+                                "the verdicts are those of the other rules.")
     report.notes.append(
         f"Budget per run: {base.train.max_steps} steps x {base.train.batch_size} x "
         f"{base.block_size} tokens; both arms see the same data in the same order per seed."
     )
+    if stopped:
+        report.exit_code = 128 + int(signum) if signum is not None else 130
+    elif any(not r.complete for r in runs):
+        report.exit_code = 1
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(report.markdown(), encoding="utf-8")
     (out / "ablation.json").write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
-    report.plot(out / "ablation.png")
+    png = out / "ablation.png"
+    if report.metrics:
+        report.plot(png)
+    else:
+        png.unlink(missing_ok=True)
     report.out_dir = out  # type: ignore[attr-defined]
     return report
-
