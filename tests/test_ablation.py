@@ -65,6 +65,9 @@ def test_run_ablation_small(tmp_path):
     # with traces and a reward, the arms really differ
     vl = report.metrics[0]
     assert vl.without != vl.with_
+    # traces got a reward at steps 3 and 6 and updated then
+    assert [r.acted for r in report.runs if r.arm == "with"] == [{"traces": 2}, {"traces": 2}]
+    assert report.exit_code == 0 and "Runs: 2 of 2 seeds complete." in md
 
 
 def test_ablate_cli_errors():
@@ -72,3 +75,143 @@ def test_ablate_cli_errors():
     assert r.returncode == 2 and "traces" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("ablate", "tiny", "--rule", "traces", "--seeds", "1")
     assert r.returncode == 2 and "seeds" in r.stderr
+
+
+# ----------------------------------------------------------------- interrupted / failed runs, rules that never acted
+
+
+def _fast(tmp_path, **extra):
+    vals = {"data.max_chars": 6000, "train.max_steps": 6, "reward.interval": 0}
+    vals.update(extra)
+    return tiny_overrides("synthetic", tmp_path / "unused", **vals)
+
+
+def _arm_file(out, seed, arm):
+    return json.loads((out / f"seed{seed}-{arm}" / "ablation_arm.json").read_text())["run"]
+
+
+def test_sigterm_cut_run_is_marked_no_verdict_nonzero_exit_and_rerun_continues_it(tmp_path, monkeypatch, capsys):
+    """A SIGTERM during seed 1's 'with' run: the trainer saves and stops at step 4 of 6; the
+    ablation must not score it as complete, must give no verdict, must exit 143, and the
+    same command run again keeps the finished runs and continues the cut one."""
+    import os
+    import signal
+
+    from neuroplastic.cli import main
+    from neuroplastic.training.trainer import Trainer
+
+    out = tmp_path / "abl"
+    argv = ["ablate", "tiny", "--rule", "homeostasis", "--seeds", "2", "--mc-limit", "0", "--out", str(out),
+            *_fast(tmp_path)]
+    real_step = Trainer._train_step
+    sent = []
+
+    def step_and_maybe_signal(self):
+        if self.run_dir.name == "seed1-with" and self.step == 3 and not sent:
+            sent.append(self.step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", step_and_maybe_signal)
+    assert main(argv) == 143
+    captured = capsys.readouterr()
+    assert "incomplete (1 of 2 seeds complete)" in captured.err
+    md = (out / "ablation.md").read_text()
+    assert "Runs: 1 of 2 seeds complete; seed 1 with: interrupted at step 4 of 6" in md
+    assert "| 1 | with | interrupted at step 4 of 6 | 4 of 6 |" in md
+    doc = json.loads((out / "ablation.json").read_text())
+    assert doc["exit_code"] == 143 and doc["complete_seeds"] == [0]
+    for m in doc["metrics"]:
+        assert m["verdict"] == "no verdict: 1 of 2 seeds complete"
+        assert len(m["with_"]) == len(m["without"]) == 1  # the cut seed is left out
+    assert _arm_file(out, 1, "with")["status"] == "interrupted"
+
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "seed 0 without: complete in" in captured.out and "(kept)" in captured.out
+    assert "seed 1    with: continuing from step 4" in captured.out
+    doc = json.loads((out / "ablation.json").read_text())
+    assert doc["exit_code"] == 0 and doc["complete_seeds"] == [0, 1]
+    assert all(m["verdict"] in ("helps", "hurts", "no detectable effect") for m in doc["metrics"])
+    run = _arm_file(out, 1, "with")
+    assert run["status"] == "complete" and run["step"] == 6
+    assert run["acted"] == {"homeostasis": 6}  # counted across the interruption (rule state)
+    steps = [json.loads(line)["step"] for line in (out / "seed1-with" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind", "train") == "train" and "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_failed_run_is_marked_and_left_out(tmp_path, monkeypatch):
+    from neuroplastic.training.trainer import Trainer
+
+    real_train = Trainer.train
+
+    def train(self, stop_at=None):
+        if self.run_dir.name == "seed0-with":
+            raise RuntimeError("out of memory")
+        return real_train(self, stop_at)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    report = run_ablation("tiny", ["homeostasis"], seeds=2, overrides=_fast(tmp_path), out_dir=tmp_path / "abl",
+                          mc_limit=0, echo=lambda s: None, progress=False)
+    status = {(r.seed, r.arm): r.describe() for r in report.runs}
+    assert status == {(0, "without"): "complete", (0, "with"): "failed at step 0 of 6: out of memory",
+                      (1, "without"): "complete", (1, "with"): "complete"}
+    assert report.exit_code == 1 and report.complete_seeds() == [1]
+    assert {m.verdict for m in report.metrics} == {"no verdict: 1 of 2 seeds complete"}
+
+
+def test_run_stopped_short_without_a_flag_is_not_complete(tmp_path, monkeypatch):
+    """Ground truth is the step reached, not the trainer's flag."""
+    from neuroplastic.training.trainer import Trainer
+
+    real_train = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self, stop_at=None: real_train(
+        self, 2 if self.run_dir.name == "seed1-without" else stop_at))
+    report = run_ablation("tiny", ["homeostasis"], seeds=2, overrides=_fast(tmp_path), out_dir=tmp_path / "abl",
+                          mc_limit=0, echo=lambda s: None, progress=False)
+    bad = [r for r in report.runs if not r.complete]
+    assert [(r.seed, r.arm, r.status, r.step) for r in bad] == [(1, "without", "failed", 2)]
+    assert report.exit_code == 1
+    assert all(m.verdict.startswith("no verdict") for m in report.metrics)
+
+
+def test_rule_that_never_acted_gets_no_verdict_and_progress_names_seed_and_arm(tmp_path, capsys):
+    """EWC on `tiny` never consolidates (no task boundary), so its penalty is never in the
+    loss: the arms are identical and the table must say so instead of 'no detectable effect'."""
+    report = run_ablation("tiny", ["ewc"], seeds=2, overrides=_fast(tmp_path, **{"train.max_steps": 3}),
+                          out_dir=tmp_path / "abl", mc_limit=0, echo=lambda s: None, progress=True)
+    assert {m.verdict for m in report.metrics} == {"did not act in this budget"}
+    assert [r.acted for r in report.runs if r.arm == "with"] == [{"ewc": 0}, {"ewc": 0}]
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "ewc never acted in the runs that have it" in md
+    assert "| 0 | with | complete | 3 of 3 | 0 |" in md
+    err = capsys.readouterr().err
+    for desc in ("run 1/4 seed 0 without", "run 2/4 seed 0 with", "run 4/4 seed 1 with"):
+        assert desc in err
+    assert "3/3" in err  # per-step bar
+
+
+def test_rules_count_the_steps_they_acted_on():
+    import torch
+
+    from neuroplastic.plasticity.engine import PlasticityEngine
+    from neuroplastic.plasticity.ewc import EWC
+    from neuroplastic.plasticity.traces import Traces
+
+    model = torch.nn.Linear(4, 3)
+    ewc, traces = EWC(lam=1.0), Traces()
+    engine = PlasticityEngine(model, [ewc, traces])
+    model(torch.randn(2, 4)).sum().backward()
+    engine.after_backward()
+    engine.after_step(reward=None)  # no reward: traces do not update; nothing consolidated
+    assert (ewc.acted, traces.acted) == (0, 0)
+    ewc.add_task([torch.ones_like(p) for p in ewc.params])
+    engine.after_step(reward=1.0)
+    engine.after_step(reward=0.5)
+    assert (ewc.acted, traces.acted) == (2, 2)
+    state = engine.state_dict()
+    fresh = PlasticityEngine(torch.nn.Linear(4, 3), [EWC(lam=1.0), Traces()])
+    fresh.load_state_dict(state)
+    assert [r.acted for r in fresh.rules] == [2, 2]

@@ -363,8 +363,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print()
     print(report.markdown())
     out = report.out_dir
-    print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
-    return 0
+    pngs = [out / "ablation.png"] if report.metrics else []
+    print("written: " + ", ".join(str(p) for p in [out / "ablation.md", out / "ablation.json", *pngs]))
+    if report.exit_code:
+        again = "run the same command again to continue it" if report.exit_code != 1 else "see the runs table"
+        print(f"neuroplastic: the ablation is incomplete ({len(report.complete_seeds())} of "
+              f"{len(report.seeds)} seeds complete); {again}.", file=sys.stderr)
+    return report.exit_code
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
