@@ -494,6 +494,71 @@ def test_ablation_reports_each_mechanism(tmp_path):
     assert "| hippocampus |" in res["markdown"]
 
 
+def _ng_ablate(tmp_path, mechanisms, out="abl", overrides=None, **kw):
+    from neuroplastic.neurogen.ablate import run_neurogen_ablation
+
+    data = tmp_path / "c.txt"
+    data.write_text(SAMPLE_TEXT)
+    args = dict(seeds=2, data=str(data), steps=2, batch=4, seq_len=16, embedding_dim=8,
+                overrides=dict(SMALL, **(overrides or {})), out_dir=tmp_path / out, val_seqs=4,
+                echo=lambda s: None, progress=False)
+    args.update(kw)
+    return run_neurogen_ablation(mechanisms, **args)
+
+
+def test_ablation_mechanism_that_never_acted_gets_no_verdict(tmp_path, capsys):
+    """Replay fires every 50 steps: in 2 steps it never ran, so both arms are the same brain
+    and the table must say 'did not act in this budget', not 'no detectable effect'."""
+    res = _ng_ablate(tmp_path, ["replay", "three_factor"], progress=True)
+    verdicts = {m.name: m.verdict for m in res["report"].metrics}
+    assert verdicts["replay"] == "did not act in this budget"
+    assert verdicts["three_factor"] in ("helps", "hurts", "no detectable effect")
+    assert [a["replay"] for a in res["acted"]["full"]] == [0, 0]
+    assert [a["three_factor"] for a in res["acted"]["full"]] == [2, 2]
+    assert [a["three_factor"] for a in res["acted"]["three_factor"]] == [0, 0]  # off in its own arm
+    assert "| replay | " in res["markdown"] and "| did not act in this budget | 0, 0 |" in res["markdown"]
+    assert res["exit_code"] == 0
+    err = capsys.readouterr().err
+    assert "run 1/6 seed 0 full" in err and "run 6/6 seed 1 three_factor" in err  # per-run bars
+    # replay every step: now it acts on both steps and gets a verdict
+    res = _ng_ablate(tmp_path, ["replay"], out="abl2", overrides={"replay_interval": 1})
+    assert [a["replay"] for a in res["acted"]["full"]] == [2, 2]
+    assert res["report"].metrics[0].verdict in ("helps", "hurts", "no detectable effect")
+
+
+def test_ablation_interrupted_is_marked_and_rerun_keeps_finished_runs(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from neuroplastic.neurogen import ablate
+
+    real_call = ablate.MechanismCounter.__call__
+    sent = []
+
+    def call(self, step=0, loss=0.0):
+        real_call(self, step, loss)
+        if self.model.cfg.seed == 1 and not self.model.cfg.hippocampus and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ablate.MechanismCounter, "__call__", call)
+    res = _ng_ablate(tmp_path, ["hippocampus"])
+    assert res["exit_code"] == 143
+    runs = {(r.seed, r.arm): r.describe() for r in res["report"].runs}
+    assert runs == {(0, "full"): "complete", (0, "hippocampus"): "complete", (1, "full"): "complete",
+                    (1, "hippocampus"): "interrupted at step 1 of 2"}
+    assert res["report"].metrics[0].verdict == "no verdict: 1 of 2 seeds complete"
+    assert "Runs: 1 of 2 seeds complete; seed 1 hippocampus: interrupted at step 1 of 2" in res["markdown"]
+    first = {k: v[:] for k, v in res["losses"].items()}
+
+    monkeypatch.setattr(ablate.MechanismCounter, "__call__", real_call)
+    lines = []
+    res = _ng_ablate(tmp_path, ["hippocampus"], echo=lines.append)
+    assert res["exit_code"] == 0 and res["report"].complete_seeds() == [0, 1]
+    assert sum("kept from" in line for line in lines) == 3  # only the cut run ran again
+    assert res["losses"]["full"][0] == first["full"][0]
+
+
 def test_cli_mechanism_names_match_the_brain():
     from neuroplastic.neurogen.cli import MECHANISM_NAMES
 

@@ -18,6 +18,8 @@ leaves its seed out, and while any seed is incomplete no metric gets a verdict
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +102,59 @@ class MetricSummary:
         self.diff_mean, self.diff_ci = mean_ci(diffs)
         self.verdict = verdict(self.diff_mean, self.diff_ci, self.higher_is_better)
         return self
+
+
+class StopSignals:
+    """Which signal (SIGINT / SIGTERM) interrupted an ablation, if any (``signum``).
+
+    Inside ``with StopSignals() as sig:`` the first signal is only recorded (the ablation
+    stops at its next check); a second Ctrl-C raises ``KeyboardInterrupt``. When a run
+    installs its own handler (the trainer's: finish the step, save, stop), :meth:`chain`
+    wraps it so that the signal's number is recorded too (for the exit code) before that
+    handler sees it. ``exit_code``: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum) if self.signum is not None else 130
+
+    def chain(self) -> None:
+        """Record the signal before the handler now installed (the trainer's) sees it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if not callable(current) or current == self._handler or getattr(current, "ablate_chain", False):
+                continue
+
+            def wrapper(signum, frame, _inner=current):
+                self.signum = signum
+                _inner(signum, frame)
+
+            wrapper.ablate_chain = True  # type: ignore[attr-defined]
+            signal.signal(sig, wrapper)
 
 
 @dataclass

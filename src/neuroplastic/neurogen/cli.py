@@ -7,6 +7,7 @@ the work is imported when a subcommand runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from neuroplastic.errors import UserError
@@ -196,5 +197,11 @@ def _ablate(args, echo) -> int:
     print()
     print(res["markdown"])
     out = res["out_dir"]
-    print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}, {res['png']}")
-    return 0
+    written = [out / "ablation.md", out / "ablation.json", *([res["png"]] if res["png"] else [])]
+    print("written: " + ", ".join(str(p) for p in written))
+    if res["exit_code"]:
+        report = res["report"]
+        again = "run the same command again to finish it" if res["exit_code"] != 1 else "see the runs above"
+        print(f"neuroplastic: the ablation is incomplete ({len(report.complete_seeds())} of "
+              f"{len(report.seeds)} seeds complete); {again}.", file=sys.stderr)
+    return res["exit_code"]

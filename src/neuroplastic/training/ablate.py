@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from neuroplastic.evaluation.ablation import (
     AblationReport,
     ArmRun,
     MetricSummary,
+    StopSignals,
     no_verdict_incomplete,
 )
 from neuroplastic.plasticity.registry import rule_class
@@ -112,60 +111,12 @@ def rules_acted(trainer: Trainer, rules: list[str]) -> dict[str, int]:
     return out
 
 
-class _Signals:
-    """Which signal (SIGINT / SIGTERM) interrupted the ablation, if any.
-
-    Between runs (and while a finished run is scored) the ablation's own handler records the
-    signal, and the ablation stops before the next run. While a run trains, the trainer's
-    handler finishes the step, saves and stops; :meth:`chain` wraps that handler so that the
-    signal's number is recorded too (for the exit code) before the trainer handles it.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-    def chain(self) -> None:
-        """Record the signal before the handler now installed (the trainer's) sees it."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in self.SIGNALS:
-            current = signal.getsignal(sig)
-            if not callable(current) or current == self._handler or getattr(current, "ablate_chain", False):
-                continue
-
-            def wrapper(signum, frame, _inner=current):
-                self.signum = signum
-                _inner(signum, frame)
-
-            wrapper.ablate_chain = True  # type: ignore[attr-defined]
-            signal.signal(sig, wrapper)
-
-
 class _RunProgress(Callback):
     """A tqdm bar over one run's steps, named by its seed and arm; chains the signal record."""
 
     name = "ablate-progress"
 
-    def __init__(self, desc: str, signals: _Signals, show: bool):
+    def __init__(self, desc: str, signals: StopSignals, show: bool):
         self.desc = desc
         self.signals = signals
         self.show = show
@@ -212,7 +163,7 @@ def _write_arm(path: Path, settings: dict[str, Any], run: ArmRun) -> None:
     tmp.replace(path)
 
 
-def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signals: _Signals,
+def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signals: StopSignals,
              desc: str, progress: bool, echo: Callable[[str], None]) -> ArmRun:
     """Train (or continue, or reuse) one run and score it when it ran its whole budget."""
     arm_dir = Path(cfg.train.out_dir)
@@ -299,7 +250,7 @@ def run_ablation(
             plan.append((s, arm, cfg))
     runs: list[ArmRun] = []
     stopped = False
-    with _Signals() as signals:
+    with StopSignals() as signals:
         for i, (s, arm, cfg) in enumerate(plan):
             run = ArmRun(seed=s, arm=arm, max_steps=cfg.train.max_steps)
             if stopped or signals.signum is not None:
@@ -315,7 +266,7 @@ def run_ablation(
                 echo(f"seed {s} {arm:>7}: {run.describe()}")
             if run.status == "interrupted":
                 stopped = True
-        signum = signals.signum
+        exit_code = signals.exit_code
     report = AblationReport(
         title=f"ablate {base.name} --rule {' '.join(rules)} --seeds {seeds}",
         rules=rules, seeds=seed_list, runs=runs,
@@ -351,7 +302,7 @@ def run_ablation(
         f"{base.block_size} tokens; both arms see the same data in the same order per seed."
     )
     if stopped:
-        report.exit_code = 128 + int(signum) if signum is not None else 130
+        report.exit_code = exit_code
     elif any(not r.complete for r in runs):
         report.exit_code = 1
     out.mkdir(parents=True, exist_ok=True)
