@@ -133,6 +133,8 @@ def test_sigterm_cut_run_is_marked_no_verdict_nonzero_exit_and_rerun_continues_i
     assert "seed 1    with: continuing from step 4" in captured.out
     doc = json.loads((out / "ablation.json").read_text())
     assert doc["exit_code"] == 0 and doc["complete_seeds"] == [0, 1]
+    assert "continuing the unfinished ablation" in captured.out
+    assert not (out / "ablation.incomplete").exists()
     assert all(m["verdict"] in ("helps", "hurts", "no detectable effect") for m in doc["metrics"])
     run = _arm_file(out, 1, "with")
     assert run["status"] == "complete" and run["step"] == 6
@@ -190,7 +192,7 @@ def test_rule_that_never_acted_gets_no_verdict_and_progress_names_seed_and_arm(t
     err = capsys.readouterr().err
     for desc in ("run 1/4 seed 0 without", "run 2/4 seed 0 with", "run 4/4 seed 1 with"):
         assert desc in err
-    assert "3/3" in err  # per-step bar
+    assert "0/3 [" in err  # a bar over the run's steps
 
 
 def test_rules_count_the_steps_they_acted_on():

@@ -557,6 +557,10 @@ def test_ablation_interrupted_is_marked_and_rerun_keeps_finished_runs(tmp_path, 
     assert res["exit_code"] == 0 and res["report"].complete_seeds() == [0, 1]
     assert sum("kept from" in line for line in lines) == 3  # only the cut run ran again
     assert res["losses"]["full"][0] == first["full"][0]
+    assert not (tmp_path / "abl" / "ablation.incomplete").exists()
+    lines.clear()  # a complete ablation is not continued: the same command measures anew
+    res = _ng_ablate(tmp_path, ["hippocampus"], echo=lines.append)
+    assert res["exit_code"] == 0 and not any("kept" in line for line in lines) and len(lines) == 4
 
 
 def test_cli_mechanism_names_match_the_brain():

@@ -61,6 +61,27 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return m, t_quantile(n - 1) * math.sqrt(var / n)
 
 
+#: a file in an ablation's output directory while it has runs that did not complete
+INCOMPLETE_MARK = "ablation.incomplete"
+
+
+def begin_ablation(out: Path) -> bool:
+    """Mark ``out`` as holding an unfinished ablation; True when an earlier one was left
+    unfinished there (its completed runs may then be kept: the ablation resumes). After a
+    complete ablation the same command starts over, so a changed code base is measured anew."""
+    mark = Path(out) / INCOMPLETE_MARK
+    resuming = mark.is_file()
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text("An ablation is running here or did not complete; the same command continues it.\n",
+                    encoding="utf-8")
+    return resuming
+
+
+def end_ablation(out: Path, complete: bool) -> None:
+    if complete:
+        (Path(out) / INCOMPLETE_MARK).unlink(missing_ok=True)
+
+
 #: the verdict of a mechanism that never acted in the runs of the arm that has it
 NOT_ACTED = "did not act in this budget"
 

@@ -15,13 +15,15 @@ Each finished run is kept in ``OUT/runs/seedS-ARM.json``. Ctrl-C / SIGTERM stop 
 ablation after the current step; the table marks the cut run, gives no verdict while a
 seed is incomplete, and the exit code is 130 / 143. Running the same command again keeps the
 finished runs and runs the others (a run restarts from its first step: the same seed and
-windows give the same result).
+windows give the same result). Only an unfinished ablation is continued
+(``OUT/ablation.incomplete``); after a complete one every run is measured anew.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from neuroplastic.evaluation.ablation import (
     ArmRun,
     MetricSummary,
     StopSignals,
+    begin_ablation,
+    end_ablation,
     no_verdict_incomplete,
 )
 from neuroplastic.models.brain import MECHANISMS
@@ -140,6 +144,9 @@ def run_neurogen_ablation(
     plan = [(s, arm) for s in range(seeds) for arm in arms]
     runs: list[ArmRun] = []
     stopped = False
+    resuming = begin_ablation(out)
+    if resuming:
+        echo(f"continuing the unfinished ablation in {out}: completed runs with the same settings are kept")
     with StopSignals() as signals:
         for i, (s, arm) in enumerate(plan):
             run = ArmRun(seed=s, arm=arm, max_steps=steps)
@@ -148,7 +155,7 @@ def run_neurogen_ablation(
                 runs.append(run)  # "not run"
                 continue
             path = out / "runs" / f"seed{s}-{arm}.json"
-            prev = _read_json(path)
+            prev = _read_json(path) if resuming else None
             if prev is not None and prev.get("settings") == settings and prev["run"].get("status") == "complete":
                 run = ArmRun(**prev["run"])
                 echo(f"seed {s} {arm:>16}: held-out loss {run.metrics['val_loss']:.4f} (kept from {path})")
@@ -164,7 +171,7 @@ def run_neurogen_ablation(
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=steps, desc=f"run {i + 1}/{len(plan)} seed {s} {arm}", unit="step",
-                           dynamic_ncols=True, leave=False)
+                           dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 15.0)
 
             def on_step(step: int, loss: float, _counter=counter, _bar=bar, _run=run) -> None:
                 _counter(step, loss)
@@ -228,7 +235,7 @@ def run_neurogen_ablation(
         report.exit_code = exit_code
     elif any(not r.complete for r in runs):
         report.exit_code = 1
-    out.mkdir(parents=True, exist_ok=True)
+    end_ablation(out, complete=report.exit_code == 0)
     md = _markdown(report, results, speeds, acted, steps)
     (out / "ablation.md").write_text(md, encoding="utf-8")
     (out / "ablation.json").write_text(json.dumps({

@@ -14,8 +14,11 @@ the arm with the rules, on how many steps each ablated rule acted (``Rule.acted`
   scored as complete: the ablation stops, writes the table with the run marked, gives no
   verdict while a seed is incomplete, and exits non-zero (130 Ctrl-C, 143 SIGTERM);
   running the same command again keeps the completed runs and continues the cut one from
-  its checkpoint (resume is bit-exact, so the result equals an uninterrupted ablation);
-- a run that fails is marked and its seed left out; the others still run;
+  its checkpoint (resume is bit-exact, so the result equals an uninterrupted ablation).
+  Only an unfinished ablation is continued (``OUT/ablation.incomplete``): after a complete
+  one the same command trains every run anew;
+- a run that fails is marked and its seed left out; the others still run (and run again
+  when the command is repeated);
 - a rule that never acted in the arm that has it (EWC that never consolidated, a
   reward-modulated rule that never got a reward) gets "did not act in this budget",
   never a verdict.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,8 @@ from neuroplastic.evaluation.ablation import (
     ArmRun,
     MetricSummary,
     StopSignals,
+    begin_ablation,
+    end_ablation,
     no_verdict_incomplete,
 )
 from neuroplastic.plasticity.registry import rule_class
@@ -127,7 +133,9 @@ class _RunProgress(Callback):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=trainer.cfg.train.max_steps, initial=trainer.step, desc=self.desc,
-                            unit="step", dynamic_ncols=True, leave=False)
+                            unit="step", dynamic_ncols=True, leave=False,
+                            # redraw rarely when stderr is a log file rather than a terminal
+                            mininterval=0.1 if sys.stderr.isatty() else 15.0)
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.signals.chain()
@@ -164,12 +172,12 @@ def _write_arm(path: Path, settings: dict[str, Any], run: ArmRun) -> None:
 
 
 def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signals: StopSignals,
-             desc: str, progress: bool, echo: Callable[[str], None]) -> ArmRun:
+             desc: str, progress: bool, echo: Callable[[str], None], resuming: bool) -> ArmRun:
     """Train (or continue, or reuse) one run and score it when it ran its whole budget."""
     arm_dir = Path(cfg.train.out_dir)
     arm_file = arm_dir / ARM_FILE
     settings = _settings(cfg, mc_limit)
-    prev = _read_arm(arm_file)
+    prev = _read_arm(arm_file) if resuming else None
     same = prev is not None and prev.get("settings") == settings
     if same and prev["run"].get("status") == "complete":
         done = ArmRun(**prev["run"])
@@ -250,6 +258,9 @@ def run_ablation(
             plan.append((s, arm, cfg))
     runs: list[ArmRun] = []
     stopped = False
+    resuming = begin_ablation(out)
+    if resuming:
+        echo(f"continuing the unfinished ablation in {out}: completed runs with the same settings are kept")
     with StopSignals() as signals:
         for i, (s, arm, cfg) in enumerate(plan):
             run = ArmRun(seed=s, arm=arm, max_steps=cfg.train.max_steps)
@@ -258,7 +269,7 @@ def run_ablation(
                 runs.append(run)  # "not run"
                 continue
             run = _run_arm(cfg, run, rules, mc_limit, signals, f"run {i + 1}/{len(plan)} seed {s} {arm}",
-                           progress, echo)
+                           progress, echo, resuming)
             runs.append(run)
             if run.complete:
                 echo(f"seed {s} {arm:>7}: " + ", ".join(f"{k}={v:.4f}" for k, v in run.metrics.items()))
@@ -305,7 +316,7 @@ def run_ablation(
         report.exit_code = exit_code
     elif any(not r.complete for r in runs):
         report.exit_code = 1
-    out.mkdir(parents=True, exist_ok=True)
+    end_ablation(out, complete=report.exit_code == 0)
     (out / "ablation.md").write_text(report.markdown(), encoding="utf-8")
     (out / "ablation.json").write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
     png = out / "ablation.png"
