@@ -390,6 +390,10 @@ def test_ablate_ewc_in_the_continual_setting(tiny, tmp_path):
     assert names["taska_loss"].higher_is_better is False
     assert len(names["taska_loss"].with_) == 2
     assert (tmp_path / "ablate" / "ablation.md").is_file()
+    # EWC consolidated after task A, so its penalty was in the loss of task B's steps
+    acted = [r.acted["ewc"] for r in report.runs if r.arm == "with"]
+    assert len(acted) == 2 and all(0 < a < 6 for a in acted), acted
+    assert names["taska_loss"].verdict != "did not act in this budget"
 
 
 def test_resume_continues_the_task_sequence(tiny, tmp_path):
