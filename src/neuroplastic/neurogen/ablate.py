@@ -157,10 +157,14 @@ def run_neurogen_ablation(
             path = out / "runs" / f"seed{s}-{arm}.json"
             prev = _read_json(path) if resuming else None
             if prev is not None and prev.get("settings") == settings and prev["run"].get("status") == "complete":
-                run = ArmRun(**prev["run"])
-                echo(f"seed {s} {arm:>16}: held-out loss {run.metrics['val_loss']:.4f} (kept from {path})")
-                runs.append(run)
-                continue
+                try:
+                    kept = ArmRun(**prev["run"])
+                    echo(f"seed {s} {arm:>16}: held-out loss {kept.metrics['val_loss']:.4f} (kept from {path})")
+                except (TypeError, KeyError):  # written by another version: run it again
+                    kept = None
+                if kept is not None:
+                    runs.append(kept)
+                    continue
             cfg = dict(base, seed=s)
             if arm != "full":
                 cfg[arm] = False

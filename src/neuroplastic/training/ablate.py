@@ -180,9 +180,13 @@ def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signa
     prev = _read_arm(arm_file) if resuming else None
     same = prev is not None and prev.get("settings") == settings
     if same and prev["run"].get("status") == "complete":
-        done = ArmRun(**prev["run"])
-        echo(f"seed {run.seed} {run.arm:>7}: complete in {arm_dir} (kept)")
-        return done
+        try:
+            done = ArmRun(**prev["run"])
+        except TypeError:  # written by another version: run it again
+            done = None
+        if done is not None:
+            echo(f"seed {run.seed} {run.arm:>7}: complete in {arm_dir} (kept)")
+            return done
     resume = same and ckpt.latest_checkpoint(arm_dir / "checkpoints") is not None
     if not resume:
         shutil.rmtree(arm_dir, ignore_errors=True)
@@ -201,11 +205,14 @@ def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signa
         else:  # killed while it was scored: the last checkpoint is the final state
             trainer.logger.close()
     except Exception as exc:  # noqa: BLE001 - the run failed: mark it, the ablation goes on
-        run.status, run.detail = "failed", str(exc).split("\n")[0][:300]
+        if signals.signum is not None:  # it was stopping on a signal: continue it next time
+            run.status = "interrupted"
+        else:
+            run.status, run.detail = "failed", str(exc).split("\n")[0][:300]
     finally:
         bar.close()
     run.step = trainer.step
-    if run.status != "failed":
+    if run.status == "running":
         if summary.get("interrupted") or (signals.signum is not None and run.step < run.max_steps):
             run.status = "interrupted"
         elif run.step < run.max_steps:
