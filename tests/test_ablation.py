@@ -217,3 +217,40 @@ def test_rules_count_the_steps_they_acted_on():
     fresh = PlasticityEngine(torch.nn.Linear(4, 3), [EWC(lam=1.0), Traces()])
     fresh.load_state_dict(state)
     assert [r.acted for r in fresh.rules] == [2, 2]
+
+
+def test_reward_rule_without_a_reward_in_budget_gets_no_verdict(tmp_path):
+    """traces need a reward; ablate computes one every 10 steps, so a 4-step run never gets one."""
+    report = run_ablation("tiny", ["traces"], seeds=2, overrides=_fast(tmp_path, **{
+        "train.max_steps": 4, "reward.interval": 0, "reward.num_prompts": 1, "reward.max_new_tokens": 2}),
+        out_dir=tmp_path / "abl", mc_limit=0, echo=lambda s: None, progress=False)
+    assert [r.acted for r in report.runs if r.arm == "with"] == [{"traces": 0}, {"traces": 0}]
+    assert {m.verdict for m in report.metrics} == {"did not act in this budget"}
+
+
+@pytest.mark.slow
+def test_cli_sigterm_mid_ablation_exits_143_and_rerun_finishes(tmp_path):
+    """The reported case, end to end: SIGTERM to `neuroplastic ablate` while a run trains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "abl"
+    cmd = [sys.executable, "-m", "neuroplastic", "ablate", "tiny", "--rule", "homeostasis", "--seeds", "2",
+           "--mc-limit", "0", "--out", str(out), *_fast(tmp_path, **{"train.max_steps": 400, "train.ckpt_interval": 50})]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in ["src", os.environ.get("PYTHONPATH", "")] if p))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = out / "seed0-without" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 20):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "seed 0 without: interrupted at step" in stdout and "no statistics and no verdict yet" in stdout
+    assert "Traceback" not in stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "seed 0 without: continuing from step" in r.stdout and "Runs: 2 of 2 seeds complete." in r.stdout

@@ -257,9 +257,11 @@ class AblationReport:
             f"Rules ablated: {', '.join(self.rules)}; seeds: {', '.join(map(str, self.seeds))} "
             "(mean ± 95% CI, Student t; difference = with − without, paired by seed).",
             "",
-            "| metric | better | without | with | difference | verdict |",
-            "|---|---|---|---|---|---|",
         ]
+        if self.metrics:
+            lines += ["| metric | better | without | with | difference | verdict |", "|---|---|---|---|---|---|"]
+        else:
+            lines.append("No seed has all its runs complete: no statistics and no verdict yet.")
         for m in self.metrics:
             lines.append(
                 f"| {m.name} | {'higher' if m.higher_is_better else 'lower'} | "
