@@ -96,6 +96,21 @@ def test_huge_lr_with_finite_loss_stops_without_writing_nonfinite_checkpoints(te
     assert f"The last good checkpoint is untouched: {kept[-1]} (step {int(kept[-1].name[5:])})" in line
 
 
+def test_between_checks_the_save_refuses_nonfinite_state(text_file, tmp_path, capsys):
+    """The state is checked every train.log_interval steps and before every save: with
+    checkpoints more often than checks, the save is what stops the run."""
+    out = tmp_path / "run"
+    code = main(["train", "tiny", *tiny_overrides(text_file, out, **{
+        "train.lr": 1e6, "train.grad_clip": 0, "train.warmup_steps": 0, "train.ckpt_interval": 1,
+        "train.keep_last": 1, "train.eval_interval": 0, "train.max_steps": 30,
+        "train.log_interval": 25})])
+    line = _one_sentence(capsys)
+    assert code == 2 and "Not writing checkpoint" in line and "are not finite" in line
+    kept = ckpt.list_checkpoints(out / "checkpoints")
+    assert kept and all(_all_finite(p) for p in kept)
+    assert f"The last good checkpoint is untouched: {kept[-1]}" in line
+
+
 def test_no_checkpoint_yet_is_not_called_untouched(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "tiny", *tiny_overrides(text_file, out, **{
@@ -141,7 +156,7 @@ def test_save_refuses_nonfinite_state_and_resume_refuses_a_nonfinite_checkpoint(
 
 def test_recall_loop_never_saves_nonfinite_state(tmp_path):
     out = tmp_path / "r"
-    with pytest.raises(UserError, match="non-finite") as exc:
+    with pytest.raises(UserError, match="(non-finite|not finite)") as exc:
         train_recall(_recall_cfg(out, **{"train.lr": 1e6, "train.grad_clip": 0, "train.warmup_steps": 0,
                                          "train.ckpt_interval": 1, "train.keep_last": 1,
                                          "train.eval_interval": 0, "train.max_steps": 40}),

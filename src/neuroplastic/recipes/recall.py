@@ -356,13 +356,14 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
-                # a finite loss does not mean finite weights: one fused check per step
-                if not ckpt.state_is_finite(model, optimizer):
+                # a finite loss does not mean finite weights: one fused check every
+                # train.log_interval steps (as the trainer) and before every save
+                if (step + 1) % max(1, tc.log_interval) == 0 and not ckpt.state_is_finite(model, optimizer):
                     logger.log("nonfinite_state", step + 1, loss=loss_value)
                     raise UserError(
-                        f"The parameters or optimizer state became non-finite at step {step + 1} "
-                        f"although the loss was finite ({loss_value:.4g}); nothing from that step "
-                        f"was saved. {_last_good(ckpt_dir)} Lower train.lr or set train.grad_clip > 0."
+                        f"The parameters or optimizer state are non-finite after step {step + 1} "
+                        f"although the loss was finite ({loss_value:.4g}); nothing non-finite was "
+                        f"saved. {_last_good(ckpt_dir)} Lower train.lr or set train.grad_clip > 0."
                     )
                 step += 1
                 if step % max(1, tc.log_interval) == 0:
