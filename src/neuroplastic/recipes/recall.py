@@ -345,7 +345,7 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
                 loss = (nll * w.reshape(-1)).sum() / w.sum()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
-                    save()  # the state before this step: finite (checked after every step)
+                    save()  # the state before this step (save() refuses it if not finite)
                     raise UserError(
                         f"The recall loss was not finite at step {step + 1}; lower train.lr "
                         f"(now {tc.lr}). The last good state (step {step}) is saved in "
