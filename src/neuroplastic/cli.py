@@ -90,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.resumed_from:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
         if trainer.step >= cfg.train.max_steps:  # (past max_steps is refused at setup)
+            trainer.logger.close()
             trainer.close()
             print(f"Nothing to train: {trainer.resumed_from} is already at train.max_steps="
                   f"{cfg.train.max_steps}; raise train.max_steps to train further.")
