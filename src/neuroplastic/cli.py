@@ -83,17 +83,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         summary = train_recall(cfg, echo=_echo)
         print(f"run dir: {summary['run_dir']}")
-        return 0
+        # after SIGTERM / Ctrl-C: saved, then 143 / 130, so that `train && evaluate` stops
+        return summary["exit_code"]
     trainer = Trainer(cfg, echo=_echo).setup()
     print(_describe(trainer))
     if trainer.resumed_from:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+        if trainer.step >= cfg.train.max_steps:  # (past max_steps is refused at setup)
+            trainer.logger.close()
+            trainer.close()
+            print(f"Nothing to train: {trainer.resumed_from} is already at train.max_steps="
+                  f"{cfg.train.max_steps}; raise train.max_steps to train further.")
+            print(f"run dir: {trainer.run_dir}")
+            return 0
     summary = trainer.train()
     ev = summary["last_eval"]
     if ev:
         print(f"val loss {ev['loss']:.4f} | ppl {ev['ppl']:.2f} | bits/byte {ev['bpb']:.4f}")
     print(f"run dir: {summary['run_dir']}")
-    return 0
+    # after SIGTERM / Ctrl-C: saved, then 143 / 130, so that `train && evaluate` stops
+    return summary["exit_code"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

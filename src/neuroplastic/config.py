@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -211,6 +212,39 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise UserError(f"{key} must be a positive integer, got {value}.")
+        finite = {
+            "train.lr": t.lr, "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay,
+            "train.beta1": t.beta1, "train.beta2": t.beta2, "train.grad_clip": t.grad_clip,
+            "train.sample_temperature": t.sample_temperature, "train.peak_tflops": t.peak_tflops,
+            "model.rope_theta": m.rope_theta, "model.dropout": m.dropout,
+            "model.mlp_ratio": m.mlp_ratio, "model.alpha": m.alpha,
+        }
+        for key, value in finite.items():
+            if not math.isfinite(value):
+                raise UserError(f"{key} must be a finite number, got {value}.")
+        for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2}.items():
+            if not 0 <= value < 1:
+                raise UserError(f"{key} must be in [0, 1) (AdamW's moment decay), got {value}.")
+        if m.rope_theta <= 0:
+            raise UserError(f"model.rope_theta must be > 0, got {m.rope_theta}.")
+        at_least_one = {"train.log_interval": t.log_interval, "train.max_nonfinite": t.max_nonfinite}
+        for key, value in at_least_one.items():
+            if value < 1:
+                raise UserError(f"{key} must be >= 1, got {value}.")
+        off_or_positive = {
+            "train.eval_interval": t.eval_interval, "train.ckpt_interval": t.ckpt_interval,
+            "train.sample_interval": t.sample_interval, "train.sample_tokens": t.sample_tokens,
+        }
+        for key, value in off_or_positive.items():
+            if value < 0:
+                raise UserError(f"{key} must be >= 0 (0 turns it off), got {value}.")
+        try:
+            t.out_dir.format(name=self.name)
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise UserError(
+                f"train.out_dir {t.out_dir!r} has a placeholder other than {{name}} ({exc}); "
+                "use {name} (the recipe's name) or a plain path."
+            ) from None
         nonneg = {
             "train.lr": t.lr,
             "train.min_lr": t.min_lr,
@@ -486,6 +520,11 @@ def read_recipe(name_or_path: str, _depth: int = 0) -> dict[str, Any]:
     path = recipes.get(name_or_path)
     if path is None:
         candidate = Path(name_or_path)
+        if candidate.is_dir():
+            raise UserError(
+                f"Recipe path {str(candidate)!r} is a directory; give a recipe YAML file or a "
+                "built-in recipe name (see `neuroplastic recipes`)."
+            )
         if candidate.suffix in (".yaml", ".yml") or candidate.exists():
             if not candidate.is_file():
                 raise UserError(f"Recipe file {str(candidate)!r} does not exist.")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,19 +171,14 @@ def _rng_from_json(state: list) -> tuple:
 
 def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> dict[str, Any]:
     """Run the recall recipe (module docstring); returns a summary with the run dir, the
-    last quick evaluation and the eval history."""
-    from tqdm.auto import tqdm
+    last quick evaluation and the eval history.
 
-    from neuroplastic.data.tokenizers import build_tokenizer
-    from neuroplastic.models import build_model
+    Like the trainer's: one writer per run directory (a lock), SIGTERM / Ctrl-C finish the
+    step, save and return with ``interrupted`` and the ``exit_code`` (143 / 130) the command
+    line exits with, and parameters or optimizer state that are not finite are never saved.
+    """
     from neuroplastic.training import checkpoint as ckpt
-    from neuroplastic.training.metrics import MetricsLogger
-    from neuroplastic.training.trainer import (
-        build_optimizer,
-        check_writable,
-        lr_at,
-        resolve_device,
-    )
+    from neuroplastic.training.trainer import check_writable
 
     opts = _build(RecallOptions, dict(cfg.options), "options").validate(cfg)
     if cfg.data.tokenizer != "byte":
@@ -196,6 +192,37 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
     run_dir = Path(tc.out_dir.format(name=cfg.name))
     ckpt_dir = run_dir / "checkpoints"
     check_writable(run_dir)
+    lock = ckpt.RunLock(run_dir).acquire()  # one writer per run directory
+    try:
+        check_writable(ckpt_dir)
+        for line in ckpt.clean_stale(ckpt_dir):
+            echo(f"checkpoints: {line}")
+        return _recall_loop(cfg, opts, run_dir, ckpt_dir, echo, progress)
+    finally:
+        lock.release()
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    from neuroplastic.training import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    if latest is None:
+        return "No checkpoint had been written yet, so there is none to resume from."
+    return (f"The last good checkpoint is untouched: {latest} (step {int(latest.name[5:])}); "
+            "resume from it with --resume.")
+
+
+def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: Path, echo,
+                 progress: bool | None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from neuroplastic.data.tokenizers import build_tokenizer
+    from neuroplastic.models import build_model
+    from neuroplastic.training import checkpoint as ckpt
+    from neuroplastic.training.metrics import MetricsLogger
+    from neuroplastic.training.trainer import StopRequest, build_optimizer, lr_at, resolve_device
+
+    tc = cfg.train
     resume_from = None
     if tc.resume in ("", "none"):
         if ckpt.list_checkpoints(ckpt_dir):
@@ -229,7 +256,24 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
         rng.setstate(_rng_from_json(state["rng"]))
         torch.set_rng_state(state["torch_rng"])
         history = list(state.get("history", []))
+        if not ckpt.state_is_finite(model, optimizer):
+            raise UserError(
+                f"Checkpoint {str(resume_from)!r} holds non-finite parameters or optimizer "
+                "state; resume from an earlier checkpoint with train.resume=PATH."
+            )
+        if step > tc.max_steps:
+            raise UserError(
+                f"Checkpoint {str(resume_from)!r} is at step {step}, past train.max_steps="
+                f"{tc.max_steps}; raise train.max_steps above {step} to train further (or "
+                "evaluate the checkpoint as it is)."
+            )
         echo(f"resuming from {loaded['path']} (step {step})")
+        if step == tc.max_steps:
+            echo(f"Nothing to train: {loaded['path']} is already at train.max_steps={step}; "
+                 "raise train.max_steps to train further.")
+            return {"run_dir": str(run_dir), "checkpoint": str(loaded["path"]), "step": step,
+                    "last_eval": dict(history[-1]) if history else {}, "history": history,
+                    "interrupted": False, "exit_code": 0, "already_complete": True}
     logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard,
                            resume_step=step if resume_from is not None else None)
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -239,7 +283,14 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
 
     def save() -> Path:
         path = ckpt_dir / ckpt.checkpoint_name(step)
-        if not path.exists():
+        if path.exists():
+            return path
+        if not ckpt.state_is_finite(model, optimizer):
+            raise UserError(
+                f"Not writing checkpoint {path.name}: the parameters or optimizer state are not "
+                f"finite. {_last_good(ckpt_dir)}"
+            )
+        try:
             ckpt.save_checkpoint(
                 path, model=model,
                 state={"step": step, "rng": _rng_to_json(rng.getstate()),
@@ -247,7 +298,15 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
                 optimizer_state=optimizer.state_dict(), config_text=dump_config(cfg),
                 tokenizer=tok,
             )
-            ckpt.prune_checkpoints(ckpt_dir, tc.keep_last)
+        except OSError as exc:
+            latest = ckpt.latest_checkpoint(ckpt_dir)
+            kept = (f"the previous checkpoint {latest} survives intact" if latest is not None
+                    else "no earlier checkpoint exists")
+            raise UserError(
+                f"Could not write checkpoint {path} ({exc.strerror or exc}); {kept}. Free disk "
+                "space or fix the directory's permissions, then resume with --resume."
+            ) from exc
+        ckpt.prune_checkpoints(ckpt_dir, tc.keep_last)
         return path
 
     def evaluate() -> dict[str, float]:
@@ -258,56 +317,84 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
 
     model.train()
     show = tc.progress if progress is None else progress
+    # shown on a terminal and in a log file alike (redrawn rarely there), as the trainer's
     bar = tqdm(total=tc.max_steps, initial=step, desc=f"recall {cfg.name}", unit="step",
-               disable=None if show else True)
+               disable=not show, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)
     last: dict[str, float] = {}
-    while step < tc.max_steps:
-        if step < short_steps:
-            block, (lo, hi), rows = opts.short_block, opts.short_bytes, tc.batch_size
-        else:
-            block, (lo, hi) = opts.long_block, opts.long_bytes
-            rows = max(1, tokens_per_step // block)
-        x, y, w = recall_batch(rng, rows, block, lo, hi, opts.max_needles, opts.answer_weight,
-                               tok.eos_id)
-        t0 = time.perf_counter()
-        x, y, w = x.to(device), y.to(device), w.to(device)
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logits, _ = model(x)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                              reduction="none")
-        loss = (nll * w.reshape(-1)).sum() / w.sum()
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            save()
-            raise UserError(
-                f"The recall loss was not finite at step {step + 1}; lower train.lr "
-                f"(now {tc.lr}). The last good state is saved in {str(ckpt_dir)!r}."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        step += 1
-        if step % max(1, tc.log_interval) == 0:
-            logger.log("train", step, loss=loss_value, lr=lr, block=block,
-                       tokens_per_s=round(x.numel() / max(1e-9, time.perf_counter() - t0), 1))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", **{k: v for k, v in last.items() if k.endswith("exact")})
-        if tc.eval_interval > 0 and (step % tc.eval_interval == 0 or step == tc.max_steps):
-            last = evaluate()
-            echo(f"step {step} | " + " ".join(f"{k} {v:.2f}" for k, v in last.items()))
-        if tc.ckpt_interval > 0 and step % tc.ckpt_interval == 0:
-            save()
-    bar.close()
+    interrupted = False
+    signum = None
+    try:
+        with StopRequest() as stop:
+            while step < tc.max_steps:
+                if step < short_steps:
+                    block, (lo, hi), rows = opts.short_block, opts.short_bytes, tc.batch_size
+                else:
+                    block, (lo, hi) = opts.long_block, opts.long_bytes
+                    rows = max(1, tokens_per_step // block)
+                x, y, w = recall_batch(rng, rows, block, lo, hi, opts.max_needles,
+                                       opts.answer_weight, tok.eos_id)
+                t0 = time.perf_counter()
+                x, y, w = x.to(device), y.to(device), w.to(device)
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                logits, _ = model(x)
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                      reduction="none")
+                loss = (nll * w.reshape(-1)).sum() / w.sum()
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    save()  # the state before this step (save() refuses it if not finite)
+                    raise UserError(
+                        f"The recall loss was not finite at step {step + 1}; lower train.lr "
+                        f"(now {tc.lr}). The last good state (step {step}) is saved in "
+                        f"{str(ckpt_dir)!r}; resume from it with --resume."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                # a finite loss does not mean finite weights: one fused check every
+                # train.log_interval steps (as the trainer) and before every save
+                if (step + 1) % max(1, tc.log_interval) == 0 and not ckpt.state_is_finite(model, optimizer):
+                    logger.log("nonfinite_state", step + 1, loss=loss_value)
+                    raise UserError(
+                        f"The parameters or optimizer state are non-finite after step {step + 1} "
+                        f"although the loss was finite ({loss_value:.4g}); nothing non-finite was "
+                        f"saved. {_last_good(ckpt_dir)} Lower train.lr or set train.grad_clip > 0."
+                    )
+                step += 1
+                if step % max(1, tc.log_interval) == 0:
+                    logger.log("train", step, loss=loss_value, lr=lr, block=block,
+                               tokens_per_s=round(x.numel() / max(1e-9, time.perf_counter() - t0), 1))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}",
+                                **{k: v for k, v in last.items() if k.endswith("exact")})
+                if tc.eval_interval > 0 and (step % tc.eval_interval == 0 or step == tc.max_steps):
+                    last = evaluate()
+                    echo(f"step {step} | " + " ".join(f"{k} {v:.2f}" for k, v in last.items()))
+                if tc.ckpt_interval > 0 and step % tc.ckpt_interval == 0:
+                    save()
+                if stop.requested:
+                    interrupted, signum = True, stop.signum
+                    break
+    finally:
+        bar.close()
+    if interrupted:
+        path = save()
+        logger.close()
+        echo(f"Stopped at step {step}; checkpoint saved. Resume with --resume.")
+        return {"run_dir": str(run_dir), "checkpoint": str(path), "step": step, "last_eval": last,
+                "history": history, "interrupted": True,
+                "exit_code": StopRequest.exit_code(signum)}
     if not last and tc.max_steps > 0:
         last = evaluate()
     path = save()
     logger.close()
     return {"run_dir": str(run_dir), "checkpoint": str(path), "step": step, "last_eval": last,
-            "history": history}
+            "history": history, "interrupted": False, "exit_code": 0}
 
 
 

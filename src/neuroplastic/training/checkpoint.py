@@ -12,7 +12,11 @@ Layout of ``<out_dir>/checkpoints/step_0000600/``::
 
 A checkpoint is first written into a hidden temporary directory, every file is
 fsync'ed, and the directory is renamed into place, so a crash mid-save leaves the
-previous checkpoints untouched and no half-written one that looks complete.
+previous checkpoints untouched and no half-written one that looks complete. Replacing an
+existing directory (``best``) moves the old one aside first and deletes it only after the
+new one is in place; :func:`clean_stale` repairs what a crash in between leaves. One
+process writes a run directory at a time (:class:`RunLock`), and the loops refuse to
+save parameters or optimizer state that are not finite (:func:`state_is_finite`).
 Nothing is ever loaded with pickle: tensors come from safetensors, the rest from JSON.
 """
 
@@ -34,6 +38,8 @@ from neuroplastic.errors import UserError
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"  # a checkpoint being written
+OLD_PREFIX = ".old-"  # a checkpoint moved aside while its replacement is renamed in
 
 
 # ----------------------------------------------------------------- nested state <-> flat
@@ -198,7 +204,7 @@ def save_checkpoint(
     directory = Path(directory)
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".tmp-{directory.name}-{os.getpid()}"
+    tmp = parent / f"{TMP_PREFIX}{directory.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -221,14 +227,151 @@ def save_checkpoint(
         _fsync_dir(tmp)
         if before_rename is not None:
             before_rename(tmp)
+        # Replacing a directory (``best``) is three renames, never a delete first: the old
+        # one is moved aside, the new one renamed in, and only then the old one deleted.
+        # A crash in between leaves ``.old-NAME-PID``, which clean_stale() puts back.
+        aside = None
         if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+            aside = parent / f"{OLD_PREFIX}{directory.name}-{os.getpid()}"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.rename(directory, aside)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            if aside is not None and not directory.exists():
+                os.rename(aside, directory)
+            raise
         _fsync_dir(parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def clean_stale(ckpt_root: Path) -> list[str]:
+    """Tidy up after a crashed save (call it while holding the run's lock, before writing).
+
+    ``.tmp-*`` directories (half-written checkpoints) are deleted; an ``.old-NAME-PID``
+    directory (a checkpoint moved aside while ``NAME`` was being replaced) is renamed back
+    to ``NAME`` when ``NAME`` is missing or incomplete, and deleted otherwise. Returns what
+    was done, one line per directory.
+    """
+    ckpt_root = Path(ckpt_root)
+    done: list[str] = []
+    if not ckpt_root.is_dir():
+        return done
+    for p in sorted(ckpt_root.iterdir()):
+        if p.name.startswith(TMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed the unfinished save {p.name}")
+        elif p.name.startswith(OLD_PREFIX) and p.is_dir():
+            name = p.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+            target = ckpt_root / name
+            if not (target / STATE_FILE).is_file() and (p / STATE_FILE).is_file():
+                if target.exists():
+                    shutil.rmtree(target, ignore_errors=True)
+                os.rename(p, target)
+                done.append(f"restored {name} from an interrupted replacement")
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p.name}, left by an interrupted replacement")
+    return done
+
+
+def _floating(t: torch.Tensor) -> torch.Tensor | None:
+    to_local = getattr(t, "to_local", None)  # an FSDP2 DTensor: this rank's shard
+    if to_local is not None:
+        t = to_local()
+    return t if t.is_floating_point() and t.numel() else None
+
+
+def _all_finite(groups: list[list[torch.Tensor]], ord: float) -> bool:
+    maxima = [torch.stack(torch._foreach_norm(g, ord)).max().float() for g in groups]
+    first = maxima[0].device
+    return bool(torch.isfinite(torch.stack([m.to(first) for m in maxima]).max()))
+
+
+@torch.no_grad()
+def state_is_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Whether every parameter of ``model`` and every tensor of ``optimizer``'s state is finite.
+
+    Cheap enough for every step: one fused L2 norm per device and dtype
+    (``torch._foreach_norm``, one multi-tensor kernel on CUDA) and one host sync. A NaN or
+    inf anywhere makes a norm non-finite; a finite tensor can too, when its sum of squares
+    overflows (values ~1e19), so a non-finite answer is confirmed exactly with the max-|x|
+    norm, which cannot overflow (slower on CPU, so only then). Measured in
+    docs/RELIABILITY.md. Under FSDP this sees this rank's shards only.
+    """
+    tensors = [_floating(p.detach()) for p in model.parameters()]
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            tensors += [_floating(v) for v in st.values() if isinstance(v, torch.Tensor)]
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            by_kind.setdefault((t.device, t.dtype), []).append(t)
+    if not by_kind:
+        return True
+    groups = list(by_kind.values())
+    return _all_finite(groups, 2.0) or _all_finite(groups, float("inf"))
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock``: one writer per run directory.
+
+    Held until :meth:`release` (or the process ends: the kernel drops it, even on kill -9).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                other = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                other = ""
+            os.close(fd)
+            who = f" (pid {other})" if other.isdigit() else ""
+            raise UserError(
+                f"Run directory {str(self.path.parent)!r} is in use by another neuroplastic "
+                f"process{who}; wait for it to finish, or pick another train.out_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self, _close=os.close):  # os may be gone at interpreter exit
+        if self._fd is not None:
+            try:
+                _close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any]:

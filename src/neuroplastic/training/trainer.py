@@ -183,20 +183,31 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
-class _StopRequest:
+class StopRequest:
     """SIGINT/SIGTERM -> finish the current step, save a checkpoint, stop.
 
-    A second Ctrl-C interrupts immediately.
+    A second Ctrl-C interrupts immediately. ``signum`` is the first signal received;
+    :meth:`exit_code` is what the command line exits with after saving (128 + signal:
+    130 for Ctrl-C, 143 for SIGTERM), so that ``train && evaluate`` and schedulers see
+    the interruption.
     """
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        if self.signum is None:
+            self.signum = signum
+
+    @staticmethod
+    def exit_code(signum: int | None) -> int:
+        """128 + the signal (SIGTERM when a peer process asked to stop)."""
+        return 128 + int(signum if signum is not None else signal.SIGTERM)
 
     def __enter__(self):
         if threading_is_main():
@@ -208,6 +219,9 @@ class _StopRequest:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+_StopRequest = StopRequest  # the old name, still imported by neurogen
 
 
 def threading_is_main() -> bool:
@@ -248,6 +262,8 @@ class Trainer:
         self._last_saved_step = -1
         self._peak = None
         self._setup_done = False
+        self._lock: ckpt.RunLock | None = None
+        self._finite_step = 0  # the last step after which the state was checked finite
 
     # ------------------------------------------------------------------ setup
 
@@ -276,11 +292,57 @@ class Trainer:
             raise UserError(f"Checkpoint {spec!r} given in train.resume does not exist.")
         return path
 
+    def _acquire_lock(self) -> None:
+        """One writer per run directory (rank 0 writes; the other ranks of a group do not lock)."""
+        from neuroplastic.training.distributed import env_rank
+
+        if env_rank() != 0:
+            return
+        if self._lock is None:
+            self._lock = ckpt.RunLock(self.run_dir)
+        self._lock.acquire()
+
+    def close(self) -> None:
+        """Release the run directory's lock (``train`` does this when it returns)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _last_good(self) -> str:
+        """A sentence naming the last checkpoint on disk (every one we write is finite)."""
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None:
+            return "No checkpoint had been written yet, so there is none to resume from."
+        return (
+            f"The last good checkpoint is untouched: {latest} (step {int(latest.name[5:])}); "
+            "resume from it with train.resume=auto."
+        )
+
+    def _state_finite(self) -> bool:
+        """Parameters and optimizer state all finite (on every rank: FSDP shards differ)."""
+        ok = ckpt.state_is_finite(self.model, self.optimizer)
+        if self.dist.enabled and self.dist.fsdp:
+            ok = self.dist.mean([0.0 if ok else 1.0], self.device)[0] == 0.0
+        return ok
+
     def setup(self) -> Trainer:
         if self._setup_done:
             return self
-        cfg = self.cfg
         check_writable(self.run_dir)
+        self._acquire_lock()
+        try:
+            from neuroplastic.training.distributed import env_rank
+
+            check_writable(self.ckpt_dir)
+            if env_rank() == 0:
+                for line in ckpt.clean_stale(self.ckpt_dir):
+                    self.echo(f"checkpoints: {line}")
+            return self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> Trainer:
+        cfg = self.cfg
         resume_path = self._resume_path()
         loaded = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
         if loaded is not None:
@@ -424,6 +486,18 @@ class Trainer:
 
         if loaded is not None:
             self._restore(loaded)
+            self._finite_step = self.step
+            if not self._state_finite():
+                raise UserError(
+                    f"Checkpoint {str(resume_path)!r} holds non-finite parameters or optimizer "
+                    "state; resume from an earlier checkpoint with train.resume=PATH."
+                )
+            if self.step > tc.max_steps:
+                raise UserError(
+                    f"Checkpoint {str(resume_path)!r} is at step {self.step}, past "
+                    f"train.max_steps={tc.max_steps}; raise train.max_steps above {self.step} "
+                    "to train further (or evaluate the checkpoint as it is)."
+                )
         self._apply_stage_alpha()
         if self.dist.is_main:
             self.logger = MetricsLogger(
@@ -496,21 +570,45 @@ class Trainer:
         set_rng_state(s["rng"])
 
     def save(self, best: bool = False) -> Path:
-        """Write a full checkpoint for the current step (atomically); prune old ones."""
+        """Write a full checkpoint for the current step (atomically); prune old ones.
+
+        Refuses (UserError) to write non-finite parameters or optimizer state; a failed
+        write (full disk, read-only directory) leaves the previous checkpoints as they were
+        and is reported as one sentence that names the one that survives.
+        """
         name = "best" if best else ckpt.checkpoint_name(self.step)
         path = self.ckpt_dir / name
+        if not self._state_finite():
+            raise UserError(
+                f"Not writing checkpoint {name} at step {self.step}: the parameters or optimizer "
+                f"state are not finite. {self._last_good()}"
+            )
+        self._finite_step = self.step
         # rank 0 writes; under FSDP every rank takes part in gathering the full state
         to_save = self.dist.checkpoint_state(self.model, self.optimizer)
         if to_save is not None:
             model_src, optimizer_state = to_save
-            ckpt.save_checkpoint(
-                path,
-                model=model_src,
-                state=self.state(),
-                optimizer_state=optimizer_state,
-                config_text=dump_config(self.cfg),
-                tokenizer=self.tokenizer,
-            )
+            try:
+                ckpt.save_checkpoint(
+                    path,
+                    model=model_src,
+                    state=self.state(),
+                    optimizer_state=optimizer_state,
+                    config_text=dump_config(self.cfg),
+                    tokenizer=self.tokenizer,
+                )
+            except OSError as exc:
+                latest = ckpt.latest_checkpoint(self.ckpt_dir)
+                kept = (
+                    f"the previous checkpoint {latest} survives intact"
+                    if latest is not None else "no earlier checkpoint exists"
+                )
+                if best and (path / ckpt.STATE_FILE).is_file():
+                    kept += f", and so does the previous {path}"
+                raise UserError(
+                    f"Could not write checkpoint {path} ({exc.strerror or exc}); {kept}. Free "
+                    "disk space or fix the directory's permissions, then resume with train.resume=auto."
+                ) from exc
             if not best:
                 ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
         if not best:
@@ -591,6 +689,13 @@ class Trainer:
         checkpoint and return with ``summary["interrupted"] = True``.
         """
         self.setup()
+        self._acquire_lock()  # released when the previous train() returned
+        try:
+            return self._train(stop_at)
+        finally:
+            self.close()
+
+    def _train(self, stop_at: int | None) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
         model = self.model
@@ -598,6 +703,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         interrupted = False
+        signum = None
         window_tokens, window_start = 0, time.perf_counter()
         start_step = self.step
         start_tokens = self.tokens_seen
@@ -613,7 +719,7 @@ class Trainer:
                 mininterval=0.1 if sys.stderr.isatty() else 15.0,
             )
         try:
-            with _StopRequest() as stop:
+            with StopRequest() as stop:
                 self._stop = stop
                 while self.step < end:
                     record = self._train_step()
@@ -644,6 +750,7 @@ class Trainer:
                     # several processes stop together, at the step all of them agreed on
                     if self._stop_agreed if self.dist.enabled else stop.requested:
                         interrupted = True
+                        signum = stop.signum
                         if self.dist.enabled:
                             if self._last_saved_step != self.step:
                                 self.save()
@@ -682,6 +789,7 @@ class Trainer:
             "elapsed_s": elapsed,
             "tokens_seen": self.tokens_seen,
             "interrupted": interrupted,
+            "exit_code": StopRequest.exit_code(signum) if interrupted else 0,
             "nonfinite_steps": self.nonfinite_total,
             "last_eval": dict(self.last_eval),
             "best_val": self.best_val,
@@ -748,7 +856,7 @@ class Trainer:
                 raise UserError(
                     f"The loss was not finite for {self.nonfinite_streak} steps in a row "
                     f"(last at step {self.step}); lower train.lr, enable train.grad_clip, or "
-                    "check the data. The last good checkpoint is untouched."
+                    f"check the data. {self._last_good()}"
                 )
             return record
         self.nonfinite_streak = 0
@@ -768,6 +876,22 @@ class Trainer:
         for cb in self.callbacks:
             cb.after_step(self, record)
         self.optimizer.zero_grad(set_to_none=True)
+        # A finite loss does not mean finite weights (a huge lr overflows the update). One
+        # fused check over parameters and optimizer state (checkpoint.state_is_finite) every
+        # train.log_interval steps and before every save: per step it would cost ~4% of an
+        # H200 step (docs/RELIABILITY.md). The in-memory state cannot be undone; it is never
+        # saved, and the run stops at the last good checkpoint on disk.
+        done = self.step + 1
+        if done % tc.log_interval == 0 or done >= tc.max_steps:
+            if not self._state_finite():
+                self.logger.log("nonfinite_state", done, loss=loss_value)
+                raise UserError(
+                    f"The parameters or optimizer state are non-finite after step {done} although "
+                    f"the loss was finite ({loss_value:.4g}; last seen finite at step "
+                    f"{self._finite_step}); nothing non-finite was saved. {self._last_good()} "
+                    "Lower train.lr or set train.grad_clip > 0."
+                )
+            self._finite_step = done
         self.step += 1
         self.history.append({"step": self.step, "loss": loss_value})
         if self.curriculum is not None and self.curriculum.advance == "steps":
