@@ -84,6 +84,6 @@ def test_recipe_base_inheritance(tmp_path):
 
 def test_mapping_overrides_keep_the_other_keys():
     cfg = load_config("tiny", ["reward.weights.rouge_l=1.0"])
-    assert cfg.reward.weights == {"rouge_l": 1.0, "coherence": 0.2, "diversity": 0.2, "perplexity": 0.2}
+    assert cfg.reward.weights == {"rouge_l": 1.0, "unique_word_ratio": 0.2, "diversity": 0.2, "perplexity": 0.2}
     cfg = load_config("tiny", ["options.lam=0.3"])
     assert cfg.options == {"lam": 0.3}

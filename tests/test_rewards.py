@@ -9,12 +9,12 @@ from neuroplastic.rewards import (
     MultiObjectiveReward,
     RewardConfig,
     available_terms,
-    coherence,
     distinct_n,
     diversity,
     perplexity_reward,
     register_term,
     rouge_l,
+    unique_word_ratio,
     words,
 )
 from neuroplastic.rewards import combined as combined_mod
@@ -33,11 +33,47 @@ def test_words_lowercase_regex():
 # ------------------------------------------------------------------ single terms
 
 
-def test_coherence_is_unique_word_ratio():
-    assert coherence("the cat the dog") == pytest.approx(3 / 4)
-    assert coherence("The the THE") == pytest.approx(1 / 3)
-    assert coherence("") == 0.0
-    assert coherence("a b c") == 1.0
+def test_unique_word_ratio():
+    assert unique_word_ratio("the cat the dog") == pytest.approx(3 / 4)
+    assert unique_word_ratio("The the THE") == pytest.approx(1 / 3)
+    assert unique_word_ratio("") == 0.0
+    assert unique_word_ratio("a b c") == 1.0
+
+
+BYTE_GARBAGE = "xq7 zzk#1 \x03 9fj_ wq0p 4kd@ mmq2 \xff"
+
+
+@pytest.fixture
+def fresh_deprecation(monkeypatch):
+    monkeypatch.setattr(metrics_mod, "_warned", set())
+
+
+def test_coherence_is_a_deprecated_name_that_warns_once_and_never_labels_garbage(
+    fresh_deprecation,
+):
+    # the unique-word ratio gives byte garbage 1.0 ...
+    assert unique_word_ratio(BYTE_GARBAGE) == 1.0
+    # ... so asking for "coherence" warns (once) and reports it under its real name
+    with pytest.warns(FutureWarning, match="deprecated name of 'unique_word_ratio'"):
+        reward = MultiObjectiveReward({"coherence": 1.0})
+    res = reward([BYTE_GARBAGE])
+    assert "coherence" not in res.terms and "coherence" not in res.as_dict("r")
+    assert res.terms == {"unique_word_ratio": 1.0}
+    assert reward.weights == {"unique_word_ratio": 1.0}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second use does not warn again
+        MultiObjectiveReward({"coherence": 0.5}, options={"coherence": {}})
+    with pytest.raises(UserError, match="twice"):
+        MultiObjectiveReward({"coherence": 1.0, "unique_word_ratio": 1.0})
+
+
+def test_coherence_function_is_deprecated(fresh_deprecation):
+    from neuroplastic.rewards import coherence
+
+    with pytest.warns(FutureWarning, match="not a measure of coherence"):
+        assert coherence("the cat the dog") == pytest.approx(0.75)
 
 
 def test_diversity_seed_formula():
@@ -115,33 +151,33 @@ REFS = ["the cat sat", "a big cat was on a red mat too"]
 
 
 def test_weighted_sum_matches_hand_combination():
-    weights = {"rouge_l": 0.4, "coherence": 0.2, "diversity": 0.2, "perplexity": 0.2}
+    weights = {"rouge_l": 0.4, "unique_word_ratio": 0.2, "diversity": 0.2, "perplexity": 0.2}
     ppl = [6.0, 1.0]
     res = MultiObjectiveReward(weights)(PREDS, REFS, ppl=ppl)
     expected = []
     for p, r, q in zip(PREDS, REFS, ppl):
         expected.append(
             0.4 * rouge_l(p, r)
-            + 0.2 * coherence(p)
+            + 0.2 * unique_word_ratio(p)
             + 0.2 * diversity(p)
             + 0.2 * perplexity_reward(q)
         )
-    # item 0 by hand: coherence 3/4, diversity 3/50, perplexity 0.5
-    assert res.item_terms["coherence"][0] == pytest.approx(0.75)
+    # item 0 by hand: unique-word ratio 3/4, diversity 3/50, perplexity 0.5
+    assert res.item_terms["unique_word_ratio"][0] == pytest.approx(0.75)
     assert res.item_terms["diversity"][0] == pytest.approx(3 / 50)
     assert res.item_terms["perplexity"] == pytest.approx([0.5, 1.0])
     assert res.per_item == pytest.approx(expected)
     assert res.total == pytest.approx(sum(expected) / 2)
     assert set(res.terms) == set(weights)
-    assert res.terms["coherence"] == pytest.approx((0.75 + 5 / 6) / 2)
+    assert res.terms["unique_word_ratio"] == pytest.approx((0.75 + 5 / 6) / 2)
     logged = res.as_dict()
     assert logged["reward"] == res.total and "reward/rouge_l" in logged
 
 
 def test_default_config_and_weights_not_normalised():
     assert MultiObjectiveReward().weights == RewardConfig().weights
-    one = MultiObjectiveReward({"coherence": 1.0})(["the cat the dog"])
-    two = MultiObjectiveReward({"coherence": 2.0})(["the cat the dog"])
+    one = MultiObjectiveReward({"unique_word_ratio": 1.0})(["the cat the dog"])
+    two = MultiObjectiveReward({"unique_word_ratio": 2.0})(["the cat the dog"])
     assert one.total == pytest.approx(0.75)
     assert two.total == pytest.approx(1.5)
 
@@ -157,7 +193,7 @@ def test_scalar_ppl_broadcast_and_config_options():
 
 
 def test_weight_zero_term_logged_but_not_counted():
-    res = MultiObjectiveReward({"coherence": 1.0, "distinct_2": 0.0})(["the cat the dog"])
+    res = MultiObjectiveReward({"unique_word_ratio": 1.0, "distinct_2": 0.0})(["the cat the dog"])
     assert res.terms["distinct_2"] == pytest.approx(1.0)
     assert res.total == pytest.approx(0.75)
 
@@ -187,12 +223,12 @@ def test_register_custom_term():
 
 
 def test_errors():
-    with pytest.raises(UserError, match=r"did you mean 'rouge_l'.*valid terms: .*coherence"):
+    with pytest.raises(UserError, match=r"did you mean 'rouge_l'.*valid terms: .*unique_word_ratio"):
         MultiObjectiveReward({"rogue_l": 1.0})
     with pytest.raises(UserError, match="valid terms"):
         MultiObjectiveReward({})
     with pytest.raises(UserError, match="finite number"):
-        MultiObjectiveReward({"coherence": math.nan})
+        MultiObjectiveReward({"unique_word_ratio": math.nan})
     with pytest.raises(UserError, match="perplexity_form"):
         MultiObjectiveReward({"perplexity": 1.0}, perplexity_form="log")
     reward = MultiObjectiveReward()

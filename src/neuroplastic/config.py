@@ -148,7 +148,7 @@ class RewardConfig:
 
     interval: int = 0  # 0: no reward (reward-modulated rules then never update)
     weights: dict = dataclasses.field(
-        default_factory=lambda: {"rouge_l": 0.4, "coherence": 0.2, "diversity": 0.2, "perplexity": 0.2}
+        default_factory=lambda: {"rouge_l": 0.4, "unique_word_ratio": 0.2, "diversity": 0.2, "perplexity": 0.2}
     )
     num_prompts: int = 4
     max_new_tokens: int = 48

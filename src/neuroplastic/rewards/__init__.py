@@ -1,9 +1,13 @@
 """Reward terms on generated text and their weighted combination.
 
 >>> from neuroplastic.rewards import MultiObjectiveReward
->>> r = MultiObjectiveReward({"coherence": 0.5, "distinct_2": 0.5})(["the cat the dog"])
->>> round(r.total, 4), r.terms["coherence"]
+>>> r = MultiObjectiveReward({"unique_word_ratio": 0.5, "distinct_2": 0.5})(["the cat the dog"])
+>>> round(r.total, 4), r.terms["unique_word_ratio"]
 (0.875, 0.75)
+
+``coherence`` is a deprecated name of ``unique_word_ratio`` (see
+:data:`~neuroplastic.rewards.combined.DEPRECATED_TERMS`): it warns once and is reported
+as ``unique_word_ratio``.
 
 ROUGE-L needs the optional ``rouge-score`` package (``neuroplastic[metrics]``); it
 is imported on first use only. The generation terms (``length``, ``entropy``,
@@ -12,11 +16,13 @@ is imported on first use only. The generation terms (``length``, ``entropy``,
 """
 
 from neuroplastic.rewards.combined import (
+    DEPRECATED_TERMS,
     MultiObjectiveReward,
     RewardConfig,
     RewardResult,
     RewardTerm,
     available_terms,
+    canonical_term,
     get_term,
     register_term,
 )
@@ -40,8 +46,14 @@ from neuroplastic.rewards.metrics import (
     unique_word_ratio,
     words,
 )
+from neuroplastic.rewards.requirements import (
+    check_reward_requirements,
+    missing_reward_requirements,
+    reward_requirements,
+)
 
 __all__ = [
+    "DEPRECATED_TERMS",
     "PERPLEXITY_FORMS",
     "MultiObjectiveReward",
     "RewardConfig",
@@ -49,6 +61,8 @@ __all__ = [
     "RewardTerm",
     "available_terms",
     "bleu",
+    "canonical_term",
+    "check_reward_requirements",
     "coherence",
     "distinct_n",
     "diversity",
@@ -57,9 +71,11 @@ __all__ = [
     "load_embedder",
     "load_wordnet",
     "meteor",
+    "missing_reward_requirements",
     "output_entropy",
     "perplexity_reward",
     "register_term",
+    "reward_requirements",
     "rouge_l",
     "semantic_similarities",
     "unigram_entropy",

@@ -12,7 +12,7 @@ stays required, so a term can always score one item on its own.
 
 :class:`MultiObjectiveReward` takes weights per term name and scores a batch::
 
-    reward = MultiObjectiveReward({"rouge_l": 0.4, "coherence": 0.2,
+    reward = MultiObjectiveReward({"rouge_l": 0.4, "unique_word_ratio": 0.2,
                                    "diversity": 0.2, "perplexity": 0.2})
     r = reward(predictions, references, ppl=[12.3, 8.1])
     r.total, r.per_item, r.terms   # mean total, per-item totals, mean of each term
@@ -24,16 +24,21 @@ negative weight makes a penalty).
 
 Built-in terms (see :mod:`neuroplastic.rewards.metrics`):
 
-==============  ======  =====  =====================================================
-name            ref?    ppl?   value
-==============  ======  =====  =====================================================
-``rouge_l``     yes     no     ROUGE-L F1 vs the reference
-``coherence``   no      no     unique words / words (seed name; lexical non-repetition)
-``diversity``   no      no     min(unique words / ``diversity_cap``, 1) (seed)
-``distinct_1``  no      no     distinct unigrams / unigrams
-``distinct_2``  no      no     distinct bigrams / bigrams
-``perplexity``  no      yes    ``perplexity_form`` of ppl: linear (seed), exp, inverse
-==============  ======  =====  =====================================================
+=====================  ======  =====  ==============================================
+name                   ref?    ppl?   value
+=====================  ======  =====  ==============================================
+``rouge_l``            yes     no     ROUGE-L F1 vs the reference
+``unique_word_ratio``  no      no     unique words / words (lexical non-repetition)
+``diversity``          no      no     min(unique words / ``diversity_cap``, 1) (seed)
+``distinct_1``         no      no     distinct unigrams / unigrams
+``distinct_2``         no      no     distinct bigrams / bigrams
+``perplexity``         no      yes    ``perplexity_form`` of ppl: linear (seed), exp, inverse
+=====================  ======  =====  ==============================================
+
+Deprecated names (:data:`DEPRECATED_TERMS`): ``coherence`` is the seed system's name
+of ``unique_word_ratio``. It is accepted in weights and options, warns once per
+process (FutureWarning), and is scored and reported as ``unique_word_ratio``: that
+term gives byte garbage 1.0, so no result is ever labelled "coherence".
 """
 
 from __future__ import annotations
@@ -66,6 +71,31 @@ class RewardTerm:
 
 
 _TERMS: dict[str, RewardTerm] = {}
+
+# old name -> registered name; accepted in weights/options, warned about once, reported
+# under the new name
+DEPRECATED_TERMS: dict[str, str] = {"coherence": "unique_word_ratio"}
+
+
+def canonical_term(name: str) -> str:
+    """``name``, or the registered name a deprecated one stands for (warns once)."""
+    new = DEPRECATED_TERMS.get(name) if isinstance(name, str) else None
+    if new is None or name in _TERMS:
+        return name
+    metrics.warn_deprecated_once(name, new)
+    return new
+
+
+def _canonical_mapping(mapping: Mapping[str, Any], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in mapping.items():
+        new = canonical_term(name)
+        if new in out:
+            raise UserError(
+                f"{what} names {new!r} twice (once as its deprecated name {name!r}); keep one."
+            )
+        out[new] = value
+    return out
 
 
 def register_term(
@@ -112,9 +142,9 @@ def available_terms() -> list[str]:
 
 
 def get_term(name: str) -> RewardTerm:
-    """The registered term ``name``; UserError naming the valid terms otherwise."""
+    """The registered term ``name`` (or of a deprecated name); UserError naming the valid terms otherwise."""
     try:
-        return _TERMS[name]
+        return _TERMS[canonical_term(name)]
     except KeyError:
         names = available_terms()
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
@@ -132,8 +162,8 @@ def _rouge_l(pred: str, ref: str | None, ppl: float | None) -> float:
     return metrics.rouge_l(pred, ref or "")
 
 
-def _coherence(pred: str, ref: str | None, ppl: float | None) -> float:
-    """Unique words / words (lexical non-repetition, the seed's 'coherence')."""
+def _unique_word_ratio(pred: str, ref: str | None, ppl: float | None) -> float:
+    """Unique words / words (lexical non-repetition; the seed called it 'coherence')."""
     return metrics.unique_word_ratio(pred)
 
 
@@ -160,7 +190,7 @@ def _perplexity(
 
 
 register_term("rouge_l", _rouge_l, needs_reference=True)
-register_term("coherence", _coherence)
+register_term("unique_word_ratio", _unique_word_ratio)
 register_term("diversity", _diversity)
 register_term("distinct_1", _distinct_1)
 register_term("distinct_2", _distinct_2)
@@ -171,7 +201,7 @@ register_term("perplexity", _perplexity, needs_ppl=True)
 
 
 def _default_weights() -> dict[str, float]:
-    return {"rouge_l": 0.4, "coherence": 0.2, "diversity": 0.2, "perplexity": 0.2}
+    return {"rouge_l": 0.4, "unique_word_ratio": 0.2, "diversity": 0.2, "perplexity": 0.2}
 
 
 @dataclass
@@ -195,6 +225,7 @@ class RewardConfig:
                 "reward.weights must be a non-empty mapping of term name to weight, "
                 f"e.g. {{'rouge_l': 1.0}}; valid terms: {', '.join(available_terms())}."
             )
+        self.weights = _canonical_mapping(self.weights, "reward.weights")
         for name, w in self.weights.items():
             get_term(name)
             if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
@@ -214,6 +245,7 @@ class RewardConfig:
             )
         if not isinstance(self.options, Mapping):
             raise UserError(f"reward.options must be a mapping, got {self.options!r}.")
+        self.options = _canonical_mapping(self.options, "reward.options")
         for name, opts in self.options.items():
             get_term(name)
             if not isinstance(opts, Mapping):
@@ -274,6 +306,9 @@ class MultiObjectiveReward:
             except TypeError as e:
                 raise UserError(f"Bad reward option: {e}.") from None
         self.config = cfg.validate()
+        from neuroplastic.rewards.requirements import check_reward_requirements
+
+        check_reward_requirements(self.config)  # missing optional packages: at setup, not step 10
         self.weights: dict[str, float] = {k: float(v) for k, v in cfg.weights.items()}
         self._terms = [get_term(name) for name in self.weights]
         self._options = {t.name: cfg.term_options(t.name) for t in self._terms}

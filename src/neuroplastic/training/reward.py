@@ -4,7 +4,7 @@ At a reward step the callback draws ``num_prompts`` (prompt, reference) pairs of
 current curriculum stage, samples a continuation of each prompt from the model,
 measures the perplexity of the reference under the model (teacher forcing), and
 scores the generations with :class:`~neuroplastic.rewards.MultiObjectiveReward`
-(ROUGE-L, coherence, diversity, perplexity by default). The mean total becomes
+(ROUGE-L, unique-word ratio, diversity, perplexity by default). The mean total becomes
 ``trainer.reward``; the plasticity engine turns it into an advantage against its
 running baseline and modulates the plastic update with it. Each term is logged.
 
