@@ -256,13 +256,12 @@ def _evaluate_rewards(args, model, tok, cfg, device, directory) -> int:
     from neuroplastic.rewards import MultiObjectiveReward
     from neuroplastic.training.inference import load_trained
 
-    if cfg.recipe_module == "controlled_generation":
-        weights = cfg.options.get("weights") or {"length": 0.25, "semantic_similarity": 0.25,
-                                                 "bleu": 0.25, "meteor": 0.25}
-        term_options = cfg.options.get("term_options", {})
+    if cfg.recipe_module == "controlled_generation":  # the reward the run trained with
+        from neuroplastic.recipes.controlled_generation import reward_for
+
+        reward_fn = reward_for(cfg, tok)
     else:
-        weights, term_options = cfg.reward.weights, {}
-    reward_fn = MultiObjectiveReward(dict(weights), options=dict(term_options))
+        reward_fn = MultiObjectiveReward(dict(cfg.reward.weights))
     pairs = _reward_pairs(cfg, tok, Path(directory), args.limit or 20, seed=0)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, device=device)
     torch.manual_seed(cfg.train.seed)

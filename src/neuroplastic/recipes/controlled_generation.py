@@ -8,9 +8,13 @@ The loss of a step is ``CE + lam * reward_loss`` with
 * ``y_i`` are ``samples_per_prompt`` (k) continuations sampled from the model for each of
   ``prompts_per_step`` prompts; ``logp`` is their log-probability under the current model
   (with gradient; mean per token with ``normalize_logprob``, else the sum).
-* ``A_i = r_i - mean_k(r)`` is REINFORCE's advantage with the mean reward of the k
-  samples of the same prompt as baseline (so the estimator is unbiased and a reward
-  that every sample shares moves nothing).
+* ``A_i = (r_i - mean_k(r)) / (std_k(r) + adv_eps)`` is REINFORCE's advantage with the
+  mean reward of the k samples of the same prompt as baseline (so a reward that every
+  sample shares moves nothing), divided by their spread (``normalize_advantage``, the
+  default; GRPO's group normalisation). Without that division the reward loss is only
+  as large as the reward differences between samples, which for terms in [0, 1]
+  weighted 0.25 each are ~0.01: measured on the tiny model its gradient was 0.4 % of the
+  CE gradient, and the fine-tune matched CE-only to 4 decimals on every held-out term.
 * ``r_i`` is the weighted sum of terms computed on the *sampled text* — length
   efficiency, semantic similarity, BLEU, METEOR, ... (``weights``; see
   :mod:`neuroplastic.rewards`) — which have no gradient of their own; they reach the
@@ -26,6 +30,13 @@ The mean reward of the step becomes ``trainer.reward``, so an ``eligibility`` (o
 reward-modulated) rule in ``plasticity.rules`` applies its plastic update after the
 optimizer step. Maximum generation length follows the curriculum stage
 (``max_new_tokens``: 30 -> 80 -> 150 over definitions -> explanations -> dialogues).
+
+The ``length`` term's target must be reachable under every stage's cap: a target above
+the cap rewards every sample for being longer, so REINFORCE learns never to stop. The
+recipe counts it in the model's own tokens (``term_options: {length: {target: 20,
+unit: tokens}}``; the recipe passes its tokenizer to every term with ``unit: tokens``)
+and setup refuses a target above the smallest stage cap (a word is at least one token,
+so a target in words above it is refused too).
 Prompts and sampling are seeded by ``(train.seed, step)``, so resume is exact.
 """
 
@@ -56,6 +67,8 @@ class ControlOptions:
     max_new_tokens: list[int] = dataclasses.field(default_factory=lambda: [30, 80, 150])
     entropy_weight: float = 0.01
     normalize_logprob: bool = True
+    normalize_advantage: bool = True  # divide by the std of the k samples' rewards (GRPO)
+    adv_eps: float = 0.01  # added to that std: reward spreads well below it are not blown up
     weights: dict = dataclasses.field(
         default_factory=lambda: {"length": 0.25, "semantic_similarity": 0.25, "bleu": 0.25,
                                  "meteor": 0.25}
@@ -71,25 +84,41 @@ class ControlOptions:
             raise UserError("options.max_new_tokens must list positive lengths (one per stage).")
         if self.lam < 0:
             raise UserError(f"options.lam must be >= 0, got {self.lam}.")
+        if not self.adv_eps > 0:
+            raise UserError(f"options.adv_eps must be > 0, got {self.adv_eps}.")
         return self
+
+    def stage_caps(self, block_size: int) -> list[int]:
+        """The generation cap of each stage: ``max_new_tokens``, less a quarter of the context."""
+        keep = max(1, block_size // 4)  # the prompt keeps at least a quarter of the context
+        return [max(1, min(int(n), block_size - keep)) for n in self.max_new_tokens]
+
+    def check_length_target(self, block_size: int) -> None:
+        """UserError when the ``length`` term's target cannot be reached under a stage's cap."""
+        if "length" not in self.weights and "length" not in self.term_options:
+            return
+        opts = dict(self.term_options.get("length") or {})
+        target, unit = opts.get("target", 30), opts.get("unit", "words")
+        cap = min(self.stage_caps(block_size))
+        if isinstance(target, int | float) and not isinstance(target, bool) and target > cap:
+            per = "" if unit == "tokens" else " (a word takes at least one token)"
+            raise UserError(
+                f"options.term_options.length.target is {target:g} {unit} but a stage generates at "
+                f"most {cap} tokens{per} (options.max_new_tokens {list(self.max_new_tokens)}, "
+                f"less a quarter of the {block_size}-token context), so every sample would be "
+                "rewarded for running to the cap; lower the target (unit: tokens) or raise the caps."
+            )
 
 
 class ControlledGeneration(Callback):
     name = "controlled_generation"
 
-    def __init__(self, options: ControlOptions):
-        from neuroplastic.rewards import MultiObjectiveReward
-
+    def __init__(self, options: ControlOptions, tokenizer: Any = None):
         self.opt = options
-        self.reward_fn = MultiObjectiveReward(dict(options.weights), options=dict(options.term_options))
+        self.reward_fn = build_reward(options, tokenizer)
         self._pairs: dict[Any, list[tuple[str, str]]] = {}
         self._done_step = -1
         self.last: dict[str, float] = {}
-
-    def _max_new(self, trainer) -> int:
-        stage = trainer.curriculum.current if trainer.curriculum is not None else 0
-        lengths = self.opt.max_new_tokens
-        return int(lengths[min(stage, len(lengths) - 1)])
 
     def _prompts(self, trainer) -> list[tuple[str, str]]:
         stage = trainer.curriculum.stage if trainer.curriculum is not None else None
@@ -117,8 +146,9 @@ class ControlledGeneration(Callback):
         gen = torch.Generator(device=dev)
         gen.manual_seed(trainer.cfg.train.seed * 1_000_003 + step + 7)
         block = trainer.cfg.model.block_size
-        # the prompt keeps at least a quarter of the context
-        max_new = min(self._max_new(trainer), block - max(1, block // 4))
+        stage = trainer.curriculum.current if trainer.curriculum is not None else 0
+        caps = o.stage_caps(block)
+        max_new = caps[min(stage, len(caps) - 1)]
         seqs, prompt_lens, preds, refs, gen_lens = [], [], [], [], []
         for i in picks:
             prompt, ref = pairs[int(i)]
@@ -138,7 +168,11 @@ class ControlledGeneration(Callback):
                 refs.append(ref)
         result = self.reward_fn(preds, refs)
         r = torch.tensor(result.per_item, dtype=torch.float32, device=dev).view(len(picks), -1)
-        adv = (r - r.mean(dim=1, keepdim=True)).view(-1)
+        adv = r - r.mean(dim=1, keepdim=True)
+        adv_std = float(adv.pow(2).mean().sqrt())  # spread of rewards within a prompt's samples
+        if o.normalize_advantage:
+            adv = adv / (r.std(dim=1, unbiased=False, keepdim=True) + o.adv_eps)
+        adv = adv.view(-1)
 
         # log-probabilities of the sampled continuations, with gradient
         width = max(len(s) for s in seqs)
@@ -163,6 +197,7 @@ class ControlledGeneration(Callback):
             "pg_loss": float(pg.detach()),
             "entropy": float(mean_entropy.detach()),
             "gen_len": float(np.mean(gen_lens)),
+            "reward_spread": adv_std,
             "max_new_tokens": float(max_new),
         }
         stats.update({f"term/{k}": float(v) for k, v in result.terms.items()})
@@ -174,7 +209,30 @@ class ControlledGeneration(Callback):
             trainer.logger.log("control", trainer.step + 1, **self.last)
 
 
+def build_reward(options: ControlOptions, tokenizer: Any = None):
+    """The recipe's MultiObjectiveReward; terms with ``unit: tokens`` get ``tokenizer``."""
+    from neuroplastic.rewards import MultiObjectiveReward
+
+    term_options = {k: dict(v or {}) for k, v in dict(options.term_options).items()}
+    for opts in term_options.values():
+        if opts.get("unit") == "tokens" and opts.get("tokenizer") is None and tokenizer is not None:
+            opts["tokenizer"] = tokenizer
+    return MultiObjectiveReward(dict(options.weights), options=term_options)
+
+
+def options_of(cfg) -> ControlOptions:
+    """The recipe's validated options from a run config (``cfg.options``)."""
+    return _build(ControlOptions, dict(cfg.options), "options").validate()
+
+
+def reward_for(cfg, tokenizer: Any = None):
+    """The reward a controlled-generation run trains with (for evaluation): weights,
+    term options and, for ``unit: tokens`` terms, the run's tokenizer."""
+    return build_reward(options_of(cfg), tokenizer)
+
+
 def callbacks(trainer) -> list[Callback]:
     """The callbacks this recipe adds to the trainer (``recipe_module: controlled_generation``)."""
-    opts = _build(ControlOptions, dict(trainer.cfg.options), "options").validate()
-    return [ControlledGeneration(opts)]
+    opts = options_of(trainer.cfg)
+    opts.check_length_target(trainer.cfg.model.block_size)
+    return [ControlledGeneration(opts, trainer.tokenizer)]
