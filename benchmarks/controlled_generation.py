@@ -93,9 +93,13 @@ class BenchConfig:
     samples_per_prompt: int | None = None
     prompts_per_step: int | None = None
     weights: dict[str, float] | None = None
+    length_target: int | None = None  # the length term's target in tokens (None: the recipe's)
+    device: str = "auto"  # train.device of both arms and the evaluation's device
     # evaluation on held-out prompts (greedy)
     eval_limit: int = 40
     eval_max_new: int = 60
+    eval_mode: str = "cli"  # cli: `neuroplastic evaluate --task rewards`; batched: in-process, batched greedy
+    show: int = 4  # held-out prompts whose generations are shown side by side
     # --time-steps: only time this many steps of each arm
     time_steps: int = 0
     progress: bool = True
@@ -111,6 +115,10 @@ class BenchConfig:
             raise UserError("--seeds must be at least 1.")
         if self.steps < 1 or self.pretrain_steps < 0 or self.time_steps < 0:
             raise UserError("--steps must be >= 1 and --pretrain-steps, --time-steps >= 0.")
+        if self.eval_mode not in ("cli", "batched"):
+            raise UserError(f"--eval-mode must be cli or batched, got {self.eval_mode!r}.")
+        if self.length_target is not None and self.length_target < 1:
+            raise UserError(f"--length-target must be >= 1 token, got {self.length_target}.")
         return self
 
 
@@ -190,7 +198,7 @@ def arm_args(cfg: BenchConfig, base: Path, lam: float, seed: int, out: Path, ste
         f"train.warmup_steps={min(cfg.warmup, steps)}", "train.eval_interval=0",
         f"train.ckpt_interval={steps}", "train.keep_best=false", "train.log_interval=1",
         "train.tensorboard=false", f"train.progress={str(cfg.progress).lower()}",
-        f"train.out_dir={out}",
+        f"train.out_dir={out}", f"train.device={cfg.device}",
     ]
     if cfg.lora:
         args.append(f"model.lora={{r: {cfg.lora}, alpha: {2 * cfg.lora}}}")
@@ -202,6 +210,8 @@ def arm_args(cfg: BenchConfig, base: Path, lam: float, seed: int, out: Path, ste
         args.append(f"options.prompts_per_step={cfg.prompts_per_step}")
     if cfg.weights is not None:
         args.append("options.weights={" + ", ".join(f"{k}: {v:g}" for k, v in cfg.weights.items()) + "}")
+    if cfg.length_target is not None:
+        args.append(f"options.term_options={{length: {{target: {cfg.length_target}, unit: tokens}}}}")
     return args
 
 
@@ -239,12 +249,116 @@ def _mean(xs: list[float]) -> float:
 
 
 def evaluate_seed(cfg: BenchConfig, reward_run: Path, ce_run: Path, out_json: Path) -> dict[str, Any]:
-    """``neuroplastic evaluate REWARD --task rewards --compare CE`` on held-out prompts."""
+    """``neuroplastic evaluate REWARD --task rewards --compare CE`` on held-out prompts
+    (``eval_mode="batched"``: the same prompts and reward, generated in-process in batches)."""
+    if cfg.eval_mode == "batched":
+        cols = evaluate_batched(cfg, reward_run, ce_run)
+        out_json.write_text(json.dumps(cols, indent=2), encoding="utf-8")
+        return {"before": cols["before"], "reward": cols["after"], "ce": cols[Path(ce_run).name]}
     _cli(["evaluate", str(reward_run), "--task", "rewards", "--compare", str(ce_run),
           "--limit", str(cfg.eval_limit), "--max-new-tokens", str(cfg.eval_max_new),
-          "--output", str(out_json)])
+          "--output", str(out_json), "--device", cfg.device])
     cols = json.loads(out_json.read_text(encoding="utf-8"))
     return {"before": cols["before"], "reward": cols["after"], "ce": cols[Path(ce_run).name]}
+
+
+def held_out_pairs(run_cfg: Any, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """The ``n`` held-out (prompt, reference) pairs ``evaluate --task rewards`` scores (synthetic
+    curriculum concepts that no reward during training saw), in the same order."""
+    import numpy as np
+
+    from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
+
+    cur = SyntheticCurriculum(seed=run_cfg.data.synthetic_seed)
+    stages = [s for s in (run_cfg.curriculum.stages or run_cfg.data.stages or STAGES) if s in STAGES]
+    pairs = [p for s in (stages or STAGES) for p in cur.pairs(s, split="heldout")]
+    idx = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [pairs[int(i)] for i in idx]
+
+
+@torch.no_grad()
+def greedy_batch(model: Any, tok: Any, prompts: list[str], max_new: int, device: str) -> list[list[int]]:
+    """Greedy continuations (token ids, end-of-text cut off) of ``prompts``: one left-padded
+    batch through Hugging Face ``generate`` for a HF model, one prompt at a time otherwise."""
+    block = model.config.block_size
+    encs = [tok.encode(p)[-max(1, block - max_new):] or [tok.eos_id] for p in prompts]
+    hf = getattr(model, "model", None)
+    if hf is not None and hasattr(hf, "generate"):
+        width = max(len(e) for e in encs)
+        ids = torch.full((len(encs), width), tok.eos_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(encs), width), dtype=torch.long, device=device)
+        for i, e in enumerate(encs):
+            ids[i, width - len(e):] = torch.tensor(e, device=device)
+            mask[i, width - len(e):] = 1
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                          pad_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+        rows = out[:, width:].tolist()
+    else:
+        rows = [model.generate(torch.tensor([e], device=device), max_new, temperature=0.0,
+                               eos_id=tok.eos_id)[0, len(e):].tolist() for e in encs]
+    return [r[: r.index(tok.eos_id)] if tok.eos_id in r else r for r in rows]
+
+
+_BEFORE: dict[str, dict[str, Any]] = {}  # the base model's column, per base (same every seed)
+
+
+def _device(cfg: BenchConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def evaluate_batched(cfg: BenchConfig, reward_run: Path, ce_run: Path) -> dict[str, Any]:
+    """Columns before / after / CE run as ``neuroplastic evaluate --task rewards --compare``
+    gives them, generated in batches in this process (fast on a GPU)."""
+    from neuroplastic.models import build_model
+    from neuroplastic.recipes.controlled_generation import reward_for
+    from neuroplastic.training.inference import load_trained
+
+    dev = _device(cfg)
+    model, tok, run_cfg, _ = load_trained(reward_run, device=dev)
+    pairs = held_out_pairs(run_cfg, cfg.eval_limit)
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    reward_fn = reward_for(run_cfg, tok)
+
+    def column(m: Any) -> dict[str, Any]:
+        rows = greedy_batch(m, tok, prompts, cfg.eval_max_new, dev)
+        texts = [tok.decode(r) for r in rows]
+        res = reward_fn(texts, refs)
+        return {"total": float(res.total), "terms": {k: float(v) for k, v in res.terms.items()},
+                "new_tokens": float(sum(map(len, rows)) / max(len(rows), 1)),
+                "samples": [[p, t] for p, t in zip(prompts, texts)][: cfg.show]}
+
+    key = str(run_cfg.model.hf_path or run_cfg.model)
+    if key not in _BEFORE:
+        torch.manual_seed(run_cfg.train.seed)
+        before = build_model(run_cfg.model).to(dev).eval()
+        _BEFORE[key] = column(before)
+        del before
+    cols = {"before": _BEFORE[key], "after": column(model)}
+    del model
+    other, _, _, _ = load_trained(ce_run, device=dev)
+    cols[Path(ce_run).name] = column(other)
+    del other
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return cols
+
+
+def print_seed_rows(seed: int, cols: dict[str, Any]) -> None:
+    """One line per term (and total) as soon as a seed is evaluated."""
+    names = list(cols["reward"]["terms"]) + ["total"]
+
+    def val(c: dict[str, Any], n: str) -> float:
+        return float(c["total"] if n == "total" else c["terms"][n])
+
+    for n in names:
+        b, r, c = val(cols["before"], n), val(cols["reward"], n), val(cols["ce"], n)
+        print(f"seed {seed} | {n:<20} | before {b:.4f} | reward arm {r:.4f} | CE-only {c:.4f} | "
+              f"reward - CE {r - c:+.4f}", flush=True)
+    print(f"seed {seed} | generated tokens     | before {cols['before'].get('new_tokens', math.nan):.1f} | "
+          f"reward arm {cols['reward'].get('new_tokens', math.nan):.1f} | "
+          f"CE-only {cols['ce'].get('new_tokens', math.nan):.1f}", flush=True)
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -278,6 +392,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             bar.update(1)
         per_seed.append(evaluate_seed(cfg, runs["reward"], runs["ce"], cfg.out / f"seed{seed}-rewards.json"))
         bar.update(1)
+        print_seed_rows(seed, per_seed[-1])
     bar.close()
     result["arms"] = arms
     result["per_seed"] = per_seed
@@ -286,6 +401,36 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     result["load"].append(_load())
     (cfg.out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return result
+
+
+def docs_part(cfg: BenchConfig) -> tuple[str, str]:
+    """(section part, PNG name): a given model's results live beside the built model's."""
+    return ("real-model-table", "controlled_generation_real.png") if cfg.model else (
+        "reward-table", "controlled_generation.png")
+
+
+def write_outputs(result: dict[str, Any], cfg: BenchConfig, command: str) -> Path:
+    """``results.md`` (the docs part, with the PNG beside it) in ``cfg.out``."""
+    part, png_name = docs_part(cfg)
+    png = cfg.out / png_name
+    if Path(result["png"]).resolve() != png.resolve():
+        shutil.copyfile(result["png"], png)
+    md = cfg.out / "results.md"
+    md.write_text(f"<!-- part:{part} -->\n" + results_markdown(result, cfg, command, png_name), encoding="utf-8")
+    return md
+
+
+def docs_from(folder: Path, doc: Path = DOCS) -> str:
+    """Put a run's ``results.md`` (+ its PNG) from ``folder`` into the docs section."""
+    md = folder / "results.md"
+    if not md.is_file():
+        raise UserError(f"{folder} has no results.md; give the --out folder of a finished run.")
+    first, body = md.read_text(encoding="utf-8").split("\n", 1)
+    part = first.removeprefix("<!-- part:").removesuffix(" -->").strip()
+    for png in folder.glob("controlled_generation*.png"):
+        shutil.copyfile(png, doc.parent / png.name)
+    write_part(part, body, doc=doc, intro=INTRO)
+    return part
 
 
 def run_timing(cfg: BenchConfig) -> dict[str, Any]:
@@ -484,6 +629,8 @@ def results_markdown(result: dict[str, Any], cfg: BenchConfig, command: str, png
         opts.append(f"prompts_per_step {cfg.prompts_per_step}")
     if cfg.weights is not None:
         opts.append(f"weights {cfg.weights}")
+    if cfg.length_target is not None:
+        opts.append(f"length target {cfg.length_target} tokens")
     opt_txt = ", ".join(opts) if opts else "the recipe's defaults"
     lengths = sorted({int(k) for a in arms.values() for x in a for k in x["stages"]})
     train_rows = [
@@ -508,13 +655,18 @@ def results_markdown(result: dict[str, Any], cfg: BenchConfig, command: str, png
     return (
         f"Command: `{command}`  \n"
         f"Machine: {_machine()}{_load_txt(result)}\n\n"
-        f"Base model: {base_txt}. Each arm: `neuroplastic train controlled-generation model=BASE` "
+        + f"Base model: {base_txt}. Each arm: `neuroplastic train controlled-generation model=BASE` "
         f"for {cfg.steps} steps x {cfg.batch} x {cfg.block} tokens, lr {cfg.lr:g}, "
         f"{'LoRA r=' + str(cfg.lora) if cfg.lora else 'full fine-tune'}, recipe options: {opt_txt}; "
         f"the reward arm has `options.lam={cfg.lam:g}`, the CE-only arm `options.lam=0` and is otherwise "
         f"identical (same seed, data order and reward-modulated eligibility traces). Seeds: {seeds}. "
-        f"Evaluation: `neuroplastic evaluate REWARD_RUN --task rewards --compare CE_RUN --limit "
-        f"{cfg.eval_limit} --max-new-tokens {cfg.eval_max_new}` -- greedy continuations of "
+        f"Length term: target {_length_txt(cfg)}. "
+        + (f"Evaluation: `neuroplastic evaluate REWARD_RUN --task rewards --compare CE_RUN --limit "
+           f"{cfg.eval_limit} --max-new-tokens {cfg.eval_max_new}`" if cfg.eval_mode == "cli" else
+           f"Evaluation: the prompts and reward of `neuroplastic evaluate REWARD_RUN --task rewards "
+           f"--compare CE_RUN --limit {cfg.eval_limit} --max-new-tokens {cfg.eval_max_new}`, generated "
+           "in one left-padded greedy batch per model (`--eval-mode batched`)")
+        + " -- greedy continuations of "
         f"{cfg.eval_limit} prompts of concepts held out of the reward loss (definitions, "
         "explanations, dialogues); \"before\" is the base model.\n\n"
         f"{table(result['summary'])}\n\n"
@@ -525,7 +677,30 @@ def results_markdown(result: dict[str, Any], cfg: BenchConfig, command: str, png
         + "\n".join(train_rows) + "\n\n"
         f"![reward components before / after, reward loss vs CE-only]({png_name})\n\n"
         f"What it shows: {sentence(result['summary'], cfg)}\n"
+        + side_by_side(result, cfg)
     )
+
+
+def _cell(text: str, n: int = 160) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= n else text[: n - 1] + "…"
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def side_by_side(result: dict[str, Any], cfg: BenchConfig) -> str:
+    """Greedy continuations of the first held-out prompts by each model (the first seed)."""
+    per = result.get("per_seed") or []
+    if not per or not per[0]["reward"].get("samples"):
+        return ""
+    cols = per[0]
+    n = min(len(cols[k].get("samples") or []) for k in ("before", "reward", "ce"))
+    lines = ["", f"Generations side by side (seed {cfg.seeds[0]}, greedy, first {n} held-out prompts):", "",
+             "| prompt | before (base) | controlled-generation | CE-only |", "|---|---|---|---|"]
+    for i in range(n):
+        prompt = cols["reward"]["samples"][i][0]
+        lines.append(f"| {_cell(prompt, 80)} | " + " | ".join(
+            _cell(cols[k]["samples"][i][1]) for k in ("before", "reward", "ce")) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def timing_markdown(timing: dict[str, Any], cfg: BenchConfig, command: str, full_steps: int) -> str:
@@ -565,6 +740,13 @@ def timing_markdown(timing: dict[str, Any], cfg: BenchConfig, command: str, full
         "them (and preferably a GPU): `python benchmarks/controlled_generation.py --model /path/to/gpt2 "
         "--lr 5e-5 --block 256 --steps 300 --write-docs` (block 256 lets the last stage generate the full 150 tokens).\n"
     )
+
+
+def _length_txt(cfg: BenchConfig) -> str:
+    if cfg.length_target is not None:
+        return f"{cfg.length_target} tokens"
+    lo = dict((_opt(cfg, "term_options") or {}).get("length") or {})
+    return f"{lo.get('target', 30)} {lo.get('unit', 'words')}"
 
 
 def _opt(cfg: BenchConfig, name: str) -> Any:
@@ -628,6 +810,13 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
     ap.add_argument("--max-new-tokens", default="", help="per curriculum stage, e.g. 30,80,150 (default: recipe)")
     ap.add_argument("--samples-per-prompt", type=int, default=None)
     ap.add_argument("--prompts-per-step", type=int, default=None)
+    ap.add_argument("--length-target", type=int, default=None,
+                    help="the length term's target in tokens (default: the recipe's 20 tokens)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (both arms and evaluation)")
+    ap.add_argument("--eval-mode", default="cli", choices=["cli", "batched"],
+                    help="batched: generate the held-out continuations in one batch per model (GPU)")
+    ap.add_argument("--docs-from", default="",
+                    help="put the results.md + PNG of a finished run's --out folder into the docs, and stop")
     ap.add_argument("--eval-limit", type=int, default=BenchConfig.eval_limit)
     ap.add_argument("--eval-max-new", type=int, default=BenchConfig.eval_max_new)
     ap.add_argument("--time-steps", type=int, default=0,
@@ -643,6 +832,7 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
     if args.quick:  # every knob at smoke size; the numbers mean nothing
         args.size, args.pretrain_steps, args.steps, args.batch, args.block = "micro", 4, 3, 2, 32
         args.seeds, args.max_new_tokens, args.samples_per_prompt, args.prompts_per_step = "0,1", "6", 2, 1
+        args.length_target = args.length_target or 4
         args.eval_limit, args.eval_max_new = 4, 6
         args.time_steps = min(args.time_steps, 3)
     try:
@@ -656,6 +846,7 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
         lam=args.lam, seeds=seeds, lora=args.lora, max_new_tokens=max_new,
         samples_per_prompt=args.samples_per_prompt, prompts_per_step=args.prompts_per_step,
         eval_limit=args.eval_limit, eval_max_new=args.eval_max_new, time_steps=args.time_steps,
+        length_target=args.length_target, device=args.device, eval_mode=args.eval_mode,
     )
     return cfg, args
 
@@ -664,6 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/controlled_generation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         cfg, args = build_config(argv)
+        if args.docs_from:
+            part = docs_from(Path(args.docs_from))
+            print(f"wrote part {part!r} of the controlled-generation section of {DOCS}")
+            return 0
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.time_steps:
@@ -679,10 +874,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(result["summary"]))
     print(sentence(result["summary"], cfg))
+    md = write_outputs(result, cfg, command.strip())
+    print(f"table + generations: {md}; PNG: {cfg.out / docs_part(cfg)[1]}; "
+          f"put them into the docs with: python benchmarks/controlled_generation.py --docs-from {cfg.out}")
     if args.write_docs:
-        png = DOCS.parent / "controlled_generation.png"
-        shutil.copyfile(result["png"], png)
-        write_part("reward-table", results_markdown(result, cfg, command.strip(), png.name), intro=INTRO)
+        docs_from(cfg.out)
     return 0
 
 

@@ -34,7 +34,8 @@ def one_thread():
 def _micro(out: Path, **kw) -> bench.BenchConfig:
     vals = dict(out=out, size="micro", pretrain_steps=3, pretrain_batch=4, steps=2, batch=2, block=32,
                 seeds=[0], max_new_tokens=[6], samples_per_prompt=2, prompts_per_step=1,
-                weights={"length": 0.5, "bleu": 0.5}, eval_limit=3, eval_max_new=6, progress=False)
+                weights={"length": 0.5, "bleu": 0.5}, length_target=4, eval_limit=3, eval_max_new=6,
+                progress=False)
     vals.update(kw)
     return bench.BenchConfig(**vals)
 
@@ -158,3 +159,41 @@ def test_reward_training_never_sees_the_evaluation_prompts():
     assert not trained & set(evaluated)
     heldout = {p for s in STAGES for p in SyntheticCurriculum().pairs(s, "heldout")}
     assert set(evaluated) <= heldout
+
+
+@pytest.mark.slow
+def test_batched_evaluation_outputs_and_docs_from(tmp_path, capsys):
+    """--eval-mode batched (the GPU path): the CLI's held-out prompts, batched greedy generation
+    equal to one-at-a-time, rows printed per seed, results.md with generations side by side."""
+    from neuroplastic.cli import _reward_pairs
+    from neuroplastic.training.inference import load_trained
+
+    cfg = _micro(tmp_path / "b", eval_mode="batched", eval_limit=4, show=3)
+    res = bench.run_benchmark(cfg)
+    out = capsys.readouterr().out
+    assert "seed 0 | total" in out and "reward - CE" in out and "seed 0 | generated tokens" in out
+    cols = json.loads((tmp_path / "b" / "seed0-rewards.json").read_text())
+    assert list(cols) == ["before", "after", "seed0-ce-only"]
+    assert len(cols["after"]["samples"]) == 3
+
+    run = Path(res["arms"]["reward"][0]["run"])
+    model, tok, run_cfg, _ = load_trained(run)
+    pairs = bench.held_out_pairs(run_cfg, 4)
+    assert pairs == _reward_pairs(run_cfg, tok, run, 4, seed=0)
+    prompts = [p for p, _ in pairs]
+    batched = bench.greedy_batch(model, tok, prompts, 6, "cpu")
+    single = [bench.greedy_batch(model, tok, [p], 6, "cpu")[0] for p in prompts]
+    assert batched == single
+
+    md = bench.write_outputs(res, cfg, "python benchmarks/controlled_generation.py --x")
+    text = md.read_text()
+    assert text.startswith("<!-- part:reward-table -->") and "Generations side by side" in text
+    side = text.split("| prompt | before (base) | controlled-generation | CE-only |\n|---|---|---|---|\n")[1]
+    assert len([line for line in side.splitlines() if line.startswith("| ")]) == 3
+    doc = tmp_path / "docs" / "BENCH.md"
+    doc.parent.mkdir()
+    assert bench.docs_from(tmp_path / "b", doc=doc) == "reward-table"
+    assert "Generations side by side" in doc.read_text()
+    assert (doc.parent / "controlled_generation.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="no results.md"):
+        bench.docs_from(tmp_path)
