@@ -198,7 +198,7 @@ def arm_args(cfg: BenchConfig, base: Path, lam: float, seed: int, out: Path, ste
         f"train.warmup_steps={min(cfg.warmup, steps)}", "train.eval_interval=0",
         f"train.ckpt_interval={steps}", "train.keep_best=false", "train.log_interval=1",
         "train.tensorboard=false", f"train.progress={str(cfg.progress).lower()}",
-        f"train.out_dir={out}", f"train.device={cfg.device}",
+        f"train.out_dir={out}", f"train.device={cfg.device}", "train.sample_tokens=0",
     ]
     if cfg.lora:
         args.append(f"model.lora={{r: {cfg.lora}, alpha: {2 * cfg.lora}}}")

@@ -70,6 +70,7 @@ def test_controlled_generation_cli_with_local_gpt2(tmp_path, hf_dirs):
                 "train.progress=false", "train.tensorboard=false", "data.max_chars=6000",
                 "options.max_new_tokens=[8]", "options.samples_per_prompt=2",
                 "options.prompts_per_step=1", "options.weights={length: 0.5, bleu: 0.5}",
+                "options.term_options={length: {target: 6, unit: tokens}}",
                 f"train.out_dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
