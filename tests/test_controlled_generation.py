@@ -146,7 +146,7 @@ def test_length_term_in_tokens_moves_only_with_the_reward_loss(tmp_path, text_fi
         recs = [r for r in read_metrics(t.logger.path) if r["kind"] == "control"]
         terms = [r["term/length"] for r in recs]
         means[lam] = (float(np.mean(terms[:8])), float(np.mean(terms[-8:])))
-    (first, last), (first0, last0) = means[2.0], means[0.0]
+    (first, last), (_, last0) = means[2.0], means[0.0]
     assert last > first + 0.15, means  # the reward arm learned to stop near the target
     assert last > last0 + 0.15, means  # and the CE-only arm did not
 
