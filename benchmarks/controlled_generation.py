@@ -347,6 +347,11 @@ def evaluate_batched(cfg: BenchConfig, reward_run: Path, ce_run: Path) -> dict[s
 
 def print_seed_rows(seed: int, cols: dict[str, Any]) -> None:
     """One line per term (and total) as soon as a seed is evaluated."""
+    from tqdm.auto import tqdm
+
+    def print(line: str, flush: bool = True) -> None:  # noqa: A001 - above any progress bar
+        tqdm.write(line)
+
     names = list(cols["reward"]["terms"]) + ["total"]
 
     def val(c: dict[str, Any], n: str) -> float:
@@ -745,7 +750,9 @@ def timing_markdown(timing: dict[str, Any], cfg: BenchConfig, command: str, full
 def _length_txt(cfg: BenchConfig) -> str:
     if cfg.length_target is not None:
         return f"{cfg.length_target} tokens"
-    lo = dict((_opt(cfg, "term_options") or {}).get("length") or {})
+    from neuroplastic.config import load_config
+
+    lo = dict((load_config("controlled-generation").options.get("term_options") or {}).get("length") or {})
     return f"{lo.get('target', 30)} {lo.get('unit', 'words')}"
 
 

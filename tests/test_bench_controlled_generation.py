@@ -120,6 +120,11 @@ def test_bad_arguments_are_one_sentence(tmp_path, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
+def test_length_target_text():
+    assert bench._length_txt(_micro(Path("unused"))) == "4 tokens"
+    assert bench._length_txt(_micro(Path("unused"), length_target=None)) == "20 tokens"  # the recipe's
+
+
 def test_quick_is_smoke_size():
     cfg, _ = bench.build_config(["--quick"])
     assert (cfg.size, cfg.seeds, cfg.max_new_tokens, cfg.steps) == ("micro", [0, 1], [6], 3)
