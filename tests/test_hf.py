@@ -395,7 +395,8 @@ def test_bad_inputs_give_one_clear_sentence(model_dirs, tmp_path):
         return msg
 
     assert "does not exist" in err(load_causal_lm, tmp_path / "missing")
-    assert "--allow-hub" in err(load_causal_lm, "some-org/some-model")
+    msg = err(load_causal_lm, "some-org/some-model")
+    assert "was not found" in msg and "model.allow_hub=true" in msg and "--allow-hub" not in msg
     (tmp_path / "empty").mkdir()
     assert "no config.json" in err(load_causal_lm, tmp_path / "empty")
 

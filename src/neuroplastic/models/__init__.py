@@ -33,6 +33,7 @@ def build_hf_model(cfg: ModelConfig) -> nn.Module:
     model, tokenizer = load_causal_lm(
         cfg.hf_path, allow_hub=cfg.allow_hub, gradient_checkpointing=cfg.gradient_checkpointing,
         load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+        trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.lora:
         valid = [p for p in inspect.signature(apply_lora).parameters if p != "model"]

@@ -47,8 +47,13 @@ def load_any_model(
     """``(model, tokenizer, info)`` in eval mode (see the module docs); ``dtype`` applies
     to Hugging Face models (``float32`` by default)."""
     from neuroplastic.models.hf import HFCausalLM, load_adapter, load_causal_lm
+    from neuroplastic.models.registry import is_registry_name, resolve_model
 
     path = Path(model_path).expanduser()
+    if not path.exists() and is_registry_name(str(model_path)):
+        path = Path(resolve_model(str(model_path)))  # a registry name: its cached directory
+    if base_model is not None and not Path(base_model).expanduser().exists() and is_registry_name(base_model):
+        base_model = resolve_model(base_model)
     if not path.exists():
         raise UserError(f"Model path {str(path)!r} does not exist.")
     run_cfg = read_run_config(path)
