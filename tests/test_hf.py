@@ -424,3 +424,136 @@ def test_bad_inputs_give_one_clear_sentence(model_dirs, tmp_path):
     assert "LoRA adapters" in err(save_adapter, model, tmp_path / "a")
     assert "adapter_config.json" in err(load_adapter, model, tmp_path / "empty")
     assert "one of engine and rules" in err(NeuroplasticCallback)
+
+
+# ----------------------------------------------------------------------------- LoRA checkpoints
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory, tokenizer):
+    """A GPT-2 of 1.7M parameters (6.7 MB) saved with save_pretrained."""
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("wide")
+    GPT2LMHeadModel(GPT2Config(
+        n_layer=2, n_head=4, n_embd=256, n_positions=64, vocab_size=tokenizer.vocab_size,
+        bos_token_id=0, eos_token_id=0,
+    )).save_pretrained(str(d))
+    tokenizer.save(d)
+    return d
+
+
+def _lora_cfg(base, text_file, out, **extra):
+    from conftest import tiny_overrides
+
+    from neuroplastic.config import load_config
+
+    over = tiny_overrides(text_file, out, **{
+        "model.block_size": 32, "train.max_steps": 6, "train.ckpt_interval": 2,
+        "train.keep_last": 5, "train.lr": 0.01, "train.eval_interval": 100,
+        "model.lora": "{r: 2, alpha: 4}",
+        "plasticity.rules": "[{type: hebbian, params: '*lora_A*'}]", **extra,
+    }) + [f"model={base}"]
+    return load_config("tiny", over)
+
+
+def _dir_bytes(d):
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def test_lora_checkpoint_holds_adapters_and_resumes_bit_exactly(wide_base, text_file, tmp_path):
+    from neuroplastic.training import checkpoint as ckpt
+    from neuroplastic.training.trainer import Trainer
+
+    straight = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "a"))
+    straight.train()
+    part1 = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "b"))
+    part1.train(stop_at=4)
+    step2 = ckpt.latest_checkpoint(part1.ckpt_dir)
+    from safetensors import safe_open
+
+    with safe_open(str(step2 / "model.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all("lora_" in k for k in keys)
+    assert meta["neuroplastic_kind"] == "lora-adapter" and meta["base_model"] == str(wide_base)
+    from neuroplastic.models.registry import base_model_fingerprint
+
+    assert meta["base_sha256"] == base_model_fingerprint(wide_base)
+    base_bytes = _dir_bytes(wide_base)
+    assert _dir_bytes(step2) < 0.05 * base_bytes, (_dir_bytes(step2), base_bytes)
+    part2 = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "b", **{"train.resume": "auto"}))
+    part2.train()
+    assert part2.resumed_from is not None and part2.resumed_from.name == ckpt.checkpoint_name(4)
+    combined = [h["loss"] for h in part1.history[:4]] + [h["loss"] for h in part2.history]
+    assert combined == [h["loss"] for h in straight.history]
+    for (na, a), (nb, b) in zip(straight.model.named_parameters(), part2.model.named_parameters()):
+        assert na == nb and torch.equal(a, b), na
+    for sa, sb in zip(straight.optimizer.state.values(), part2.optimizer.state.values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    # inference re-attaches the adapters to the base the run names
+    from neuroplastic.training.inference import load_trained
+
+    model, tok, _, _ = load_trained(tmp_path / "a", prefer="latest")
+    x = torch.tensor([tok.encode("The heart is an organ")])
+    straight.model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], straight.model(x)[0])
+
+
+def test_lora_checkpoint_with_changed_base_weights_stores_them(wide_base, text_file, tmp_path):
+    """A rule that edits frozen base weights in place: those tensors are stored too."""
+    from neuroplastic.training.trainer import Trainer
+
+    cfg = _lora_cfg(wide_base, text_file, tmp_path / "a", **{"train.max_steps": 2})
+    t = Trainer(cfg).setup()
+    frozen = next(n for n, p in t.model.named_parameters() if "wpe" in n)
+    with torch.no_grad():
+        dict(t.model.named_parameters())[frozen].mul_(0.5)
+    t.train()
+    from safetensors import safe_open
+
+    with safe_open(str(t.ckpt_dir / "step_0000002" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert frozen in keys and not any("wte" in k or "c_attn.base_layer" in k for k in keys)
+    from neuroplastic.training.inference import load_trained
+
+    model, *_ = load_trained(tmp_path / "a", prefer="latest")
+    assert torch.equal(dict(model.named_parameters())[frozen], dict(t.model.named_parameters())[frozen])
+
+
+def test_lora_checkpoint_on_another_base_is_one_sentence(wide_base, text_file, tmp_path, capsys):
+    import shutil
+
+    from conftest import run_cli
+
+    from neuroplastic.training.trainer import Trainer
+
+    base = tmp_path / "base"
+    shutil.copytree(wide_base, base)
+    Trainer(_lora_cfg(base, text_file, tmp_path / "run", **{"train.max_steps": 2})).train()
+    other = tmp_path / "other"
+    shutil.copytree(wide_base, other)
+    torch.manual_seed(5)
+    GPT2LMHeadModel(GPT2LMHeadModel.config_class.from_pretrained(str(wide_base))).save_pretrained(str(other))
+    from neuroplastic.training.loading import load_any_model
+
+    with pytest.raises(UserError) as info:
+        load_any_model(tmp_path / "run", base_model=str(other))
+    msg = str(info.value)
+    assert one_sentence(msg) and "trained on base model" in msg and "sha256" in msg, msg
+    # the same base directory with other weights: resume stops before step 1, exit 2
+    shutil.rmtree(base)
+    shutil.copytree(other, base)
+    from conftest import tiny_overrides
+
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, tmp_path / "run", **{
+        "model.block_size": 32, "train.max_steps": 4, "train.ckpt_interval": 2,
+        "train.keep_last": 5, "train.lr": 0.01, "train.eval_interval": 100,
+        "model.lora": "{r: 2, alpha: 4}",
+        "plasticity.rules": "[{type: hebbian, params: '*lora_A*'}]"}), f"model={base}", "--resume")
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("neuroplastic: error:")]
+    assert len(errors) == 1 and one_sentence(errors[0]) and "trained on base model" in errors[0]
+    assert "Traceback" not in r.stderr
+    # with the right base it loads
+    model, _, info = load_any_model(tmp_path / "run", base_model=str(wide_base))
+    assert info["kind"] == "neuroplastic checkpoint"

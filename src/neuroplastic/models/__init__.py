@@ -41,4 +41,9 @@ def build_hf_model(cfg: ModelConfig) -> nn.Module:
         if unknown:
             raise UserError(f"model.lora has no option {unknown[0]!r}; valid: {', '.join(valid)}.")
         model = apply_lora(model, **cfg.lora)
-    return HFCausalLM(model, tokenizer)
+    wrapper = HFCausalLM(model, tokenizer)
+    if cfg.lora:  # checkpoints then hold the adapters and the base's name + hash
+        from neuroplastic.models.hf import local_model_dir
+
+        wrapper.set_base(cfg.hf_path, local_model_dir(cfg.hf_path, cfg.allow_hub))
+    return wrapper

@@ -845,6 +845,10 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        #: ``{"name", "sha256"}`` of the pretrained base under LoRA adapters (see
+        #: :meth:`set_base`); a checkpoint then stores the adapters, not a copy of the base.
+        self.base_ref: dict[str, str] | None = None
+        self._frozen_versions: dict[str, int] = {}
         self.train(model.training)  # the wrapper starts in the model's mode
         cfg = model.config
         emb = model.get_input_embeddings()
@@ -868,6 +872,26 @@ class HFCausalLM(nn.Module):
     @property
     def hf_config(self) -> Any:
         return self.model.config
+
+    def set_base(self, name: str, directory: str | Path) -> None:
+        """Record the pretrained base this (LoRA) model was loaded from: ``name`` as the
+        run gave it (a registry name or a path) and the sha256 of its weights
+        (:func:`~neuroplastic.models.registry.base_model_fingerprint`). The in-place
+        version counters of the frozen parameters are noted too, so that a checkpoint can
+        tell base weights something changed (and store those) from untouched ones."""
+        from neuroplastic.models.registry import base_model_fingerprint
+
+        self.base_ref = {"name": str(name), "sha256": base_model_fingerprint(directory)}
+        self._frozen_versions = {
+            n: p._version for n, p in self.named_parameters() if not p.requires_grad
+        }
+
+    def changed_frozen_parameters(self) -> set[str]:
+        """Names of frozen parameters modified in place since :meth:`set_base`."""
+        return {
+            n for n, p in self.named_parameters()
+            if not p.requires_grad and self._frozen_versions.get(n, -1) != p._version
+        }
 
     def num_params(self, non_embedding: bool = True, trainable_only: bool = False) -> int:
         """Parameters (each shared tensor once). With ``non_embedding`` position

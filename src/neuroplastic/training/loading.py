@@ -69,6 +69,8 @@ def load_any_model(
             base = cfg_json.get("base_model_name_or_path") if isinstance(cfg_json, dict) else None
             if run_cfg is not None and run_cfg.model.hf_path:
                 base = run_cfg.model.hf_path
+        if base and is_registry_name(str(base)) and not Path(base).expanduser().exists():
+            base = resolve_model(str(base))
         if not base or not Path(base).expanduser().is_dir():
             raise UserError(
                 f"The adapter in {str(adapter)!r} needs its base model; pass --base_model DIR "
@@ -85,7 +87,7 @@ def load_any_model(
             return HFCausalLM(model, tokenizer).eval(), tokenizer, info
     from neuroplastic.training.inference import load_trained
 
-    model, tokenizer, cfg, directory = load_trained(path, device=device)
+    model, tokenizer, cfg, directory = load_trained(path, device=device, base_model=base_model)
     info.update(kind="neuroplastic checkpoint", checkpoint=str(directory))
     if getattr(model, "tokenizer", None) is not None:
         tokenizer = model.tokenizer
