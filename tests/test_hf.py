@@ -557,3 +557,90 @@ def test_lora_checkpoint_on_another_base_is_one_sentence(wide_base, text_file, t
     # with the right base it loads
     model, _, info = load_any_model(tmp_path / "run", base_model=str(wide_base))
     assert info["kind"] == "neuroplastic checkpoint"
+
+
+# ----------------------------------------------------------------------------- refused files
+
+
+def test_pickled_weights_refused_by_weights_only_are_one_sentence(model_dirs, tmp_path, capsys):
+    """A pytorch_model.bin holding more than tensors: one sentence, exit 2, and the advice
+    never says weights_only=False."""
+    import argparse
+    import shutil
+
+    from neuroplastic.cli import main
+
+    d = tmp_path / "binmodel"
+    shutil.copytree(model_dirs["gpt2"], d)
+    model, _ = load_causal_lm(d)
+    state = dict(model.state_dict())
+    state["extra"] = argparse.Namespace(a=1)
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(UserError) as info:
+        load_causal_lm(d)
+    msg = str(info.value)
+    assert one_sentence(msg) and "refuses to unpickle" in msg and "argparse.Namespace" in msg
+    assert "weights_only" not in msg
+    assert main(["train", "tiny", f"model={d}", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "refuses to unpickle" in err and "weights_only" not in err and "Traceback" not in err
+
+
+def _custom_code_dir(model_dirs, tmp_path):
+    """A GPT-2 whose config says its model lives in the directory's own Python files."""
+    import json
+    import shutil
+
+    d = tmp_path / "custom"
+    shutil.copytree(model_dirs["gpt2"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="tiny_custom_lm", architectures=["TinyCustomLM"], auto_map={
+        "AutoConfig": "configuration_tiny.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyCustomLM",
+    })
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "configuration_tiny.py").write_text(
+        "from transformers import GPT2Config\n\n\n"
+        "class TinyCustomConfig(GPT2Config):\n    model_type = 'tiny_custom_lm'\n")
+    (d / "modeling_tiny.py").write_text(
+        "from transformers import GPT2LMHeadModel\n\n"
+        "from .configuration_tiny import TinyCustomConfig\n\n\n"
+        "class TinyCustomLM(GPT2LMHeadModel):\n    config_class = TinyCustomConfig\n")
+    return d
+
+
+def test_custom_code_needs_explicit_opt_in(model_dirs, tmp_path, capsys, monkeypatch):
+    from neuroplastic.cli import main
+    from neuroplastic.config import load_config
+
+    d = _custom_code_dir(model_dirs, tmp_path)
+    assert load_config("tiny", [f"model={d}"]).model.trust_remote_code is False
+    with pytest.raises(UserError) as info:
+        load_causal_lm(d)
+    msg = str(info.value)
+    assert one_sentence(msg) and "model.trust_remote_code=true" in msg
+    assert "configuration_tiny.py" in msg and "modeling_tiny.py" in msg
+    assert main(["train", "tiny", f"model={d}", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("trust).") and len(err.splitlines()) == 1  # whole, not cut off
+    # opting in runs the directory's code
+    import sys
+
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not ~/.cache
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        monkeypatch.delitem(sys.modules, name)
+    model, _ = load_causal_lm(d, trust_remote_code=True)
+    assert type(model).__name__ == "TinyCustomLM"
+    # auto_map on a model type transformers knows: its own class, no custom code, no error
+    import json
+
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_causal_lm(d)
+    assert type(model).__name__ == "GPT2LMHeadModel"
