@@ -644,3 +644,27 @@ def test_custom_code_needs_explicit_opt_in(model_dirs, tmp_path, capsys, monkeyp
     (d / "config.json").write_text(json.dumps(cfg))
     model, _ = load_causal_lm(d)
     assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_saved_adapter_records_its_base_and_refuses_another(wide_base, text_file, tmp_path):
+    import json
+    import shutil
+
+    from neuroplastic.models.registry import base_model_fingerprint
+    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.training.trainer import Trainer
+
+    t = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "run", **{"train.max_steps": 1}))
+    t.train()
+    save_adapter(t.model, tmp_path / "adapter")
+    ref = json.loads((tmp_path / "adapter" / "neuroplastic_base.json").read_text())
+    assert ref == {"name": str(wide_base), "sha256": base_model_fingerprint(wide_base)}
+    model, _, info = load_any_model(tmp_path / "adapter")  # the base found from the record
+    assert info["base_model"] == str(wide_base)
+    other = tmp_path / "other"
+    shutil.copytree(wide_base, other)
+    torch.manual_seed(7)
+    GPT2LMHeadModel(GPT2LMHeadModel.config_class.from_pretrained(str(wide_base))).save_pretrained(str(other))
+    with pytest.raises(UserError) as info:
+        load_any_model(tmp_path / "adapter", base_model=str(other))
+    assert one_sentence(str(info.value)) and "other weights" in str(info.value)

@@ -40,10 +40,12 @@ from neuroplastic.errors import UserError
 from neuroplastic.models.transformer import generate_loop
 
 __all__ = [
+    "BASE_REF_FILE",
     "LORA_TARGETS",
     "HFCausalLM",
     "HFModelInfo",
     "apply_lora",
+    "check_adapter_base",
     "export_merged",
     "load_adapter",
     "load_causal_lm",
@@ -737,7 +739,33 @@ def save_adapter(model: Any, directory: str | Path, tokenizer: Any = None) -> Pa
     directory.mkdir(parents=True, exist_ok=True)
     inner.save_pretrained(str(directory), safe_serialization=True)
     _save_tokenizer(tokenizer if tokenizer is not None else getattr(model, "tokenizer", None), directory)
+    base_ref = getattr(model, "base_ref", None)
+    if base_ref:  # which base the adapters belong to: name as the run gave it + weights sha256
+        (directory / BASE_REF_FILE).write_text(json.dumps(base_ref, indent=2), encoding="utf-8")
     return directory
+
+
+#: Written by :func:`save_adapter` next to the adapters of a model with a recorded base.
+BASE_REF_FILE = "neuroplastic_base.json"
+
+
+def check_adapter_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
+    """Raise a one-sentence :class:`UserError` when ``adapter_dir`` records a base (see
+    :data:`BASE_REF_FILE`) whose weights differ from those in ``base_dir``."""
+    from neuroplastic.models.registry import base_model_fingerprint
+
+    path = Path(adapter_dir) / BASE_REF_FILE
+    try:
+        ref = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    want = ref.get("sha256") if isinstance(ref, dict) else None
+    if want and base_model_fingerprint(base_dir) != want:
+        raise UserError(
+            f"The adapter in {str(adapter_dir)!r} was trained on base model "
+            f"{str(ref.get('name'))!r} (weights sha256 {want[:12]}), but {str(base_dir)!r} holds "
+            "other weights; load it onto the base it was trained on."
+        )
 
 
 def load_adapter(base_model: Any, directory: str | Path, *, is_trainable: bool = False) -> Any:

@@ -20,7 +20,7 @@ import torch
 from neuroplastic.config import RunConfig
 from neuroplastic.errors import UserError
 
-__all__ = ["load_any_model", "read_run_config"]
+__all__ = ["load_any_model", "read_base_ref", "read_run_config"]
 
 
 def _hf_dir(path: Path) -> bool:
@@ -41,12 +41,23 @@ def read_run_config(run_dir: Path) -> RunConfig | None:
         return None
 
 
+def read_base_ref(adapter_dir: Path) -> dict[str, Any]:
+    """The base an adapter directory records (``neuroplastic_base.json``), or ``{}``."""
+    from neuroplastic.models.hf import BASE_REF_FILE
+
+    try:
+        doc = json.loads((Path(adapter_dir) / BASE_REF_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def load_any_model(
     model_path: str | Path, base_model: str | None = None, device: str = "cpu", dtype: Any = None
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """``(model, tokenizer, info)`` in eval mode (see the module docs); ``dtype`` applies
     to Hugging Face models (``float32`` by default)."""
-    from neuroplastic.models.hf import HFCausalLM, load_adapter, load_causal_lm
+    from neuroplastic.models.hf import HFCausalLM, check_adapter_base, load_adapter, load_causal_lm
     from neuroplastic.models.registry import is_registry_name, resolve_model
 
     path = Path(model_path).expanduser()
@@ -67,6 +78,9 @@ def load_any_model(
             except (OSError, ValueError) as exc:
                 raise UserError(f"{str(adapter / 'adapter_config.json')!r} is not valid JSON.") from exc
             base = cfg_json.get("base_model_name_or_path") if isinstance(cfg_json, dict) else None
+            ref = read_base_ref(adapter)
+            if ref.get("name") and (is_registry_name(ref["name"]) or Path(ref["name"]).is_dir()):
+                base = ref["name"]
             if run_cfg is not None and run_cfg.model.hf_path:
                 base = run_cfg.model.hf_path
         if base and is_registry_name(str(base)) and not Path(base).expanduser().exists():
@@ -76,6 +90,7 @@ def load_any_model(
                 f"The adapter in {str(adapter)!r} needs its base model; pass --base_model DIR "
                 "(the local model it was trained on)."
             )
+        check_adapter_base(adapter, base)
         model, tokenizer = load_causal_lm(base, device=device, dtype=dtype)
         model = load_adapter(model, adapter)
         info.update(kind="lora adapter", adapter=str(adapter), base_model=str(base))
