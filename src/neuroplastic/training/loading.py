@@ -20,7 +20,7 @@ import torch
 from neuroplastic.config import RunConfig
 from neuroplastic.errors import UserError
 
-__all__ = ["load_any_model", "read_base_ref", "read_run_config"]
+__all__ = ["load_any_model", "load_pretrained", "pretrained_dir", "read_base_ref", "read_run_config"]
 
 
 def _hf_dir(path: Path) -> bool:
@@ -39,6 +39,44 @@ def read_run_config(run_dir: Path) -> RunConfig | None:
         return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
     except (yaml.YAMLError, UserError):
         return None
+
+
+def pretrained_dir(path: str | Path) -> Path | None:
+    """The Hugging Face model directory ``path`` names -- a registry name (made on first use)
+    or a directory with ``config.json`` that is not one of our runs or checkpoints -- else
+    ``None``."""
+    from neuroplastic.models.registry import is_registry_name, resolve_model
+    from neuroplastic.training import checkpoint as ckpt
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        return Path(resolve_model(str(path))) if is_registry_name(str(path)) else None
+    if not p.is_dir() or not _hf_dir(p):
+        return None
+    if (p / ckpt.STATE_FILE).exists() or (p / "checkpoints").is_dir():
+        return None
+    return p
+
+
+def load_pretrained(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any, RunConfig, Path]:
+    """``(model, tokenizer, cfg, directory)`` as :func:`~neuroplastic.training.inference.load_trained`
+    returns them, for a plain Hugging Face directory or registry name (see :func:`pretrained_dir`):
+    the model behind our API, our tokenizer of its files, and a config that names it
+    (``model=DIR``, block size = the model's context)."""
+    from neuroplastic.data.tokenizers import load_tokenizer
+    from neuroplastic.models.hf import HFCausalLM
+
+    directory = pretrained_dir(path)
+    if directory is None:
+        raise UserError(f"{str(path)!r} is neither a Hugging Face model directory nor a registry name.")
+    model = HFCausalLM.from_pretrained(directory, device=device)
+    cfg = RunConfig()
+    cfg.name = directory.name
+    cfg.model.arch = "hf"
+    cfg.model.hf_path = str(path)
+    cfg.model.block_size = model.config.block_size
+    cfg.data.tokenizer = str(directory)
+    return model.eval(), load_tokenizer(directory), cfg, directory
 
 
 def read_base_ref(adapter_dir: Path) -> dict[str, Any]:
