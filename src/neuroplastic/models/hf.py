@@ -1,8 +1,11 @@
 """Hugging Face causal LMs in neuroplastic: loading, LoRA, adapters, export, and a wrapper.
 
 * :func:`load_causal_lm` loads any ``AutoModelForCausalLM`` + tokenizer from a local
-  directory (a hub name only with ``allow_hub=True``), optionally with gradient
-  checkpointing or 4-/8-bit weights (bitsandbytes, CUDA only).
+  directory, a model registry name (``smollm2-135m-instruct``, made once into the cache by
+  :mod:`neuroplastic.models.registry`) or, only with ``allow_hub=True``, a hub name
+  (config, safetensors and tokenizer files only), optionally with gradient checkpointing or
+  4-/8-bit weights (bitsandbytes, CUDA only). Pickled weights that ``weights_only`` refuses
+  and custom model code (without ``trust_remote_code``) are one-sentence errors.
 * :func:`apply_lora` adds LoRA adapters (peft) to the layers that match name patterns
   (chosen per architecture when none are given); :func:`save_adapter` /
   :func:`load_adapter` write and read them as safetensors, and :func:`export_merged`
