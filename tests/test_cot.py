@@ -546,7 +546,8 @@ def test_adapter_without_base_model_is_a_user_error(tiny, tmp_path):
     lonely = tmp_path / "adapter"
     lonely.mkdir()
     for f in (out / "adapter").iterdir():
-        (lonely / f.name).write_bytes(f.read_bytes())
+        if f.name != "neuroplastic_base.json":  # that record would name the base
+            (lonely / f.name).write_bytes(f.read_bytes())
     (lonely / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="needs its base model"):
         load_any_model(lonely)

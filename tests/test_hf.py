@@ -395,7 +395,8 @@ def test_bad_inputs_give_one_clear_sentence(model_dirs, tmp_path):
         return msg
 
     assert "does not exist" in err(load_causal_lm, tmp_path / "missing")
-    assert "--allow-hub" in err(load_causal_lm, "some-org/some-model")
+    msg = err(load_causal_lm, "some-org/some-model")
+    assert "was not found" in msg and "model.allow_hub=true" in msg and "--allow-hub" not in msg
     (tmp_path / "empty").mkdir()
     assert "no config.json" in err(load_causal_lm, tmp_path / "empty")
 
@@ -423,3 +424,247 @@ def test_bad_inputs_give_one_clear_sentence(model_dirs, tmp_path):
     assert "LoRA adapters" in err(save_adapter, model, tmp_path / "a")
     assert "adapter_config.json" in err(load_adapter, model, tmp_path / "empty")
     assert "one of engine and rules" in err(NeuroplasticCallback)
+
+
+# ----------------------------------------------------------------------------- LoRA checkpoints
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory, tokenizer):
+    """A GPT-2 of 1.7M parameters (6.7 MB) saved with save_pretrained."""
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("wide")
+    GPT2LMHeadModel(GPT2Config(
+        n_layer=2, n_head=4, n_embd=256, n_positions=64, vocab_size=tokenizer.vocab_size,
+        bos_token_id=0, eos_token_id=0,
+    )).save_pretrained(str(d))
+    tokenizer.save(d)
+    return d
+
+
+def _lora_cfg(base, text_file, out, **extra):
+    from conftest import tiny_overrides
+
+    from neuroplastic.config import load_config
+
+    over = tiny_overrides(text_file, out, **{
+        "model.block_size": 32, "train.max_steps": 6, "train.ckpt_interval": 2,
+        "train.keep_last": 5, "train.lr": 0.01, "train.eval_interval": 100,
+        "model.lora": "{r: 2, alpha: 4}",
+        "plasticity.rules": "[{type: hebbian, params: '*lora_A*'}]", **extra,
+    }) + [f"model={base}"]
+    return load_config("tiny", over)
+
+
+def _dir_bytes(d):
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def test_lora_checkpoint_holds_adapters_and_resumes_bit_exactly(wide_base, text_file, tmp_path):
+    from neuroplastic.training import checkpoint as ckpt
+    from neuroplastic.training.trainer import Trainer
+
+    straight = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "a"))
+    straight.train()
+    part1 = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "b"))
+    part1.train(stop_at=4)
+    step2 = ckpt.latest_checkpoint(part1.ckpt_dir)
+    from safetensors import safe_open
+
+    with safe_open(str(step2 / "model.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all("lora_" in k for k in keys)
+    assert meta["neuroplastic_kind"] == "lora-adapter" and meta["base_model"] == str(wide_base)
+    from neuroplastic.models.registry import base_model_fingerprint
+
+    assert meta["base_sha256"] == base_model_fingerprint(wide_base)
+    base_bytes = _dir_bytes(wide_base)
+    assert _dir_bytes(step2) < 0.05 * base_bytes, (_dir_bytes(step2), base_bytes)
+    part2 = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "b", **{"train.resume": "auto"}))
+    part2.train()
+    assert part2.resumed_from is not None and part2.resumed_from.name == ckpt.checkpoint_name(4)
+    combined = [h["loss"] for h in part1.history[:4]] + [h["loss"] for h in part2.history]
+    assert combined == [h["loss"] for h in straight.history]
+    for (na, a), (nb, b) in zip(straight.model.named_parameters(), part2.model.named_parameters()):
+        assert na == nb and torch.equal(a, b), na
+    for sa, sb in zip(straight.optimizer.state.values(), part2.optimizer.state.values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    # inference re-attaches the adapters to the base the run names
+    from neuroplastic.training.inference import load_trained
+
+    model, tok, _, _ = load_trained(tmp_path / "a", prefer="latest")
+    x = torch.tensor([tok.encode("The heart is an organ")])
+    straight.model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], straight.model(x)[0])
+
+
+def test_lora_checkpoint_with_changed_base_weights_stores_them(wide_base, text_file, tmp_path):
+    """A rule that edits frozen base weights in place: those tensors are stored too."""
+    from neuroplastic.training.trainer import Trainer
+
+    cfg = _lora_cfg(wide_base, text_file, tmp_path / "a", **{"train.max_steps": 2})
+    t = Trainer(cfg).setup()
+    frozen = next(n for n, p in t.model.named_parameters() if "wpe" in n)
+    with torch.no_grad():
+        dict(t.model.named_parameters())[frozen].mul_(0.5)
+    t.train()
+    from safetensors import safe_open
+
+    with safe_open(str(t.ckpt_dir / "step_0000002" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert frozen in keys and not any("wte" in k or "c_attn.base_layer" in k for k in keys)
+    from neuroplastic.training.inference import load_trained
+
+    model, *_ = load_trained(tmp_path / "a", prefer="latest")
+    assert torch.equal(dict(model.named_parameters())[frozen], dict(t.model.named_parameters())[frozen])
+
+
+def test_lora_checkpoint_on_another_base_is_one_sentence(wide_base, text_file, tmp_path, capsys):
+    import shutil
+
+    from conftest import run_cli
+
+    from neuroplastic.training.trainer import Trainer
+
+    base = tmp_path / "base"
+    shutil.copytree(wide_base, base)
+    Trainer(_lora_cfg(base, text_file, tmp_path / "run", **{"train.max_steps": 2})).train()
+    other = tmp_path / "other"
+    shutil.copytree(wide_base, other)
+    torch.manual_seed(5)
+    GPT2LMHeadModel(GPT2LMHeadModel.config_class.from_pretrained(str(wide_base))).save_pretrained(str(other))
+    from neuroplastic.training.loading import load_any_model
+
+    with pytest.raises(UserError) as info:
+        load_any_model(tmp_path / "run", base_model=str(other))
+    msg = str(info.value)
+    assert one_sentence(msg) and "trained on base model" in msg and "sha256" in msg, msg
+    # the same base directory with other weights: resume stops before step 1, exit 2
+    shutil.rmtree(base)
+    shutil.copytree(other, base)
+    from conftest import tiny_overrides
+
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, tmp_path / "run", **{
+        "model.block_size": 32, "train.max_steps": 4, "train.ckpt_interval": 2,
+        "train.keep_last": 5, "train.lr": 0.01, "train.eval_interval": 100,
+        "model.lora": "{r: 2, alpha: 4}",
+        "plasticity.rules": "[{type: hebbian, params: '*lora_A*'}]"}), f"model={base}", "--resume")
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("neuroplastic: error:")]
+    assert len(errors) == 1 and one_sentence(errors[0]) and "trained on base model" in errors[0]
+    assert "Traceback" not in r.stderr
+    # with the right base it loads
+    model, _, info = load_any_model(tmp_path / "run", base_model=str(wide_base))
+    assert info["kind"] == "neuroplastic checkpoint"
+
+
+# ----------------------------------------------------------------------------- refused files
+
+
+def test_pickled_weights_refused_by_weights_only_are_one_sentence(model_dirs, tmp_path, capsys):
+    """A pytorch_model.bin holding more than tensors: one sentence, exit 2, and the advice
+    never says weights_only=False."""
+    import argparse
+    import shutil
+
+    from neuroplastic.cli import main
+
+    d = tmp_path / "binmodel"
+    shutil.copytree(model_dirs["gpt2"], d)
+    model, _ = load_causal_lm(d)
+    state = dict(model.state_dict())
+    state["extra"] = argparse.Namespace(a=1)
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(UserError) as info:
+        load_causal_lm(d)
+    msg = str(info.value)
+    assert one_sentence(msg) and "refuses to unpickle" in msg and "argparse.Namespace" in msg
+    assert "weights_only" not in msg
+    assert main(["train", "tiny", f"model={d}", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "refuses to unpickle" in err and "weights_only" not in err and "Traceback" not in err
+
+
+def _custom_code_dir(model_dirs, tmp_path):
+    """A GPT-2 whose config says its model lives in the directory's own Python files."""
+    import json
+    import shutil
+
+    d = tmp_path / "custom"
+    shutil.copytree(model_dirs["gpt2"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="tiny_custom_lm", architectures=["TinyCustomLM"], auto_map={
+        "AutoConfig": "configuration_tiny.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyCustomLM",
+    })
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "configuration_tiny.py").write_text(
+        "from transformers import GPT2Config\n\n\n"
+        "class TinyCustomConfig(GPT2Config):\n    model_type = 'tiny_custom_lm'\n")
+    (d / "modeling_tiny.py").write_text(
+        "from transformers import GPT2LMHeadModel\n\n"
+        "from .configuration_tiny import TinyCustomConfig\n\n\n"
+        "class TinyCustomLM(GPT2LMHeadModel):\n    config_class = TinyCustomConfig\n")
+    return d
+
+
+def test_custom_code_needs_explicit_opt_in(model_dirs, tmp_path, capsys, monkeypatch):
+    from neuroplastic.cli import main
+    from neuroplastic.config import load_config
+
+    d = _custom_code_dir(model_dirs, tmp_path)
+    assert load_config("tiny", [f"model={d}"]).model.trust_remote_code is False
+    with pytest.raises(UserError) as info:
+        load_causal_lm(d)
+    msg = str(info.value)
+    assert one_sentence(msg) and "model.trust_remote_code=true" in msg
+    assert "configuration_tiny.py" in msg and "modeling_tiny.py" in msg
+    assert main(["train", "tiny", f"model={d}", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("trust).") and len(err.splitlines()) == 1  # whole, not cut off
+    # opting in runs the directory's code
+    import sys
+
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not ~/.cache
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        monkeypatch.delitem(sys.modules, name)
+    model, _ = load_causal_lm(d, trust_remote_code=True)
+    assert type(model).__name__ == "TinyCustomLM"
+    # auto_map on a model type transformers knows: its own class, no custom code, no error
+    import json
+
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_causal_lm(d)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_saved_adapter_records_its_base_and_refuses_another(wide_base, text_file, tmp_path):
+    import json
+    import shutil
+
+    from neuroplastic.models.registry import base_model_fingerprint
+    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.training.trainer import Trainer
+
+    t = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "run", **{"train.max_steps": 1}))
+    t.train()
+    save_adapter(t.model, tmp_path / "adapter")
+    ref = json.loads((tmp_path / "adapter" / "neuroplastic_base.json").read_text())
+    assert ref == {"name": str(wide_base), "sha256": base_model_fingerprint(wide_base)}
+    model, _, info = load_any_model(tmp_path / "adapter")  # the base found from the record
+    assert info["base_model"] == str(wide_base)
+    other = tmp_path / "other"
+    shutil.copytree(wide_base, other)
+    torch.manual_seed(7)
+    GPT2LMHeadModel(GPT2LMHeadModel.config_class.from_pretrained(str(wide_base))).save_pretrained(str(other))
+    with pytest.raises(UserError) as info:
+        load_any_model(tmp_path / "adapter", base_model=str(other))
+    assert one_sentence(str(info.value)) and "other weights" in str(info.value)

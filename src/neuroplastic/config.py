@@ -64,6 +64,7 @@ class ModelConfig:
     # arch=hf: any Hugging Face causal LM from a local directory (a hub name needs allow_hub)
     hf_path: str = ""
     allow_hub: bool = False
+    trust_remote_code: bool = False  # run a model directory's own Python code (auto_map); off by default
     lora: dict = dataclasses.field(default_factory=dict)  # {r, alpha, dropout, target_modules}; {} = full fine-tune
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False  # bitsandbytes, CUDA only

@@ -33,6 +33,7 @@ def build_hf_model(cfg: ModelConfig) -> nn.Module:
     model, tokenizer = load_causal_lm(
         cfg.hf_path, allow_hub=cfg.allow_hub, gradient_checkpointing=cfg.gradient_checkpointing,
         load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+        trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.lora:
         valid = [p for p in inspect.signature(apply_lora).parameters if p != "model"]
@@ -40,4 +41,9 @@ def build_hf_model(cfg: ModelConfig) -> nn.Module:
         if unknown:
             raise UserError(f"model.lora has no option {unknown[0]!r}; valid: {', '.join(valid)}.")
         model = apply_lora(model, **cfg.lora)
-    return HFCausalLM(model, tokenizer)
+    wrapper = HFCausalLM(model, tokenizer)
+    if cfg.lora:  # checkpoints then hold the adapters and the base's name + hash
+        from neuroplastic.models.hf import local_model_dir
+
+        wrapper.set_base(cfg.hf_path, local_model_dir(cfg.hf_path, cfg.allow_hub))
+    return wrapper

@@ -1,8 +1,11 @@
 """Hugging Face causal LMs in neuroplastic: loading, LoRA, adapters, export, and a wrapper.
 
 * :func:`load_causal_lm` loads any ``AutoModelForCausalLM`` + tokenizer from a local
-  directory (a hub name only with ``allow_hub=True``), optionally with gradient
-  checkpointing or 4-/8-bit weights (bitsandbytes, CUDA only).
+  directory, a model registry name (``smollm2-135m-instruct``, made once into the cache by
+  :mod:`neuroplastic.models.registry`) or, only with ``allow_hub=True``, a hub name
+  (config, safetensors and tokenizer files only), optionally with gradient checkpointing or
+  4-/8-bit weights (bitsandbytes, CUDA only). Pickled weights that ``weights_only`` refuses
+  and custom model code (without ``trust_remote_code``) are one-sentence errors.
 * :func:`apply_lora` adds LoRA adapters (peft) to the layers that match name patterns
   (chosen per architecture when none are given); :func:`save_adapter` /
   :func:`load_adapter` write and read them as safetensors, and :func:`export_merged`
@@ -23,7 +26,9 @@ import copy
 import fnmatch
 import importlib.util
 import inspect
+import json
 import logging
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -38,13 +43,16 @@ from neuroplastic.errors import UserError
 from neuroplastic.models.transformer import generate_loop
 
 __all__ = [
+    "BASE_REF_FILE",
     "LORA_TARGETS",
     "HFCausalLM",
     "HFModelInfo",
     "apply_lora",
+    "check_adapter_base",
     "export_merged",
     "load_adapter",
     "load_causal_lm",
+    "local_model_dir",
     "lora_target_names",
     "save_adapter",
 ]
@@ -144,11 +152,19 @@ def _is_peft(model: Any) -> bool:
 
 
 def _resolve_source(name_or_path: str | Path, allow_hub: bool) -> tuple[str, bool]:
-    """``(source, is_local)``; every problem with the path is a :class:`UserError`."""
+    """``(source, is_local)``; every problem with the path is a :class:`UserError`.
+
+    A registry name (``smollm2-135m-instruct``, see :mod:`neuroplastic.models.registry`)
+    that is not also an existing path becomes its cached directory, made on first use.
+    """
+    from neuroplastic.models.registry import MODELS, is_registry_name, resolve_model
+
     text = str(name_or_path)
     if not text.strip():
         raise UserError("The model name is empty; give a local model directory.")
     path = Path(text).expanduser()
+    if not path.exists() and is_registry_name(text):
+        path = Path(resolve_model(text))
     if path.exists():
         if not path.is_dir():
             raise UserError(
@@ -171,10 +187,49 @@ def _resolve_source(name_or_path: str | Path, allow_hub: bool) -> tuple[str, boo
         raise UserError(f"Model directory {text!r} does not exist; check the path.")
     if not allow_hub:
         raise UserError(
-            f"Model {text!r} is not a local directory; pass --allow-hub to download it from the "
-            "Hugging Face Hub."
+            f"Model {text!r} was not found: it is neither a local directory nor a registry model "
+            f"({', '.join(sorted(MODELS))}); give a model directory, or set model.allow_hub=true "
+            "to download it from the Hugging Face Hub."
         )
-    return text, False
+    return str(_hub_snapshot(text)), True
+
+
+#: What is taken from a hub repository: config, safetensors weights, tokenizer files --
+#: never pickled ``*.bin`` weights or Python code.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or find in the Hugging Face cache) ``repo_id``'s files of :data:`HUB_PATTERNS`."""
+    _require("huggingface_hub")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # the hub raises many kinds (HTTP, offline, repo not found)
+        raise UserError(
+            f"Cannot download model {repo_id!r} from the Hugging Face Hub ({_first_line(exc)}); "
+            "check the name and the network, or give a local model directory."
+        ) from exc
+    if not (path / "config.json").is_file():
+        raise UserError(f"Hub model {repo_id!r} has no config.json; it is not a transformers model.")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(
+            f"Hub model {repo_id!r} has no safetensors weights, and neuroplastic does not load "
+            "pickled weights from the hub; choose a repository that ships .safetensors files."
+        )
+    return path
+
+
+def local_model_dir(name_or_path: str | Path, allow_hub: bool = False) -> Path:
+    """A local directory holding the model ``name_or_path`` (config, weights, tokenizer).
+
+    A directory is returned as it is, a registry name becomes its cached directory (made
+    on first use), and a hub name, only with ``allow_hub``, is downloaded into the Hugging
+    Face cache (:data:`HUB_PATTERNS`). Used where a path is needed for more than the
+    model, e.g. the tokenizer of ``model=NAME``.
+    """
+    return Path(_resolve_source(name_or_path, allow_hub)[0])
 
 
 def _parse_dtype(dtype: Any) -> Any:
@@ -241,6 +296,52 @@ def _check_causal_config(config: Any, source: str, trust_remote_code: bool) -> N
         )
 
 
+def _check_custom_code(directory: Path, trust_remote_code: bool) -> None:
+    """Refuse, in one sentence, a directory whose model exists only as its own Python code
+    (``auto_map`` in config.json and a ``model_type`` transformers does not know), unless
+    ``trust_remote_code``. A known model type is loaded with transformers' own class, so the
+    directory's code is never run."""
+    if trust_remote_code:
+        return
+    try:
+        doc = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # AutoConfig reports it
+    auto_map = doc.get("auto_map") if isinstance(doc, dict) else None
+    if not auto_map:
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = doc.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    files = sorted({str(v).split(".")[0] + ".py" for v in _flat_values(auto_map) if "--" not in str(v)})
+    raise UserError(
+        f"Model directory {str(directory)!r} defines its model in its own Python code "
+        f"({', '.join(files) or 'auto_map in config.json'}), which neuroplastic does not run "
+        "unless you opt in with model.trust_remote_code=true (only for code you have read and "
+        "trust)."
+    )
+
+
+def _flat_values(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _flat_values(v)]
+    if isinstance(obj, list | tuple):
+        return [x for v in obj for x in _flat_values(v)]
+    return [obj]
+
+
+def _refused_pickle_message(source: str, exc: BaseException | None) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc or ""))
+    what = f" (it holds {found.group(1)})" if found else ""
+    return (
+        f"The weights of {source!r} are a pickle file that holds more than tensors{what}, which "
+        "neuroplastic refuses to unpickle because that can run code; convert it to safetensors "
+        "on a machine where you trust the file (load it and save_pretrained it again)."
+    )
+
+
 # =========================================================================== loading
 
 
@@ -289,6 +390,8 @@ def load_causal_lm(
     if not allow_hub:
         hub_kwargs["local_files_only"] = True
 
+    if local:
+        _check_custom_code(Path(source), trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -339,7 +442,11 @@ def load_causal_lm(
         model, info = AutoModelForCausalLM.from_pretrained(
             source, output_loading_info=True, **kwargs
         )
+    except pickle.UnpicklingError as exc:
+        raise UserError(_refused_pickle_message(source, exc)) from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc.__cause__ or exc.__context__, pickle.UnpicklingError):
+            raise UserError(_refused_pickle_message(source, exc.__cause__ or exc.__context__)) from exc
         raise UserError(
             f"Cannot load the weights of {source!r} as a causal LM ({_first_line(exc)}); check "
             "that the directory is complete and was written by save_pretrained."
@@ -635,7 +742,33 @@ def save_adapter(model: Any, directory: str | Path, tokenizer: Any = None) -> Pa
     directory.mkdir(parents=True, exist_ok=True)
     inner.save_pretrained(str(directory), safe_serialization=True)
     _save_tokenizer(tokenizer if tokenizer is not None else getattr(model, "tokenizer", None), directory)
+    base_ref = getattr(model, "base_ref", None)
+    if base_ref:  # which base the adapters belong to: name as the run gave it + weights sha256
+        (directory / BASE_REF_FILE).write_text(json.dumps(base_ref, indent=2), encoding="utf-8")
     return directory
+
+
+#: Written by :func:`save_adapter` next to the adapters of a model with a recorded base.
+BASE_REF_FILE = "neuroplastic_base.json"
+
+
+def check_adapter_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
+    """Raise a one-sentence :class:`UserError` when ``adapter_dir`` records a base (see
+    :data:`BASE_REF_FILE`) whose weights differ from those in ``base_dir``."""
+    from neuroplastic.models.registry import base_model_fingerprint
+
+    path = Path(adapter_dir) / BASE_REF_FILE
+    try:
+        ref = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    want = ref.get("sha256") if isinstance(ref, dict) else None
+    if want and base_model_fingerprint(base_dir) != want:
+        raise UserError(
+            f"The adapter in {str(adapter_dir)!r} was trained on base model "
+            f"{str(ref.get('name'))!r} (weights sha256 {want[:12]}), but {str(base_dir)!r} holds "
+            "other weights; load it onto the base it was trained on."
+        )
 
 
 def load_adapter(base_model: Any, directory: str | Path, *, is_trainable: bool = False) -> Any:
@@ -743,6 +876,10 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        #: ``{"name", "sha256"}`` of the pretrained base under LoRA adapters (see
+        #: :meth:`set_base`); a checkpoint then stores the adapters, not a copy of the base.
+        self.base_ref: dict[str, str] | None = None
+        self._frozen_versions: dict[str, int] = {}
         self.train(model.training)  # the wrapper starts in the model's mode
         cfg = model.config
         emb = model.get_input_embeddings()
@@ -766,6 +903,26 @@ class HFCausalLM(nn.Module):
     @property
     def hf_config(self) -> Any:
         return self.model.config
+
+    def set_base(self, name: str, directory: str | Path) -> None:
+        """Record the pretrained base this (LoRA) model was loaded from: ``name`` as the
+        run gave it (a registry name or a path) and the sha256 of its weights
+        (:func:`~neuroplastic.models.registry.base_model_fingerprint`). The in-place
+        version counters of the frozen parameters are noted too, so that a checkpoint can
+        tell base weights something changed (and store those) from untouched ones."""
+        from neuroplastic.models.registry import base_model_fingerprint
+
+        self.base_ref = {"name": str(name), "sha256": base_model_fingerprint(directory)}
+        self._frozen_versions = {
+            n: p._version for n, p in self.named_parameters() if not p.requires_grad
+        }
+
+    def changed_frozen_parameters(self) -> set[str]:
+        """Names of frozen parameters modified in place since :meth:`set_base`."""
+        return {
+            n for n, p in self.named_parameters()
+            if not p.requires_grad and self._frozen_versions.get(n, -1) != p._version
+        }
 
     def num_params(self, non_embedding: bool = True, trainable_only: bool = False) -> int:
         """Parameters (each shared tensor once). With ``non_embedding`` position

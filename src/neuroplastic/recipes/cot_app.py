@@ -74,14 +74,20 @@ def cot_config(
         raise UserError(f"Unknown technique {unknown[0]!r}; use alr, ewc or hebbian.")
     ov: list[str] = []
     if model_name:
+        from neuroplastic.models.registry import is_registry_name
+
         path = Path(model_name).expanduser()
-        if not path.is_dir():
+        if is_registry_name(model_name) and not path.exists():
+            ov.append(f"model={model_name}")  # resolved (and made once) by the model registry
+        elif not path.is_dir():
             raise UserError(
-                f"Model {model_name!r} is not a local directory; download it once (e.g. "
-                "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR) and pass "
-                "--model_name DIR."
+                f"Model {model_name!r} is not a local directory nor a registry name (see "
+                "`neuroplastic models`); pass --model_name smollm2-135m-instruct, or download a "
+                "model once (e.g. huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir "
+                "DIR) and pass --model_name DIR."
             )
-        ov.append(f"model={path}")
+        else:
+            ov.append(f"model={path}")
     tasks = [str(t) for t in tasks if str(t).strip()]
     if tasks:
         ov.append("options.tasks=" + json.dumps(tasks))

@@ -110,9 +110,93 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# ----------------------------------------------------------------- LoRA: adapters, not the base
+
+#: ``model.safetensors`` metadata of a checkpoint that holds LoRA adapters only.
+LORA_KIND = "lora-adapter"
+
+
+def model_file_contents(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What goes into ``model.safetensors``: ``(tensors, metadata)``.
+
+    A model with a recorded pretrained base (``model.base_ref``, set for LoRA runs by
+    :meth:`~neuroplastic.models.hf.HFCausalLM.set_base`) stores only its trainable
+    tensors (the adapters) plus any frozen base tensor changed in place since loading,
+    with the base's name and sha256 in the metadata; every other model stores all its
+    weights (:func:`model_tensors`).
+    """
+    ref = getattr(model, "base_ref", None)
+    if not ref:
+        return model_tensors(model), {"format": "pt"}
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    keep |= set(model.changed_frozen_parameters())
+    tensors = {k: v for k, v in model_tensors(model).items() if k in keep}
+    meta = {
+        "format": "pt",
+        "neuroplastic_kind": LORA_KIND,
+        "base_model": str(ref["name"]),
+        "base_sha256": str(ref["sha256"]),
+        "trainable": json.dumps(sorted(n for n, p in model.named_parameters() if p.requires_grad)),
+    }
+    return tensors, meta
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}
+
+
+def _load_lora_weights(
+    model: torch.nn.Module, path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    """Put a LoRA checkpoint's adapters (and changed base tensors) onto ``model``, whose
+    base must be the one the checkpoint names (same sha256)."""
+    ref = getattr(model, "base_ref", None)
+    want_name, want_sha = meta.get("base_model", "?"), meta.get("base_sha256", "")
+    if not ref:
+        raise UserError(
+            f"Checkpoint {str(path)!r} holds only LoRA adapters for base model {want_name!r}, "
+            "but the model it is loaded into has no LoRA base; build it with model.lora set and "
+            f"model={want_name}."
+        )
+    if want_sha and ref.get("sha256") != want_sha:
+        raise UserError(
+            f"Checkpoint {str(path)!r} holds LoRA adapters trained on base model {want_name!r} "
+            f"(weights sha256 {want_sha[:12]}), but the base loaded now ({ref.get('name')!r}) "
+            f"has sha256 {str(ref.get('sha256'))[:12]}; load it onto the base it was trained on."
+        )
+    expected = model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(tensors))
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if missing or unexpected:
+        what = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+        raise UserError(
+            f"The LoRA adapters in {str(path)!r} do not fit this model ({what}); load them with "
+            "the model.lora settings they were trained with."
+        )
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise UserError(
+                f"Checkpoint {str(path)!r} has {k} of shape {tuple(t.shape)} but the model "
+                f"expects {tuple(expected[k].shape)}; load it with the model.lora settings it "
+                "was trained with."
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """Load ``model.safetensors`` into ``model``; shape or key mismatches -> UserError."""
     tensors = _load_safetensors(path)
+    meta = _safetensors_metadata(path)
+    if meta.get("neuroplastic_kind") == LORA_KIND:
+        _load_lora_weights(model, Path(path), tensors, meta)
+        return
     expected = model.state_dict()
     wanted = model_tensors(model)
     missing = [k for k in wanted if k not in tensors]
@@ -209,7 +293,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model_file, model_meta = model_file_contents(model)
+        save_file(model_file, str(tmp / "model.safetensors"), metadata=model_meta)
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_skeleton = flatten_state(optimizer_state or {}, opt_tensors, "")
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

@@ -35,11 +35,22 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     return p
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best"):
-    """``(model, tokenizer, cfg, checkpoint_dir)`` from a checkpoint or run directory."""
+def load_trained(
+    path: str | Path, device: str | torch.device = "cpu", prefer: str = "best",
+    base_model: str | None = None,
+):
+    """``(model, tokenizer, cfg, checkpoint_dir)`` from a checkpoint or run directory, or
+    from a pretrained Hugging Face directory or registry name (``smollm2-135m-instruct``).
+
+    ``base_model``: for a LoRA run, the pretrained base to put the adapters on instead of
+    the run's ``model.hf_path`` (a directory or registry name; its weights must be the
+    ones the adapters were trained on, checked by sha256)."""
     from neuroplastic.data.tokenizers import load_tokenizer
     from neuroplastic.models import build_model
+    from neuroplastic.training.loading import load_pretrained, pretrained_dir
 
+    if pretrained_dir(path) is not None:  # a pretrained model (directory or registry name)
+        return load_pretrained(path, device=str(device))
     directory = resolve_checkpoint(path, prefer)
     loaded = ckpt.load_checkpoint(directory)
     directory = loaded["path"]
@@ -50,6 +61,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer: s
     if not (directory / "tokenizer").is_dir():
         raise UserError(f"Checkpoint {str(directory)!r} has no tokenizer/; it is incomplete.")
     tokenizer = load_tokenizer(directory / "tokenizer")
+    if base_model is not None and cfg.model.arch == "hf":
+        cfg.model.hf_path = str(base_model)
     model = build_model(cfg.model)
     ckpt.load_model_weights(model, directory / "model.safetensors")
     model.to(device).eval()

@@ -20,7 +20,7 @@ import torch
 from neuroplastic.config import RunConfig
 from neuroplastic.errors import UserError
 
-__all__ = ["load_any_model", "read_run_config"]
+__all__ = ["load_any_model", "load_pretrained", "pretrained_dir", "read_base_ref", "read_run_config"]
 
 
 def _hf_dir(path: Path) -> bool:
@@ -41,14 +41,68 @@ def read_run_config(run_dir: Path) -> RunConfig | None:
         return None
 
 
+def pretrained_dir(path: str | Path) -> Path | None:
+    """The Hugging Face model directory ``path`` names -- a registry name (made on first use)
+    or a directory with ``config.json`` that is not one of our runs or checkpoints -- else
+    ``None``."""
+    from neuroplastic.models.registry import is_registry_name, resolve_model
+    from neuroplastic.training import checkpoint as ckpt
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        return Path(resolve_model(str(path))) if is_registry_name(str(path)) else None
+    if not p.is_dir() or not _hf_dir(p):
+        return None
+    if (p / ckpt.STATE_FILE).exists() or (p / "checkpoints").is_dir():
+        return None
+    return p
+
+
+def load_pretrained(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any, RunConfig, Path]:
+    """``(model, tokenizer, cfg, directory)`` as :func:`~neuroplastic.training.inference.load_trained`
+    returns them, for a plain Hugging Face directory or registry name (see :func:`pretrained_dir`):
+    the model behind our API, our tokenizer of its files, and a config that names it
+    (``model=DIR``, block size = the model's context)."""
+    from neuroplastic.data.tokenizers import load_tokenizer
+    from neuroplastic.models.hf import HFCausalLM
+
+    directory = pretrained_dir(path)
+    if directory is None:
+        raise UserError(f"{str(path)!r} is neither a Hugging Face model directory nor a registry name.")
+    model = HFCausalLM.from_pretrained(directory, device=device)
+    cfg = RunConfig()
+    cfg.name = directory.name
+    cfg.model.arch = "hf"
+    cfg.model.hf_path = str(path)
+    cfg.model.block_size = model.config.block_size
+    cfg.data.tokenizer = str(directory)
+    return model.eval(), load_tokenizer(directory), cfg, directory
+
+
+def read_base_ref(adapter_dir: Path) -> dict[str, Any]:
+    """The base an adapter directory records (``neuroplastic_base.json``), or ``{}``."""
+    from neuroplastic.models.hf import BASE_REF_FILE
+
+    try:
+        doc = json.loads((Path(adapter_dir) / BASE_REF_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def load_any_model(
     model_path: str | Path, base_model: str | None = None, device: str = "cpu", dtype: Any = None
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """``(model, tokenizer, info)`` in eval mode (see the module docs); ``dtype`` applies
     to Hugging Face models (``float32`` by default)."""
-    from neuroplastic.models.hf import HFCausalLM, load_adapter, load_causal_lm
+    from neuroplastic.models.hf import HFCausalLM, check_adapter_base, load_adapter, load_causal_lm
+    from neuroplastic.models.registry import is_registry_name, resolve_model
 
     path = Path(model_path).expanduser()
+    if not path.exists() and is_registry_name(str(model_path)):
+        path = Path(resolve_model(str(model_path)))  # a registry name: its cached directory
+    if base_model is not None and not Path(base_model).expanduser().exists() and is_registry_name(base_model):
+        base_model = resolve_model(base_model)
     if not path.exists():
         raise UserError(f"Model path {str(path)!r} does not exist.")
     run_cfg = read_run_config(path)
@@ -62,13 +116,19 @@ def load_any_model(
             except (OSError, ValueError) as exc:
                 raise UserError(f"{str(adapter / 'adapter_config.json')!r} is not valid JSON.") from exc
             base = cfg_json.get("base_model_name_or_path") if isinstance(cfg_json, dict) else None
+            ref = read_base_ref(adapter)
+            if ref.get("name") and (is_registry_name(ref["name"]) or Path(ref["name"]).is_dir()):
+                base = ref["name"]
             if run_cfg is not None and run_cfg.model.hf_path:
                 base = run_cfg.model.hf_path
+        if base and is_registry_name(str(base)) and not Path(base).expanduser().exists():
+            base = resolve_model(str(base))
         if not base or not Path(base).expanduser().is_dir():
             raise UserError(
                 f"The adapter in {str(adapter)!r} needs its base model; pass --base_model DIR "
                 "(the local model it was trained on)."
             )
+        check_adapter_base(adapter, base)
         model, tokenizer = load_causal_lm(base, device=device, dtype=dtype)
         model = load_adapter(model, adapter)
         info.update(kind="lora adapter", adapter=str(adapter), base_model=str(base))
@@ -80,7 +140,7 @@ def load_any_model(
             return HFCausalLM(model, tokenizer).eval(), tokenizer, info
     from neuroplastic.training.inference import load_trained
 
-    model, tokenizer, cfg, directory = load_trained(path, device=device)
+    model, tokenizer, cfg, directory = load_trained(path, device=device, base_model=base_model)
     info.update(kind="neuroplastic checkpoint", checkpoint=str(directory))
     if getattr(model, "tokenizer", None) is not None:
         tokenizer = model.tokenizer
