@@ -62,16 +62,29 @@ def machine() -> str:
 # ------------------------------------------------------------------ throughput
 
 
-def throughput(configs, steps: int, echo=print) -> list[dict]:
+def throughput(configs, steps: int, echo=print, text_ids: np.ndarray | None = None) -> list[dict]:
+    """``configs``: (name, vocab, dim, B, T[, brain kwargs[, "text"]]); "text" rows train on
+    windows of ``text_ids`` (real token frequencies) instead of uniformly random tokens."""
     rows = []
-    for name, vocab, dim, B, T in configs:
-        model = NeuroGenModel(vocab, dim, -1)
+    for cfg in configs:
+        name, vocab, dim, B, T = cfg[:5]
+        kw = cfg[5] if len(cfg) > 5 else {}
+        text = len(cfg) > 6 and cfg[6] == "text"
+        model = NeuroGenModel(vocab, dim, -1, **kw)
         rng = np.random.default_rng(0)
-        x = rng.integers(0, vocab, (B, T + 1))
+        if text and kw.get("softmax") == "adaptive":
+            model.set_token_frequencies(np.bincount(text_ids, minlength=vocab))
+
+        def draw(rng=rng, B=B, T=T, vocab=vocab, text=text):
+            if text:
+                s = rng.integers(0, len(text_ids) - T - 1, B)
+                return np.stack([text_ids[i : i + T + 1] for i in s])
+            return rng.integers(0, vocab, (B, T + 1))
+        x = draw()
         model.train_step(x[:, :-1], x[:, 1:])  # warmup (and compilation)
         times, cpu = [], []
         for _ in range(steps):
-            x = rng.integers(0, vocab, (B, T + 1))
+            x = draw()
             t, c = time.perf_counter(), time.process_time()
             model.train_step(x[:, :-1], x[:, 1:])
             times.append(time.perf_counter() - t)
@@ -210,6 +223,81 @@ def learning(seconds: float, slice_steps: int, batch: int, seq: int, eval_every:
     }
 
 
+def bpe_corpus(tokenizer: str):
+    """tinyshakespeare under a local BPE tokenizer (a directory or a registry model name), 90/10."""
+    path = Path(tokenizer)
+    if not path.exists():
+        # a registry name, e.g. smollm2-135m-instruct
+        from neuroplastic.models.registry import resolve_model
+
+        path = Path(resolve_model(tokenizer))
+    return load_corpus("tinyshakespeare", tokenizer=str(path))
+
+
+def vocab_learning(seconds: float, slice_steps: int, batch: int, seq: int, eval_every: float, dim: int,
+                   tokenizer: str, vocab: int, echo=print) -> dict:
+    """Full vs adaptive softmax at a real vocabulary, equal wall-clock, exact held-out loss."""
+    corpus = bpe_corpus(tokenizer)
+    train_ids, val_ids, tok_vocab = corpus.train, corpus.val, corpus.vocab_size
+    vocab = max(vocab, tok_vocab)
+    val = heldout_blocks(val_ids, 64, 64)
+    counts = np.bincount(train_ids, minlength=vocab)
+    runners = {"full softmax": NeuroGenModel(vocab, dim, -1),
+               "adaptive softmax": NeuroGenModel(vocab, dim, -1, softmax="adaptive")}
+    runners["adaptive softmax"].set_token_frequencies(counts)
+    rngs = {n: np.random.default_rng(1) for n in runners}
+    spent = dict.fromkeys(runners, 0.0)
+    tokens = dict.fromkeys(runners, 0)
+    next_eval = dict.fromkeys(runners, 0.0)
+    curves: dict[str, list[tuple[float, int, float]]] = {n: [] for n in runners}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(runners) * seconds, unit="s", desc="full vs adaptive softmax")
+    while min(spent.values()) < seconds:
+        for name, r in runners.items():
+            if spent[name] >= seconds:
+                continue
+            if spent[name] >= next_eval[name]:
+                curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
+                next_eval[name] += eval_every
+            for _ in range(slice_steps):
+                x, y = windows(train_ids, batch, seq, rngs[name])
+                t = time.perf_counter()
+                r.train_step(x, y)
+                dt = time.perf_counter() - t
+                spent[name] += dt
+                tokens[name] += x.size
+                bar.update(dt)
+                if spent[name] >= seconds:
+                    break
+    bar.close()
+    for name, r in runners.items():
+        curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
+        echo(f"{name}: held-out loss {curves[name][-1][2]:.4f} after {tokens[name]:,} tokens in {spent[name]:.0f} s")
+    return {"curves": curves, "tokens": tokens, "seconds": seconds, "vocab": vocab, "tokenizer_vocab": tok_vocab,
+            "unigram": unigram_entropy(train_ids, vocab), "batch": batch, "seq": seq, "dim": dim,
+            "train_tokens": int(len(train_ids)), "val_tokens": int(val[0].size)}
+
+
+def plot_vocab(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    for name, pts in res["curves"].items():
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=name)
+    ax.axhline(res["unigram"], color="0.5", ls=":", lw=1, label="unigram entropy")
+    ax.set_xlabel("training seconds (2 CPU cores)")
+    ax.set_ylabel("held-out loss (nats/token, exact)")
+    ax.set_title(f"NeuroGen readout at vocabulary {res['vocab']:,}: full vs adaptive softmax", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_learning(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -263,7 +351,10 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="throughput,learning,ablation")
+    ap.add_argument("--sections", default="throughput,learning,vocab,ablation")
+    ap.add_argument("--tokenizer", default="smollm2-135m-instruct",
+                    help="real-vocabulary rows: a local BPE tokenizer (directory or registry model name)")
+    ap.add_argument("--vocab-seconds", type=float, default=240.0, help="vocab: training seconds per readout")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per throughput config")
     ap.add_argument("--seconds", type=float, default=300.0, help="learning: training seconds per model")
@@ -294,18 +385,24 @@ def main(argv=None) -> int:
             ("bytes, d 128, 256 x 64", 258, 128, 256, 64),
             ("bytes, d 512, 256 x 64", 258, 512, 256, 64),
             ("GPT-2 vocab 50,257, d 512 (seed's API defaults), 32 x 64", 50257, 512, 32, 64),
+            ("vocab 50,257, d 512, full softmax, BPE text, 32 x 64", 50257, 512, 32, 64, {}, "text"),
+            ("vocab 50,257, d 512, adaptive softmax, BPE text, 256 x 64", 50257, 512, 256, 64,
+             {"softmax": "adaptive"}, "text"),
         ]
-        rows = throughput(configs, args.steps)
+        text_ids = bpe_corpus(args.tokenizer).train
+        rows = throughput(configs, args.steps, text_ids=text_ids)
         results["throughput"] = rows
         plot_throughput(rows, ROOT / "docs" / "neurogen_throughput.png")
         p = parts["throughput"] = [
             "### Training throughput of the full brain",
             "",
             *head,
-            "`NeuroGenModel.train_step` on random tokens (cycle + readout gradient + AdamW + three-factor, tagging, "
+            "`NeuroGenModel.train_step` (cycle + readout gradient + AdamW + three-factor, tagging, "
             "homeostasis, replay), the full 79,872-neuron brain, median of the timed steps after a warmup step; "
-            "'cycle alone' is the five-phase cycle without learning. The seed reports 196 tokens/s on a GTX 1650 "
-            "(39,424 neurons, no learning: loss 1.0, accuracy 0%).",
+            "'cycle alone' is the five-phase cycle without learning. Rows marked 'BPE text' train on windows of "
+            f"tinyshakespeare tokenized with `{args.tokenizer}`'s BPE tokenizer (49,152 ids, real token "
+            "frequencies; the adaptive softmax's clusters ordered by them); the others on uniformly random "
+            "tokens. The seed reports 196 tokens/s on a GTX 1650 (39,424 neurons, no learning: loss 1.0, accuracy 0%).",
             "",
             "| configuration | neurons | synapses | readout params | tokens/s (min-max) | CPU µs/token | cycle alone tokens/s | vs seed |",
             "|---|---|---|---|---|---|---|---|",
@@ -336,6 +433,30 @@ def main(argv=None) -> int:
             p.append(f"| {name} | {res['params'][name] / 1e6:.2f}M | {tok:,} | {tok / args.seconds:,.0f} | "
                      f"{pts[-1][2]:.4f} | {min(q[2] for q in pts):.4f} |")
         p += ["", f"Machine after: {machine()}", "", "![learning](neurogen_learning.png)", ""]
+    if "vocab" in sections:
+        res = vocab_learning(args.vocab_seconds, 2, 64, 64, args.eval_every, 512, args.tokenizer, 50257)
+        results["vocab"] = res
+        plot_vocab(res, ROOT / "docs" / "neurogen_vocab.png")
+        p = parts["vocab"] = [
+            f"### Full vs adaptive softmax at vocabulary {res['vocab']:,}: {args.vocab_seconds:.0f} s each",
+            "",
+            *head,
+            f"The full brain (d {res['dim']}) on tinyshakespeare tokenized with `{args.tokenizer}`'s BPE tokenizer "
+            f"({res['tokenizer_vocab']:,} ids; {res['train_tokens']:,} training tokens, 90/10 split), random windows "
+            f"of {res['batch']} x {res['seq']} tokens (the same windows for both), interleaved 2-step slices. "
+            "The adaptive softmax (head: the 512 most frequent tokens + 3 clusters; tails 512-4,000 at d/4, "
+            "4,000-16,000 at d/16, the rest at d/64) is ordered by the training split's token counts. "
+            f"Held-out loss is exact (each readout's normalised distribution) on {res['val_tokens']:,} held-out "
+            f"tokens; unigram entropy {res['unigram']:.3f} nats/token.",
+            "",
+            "| readout | tokens seen | tokens/s | held-out loss at the end | best held-out loss |",
+            "|---|---|---|---|---|",
+        ]
+        for name, pts in res["curves"].items():
+            tok = res["tokens"][name]
+            p.append(f"| {name} | {tok:,} | {tok / args.vocab_seconds:,.0f} | {pts[-1][2]:.4f} | "
+                     f"{min(q[2] for q in pts):.4f} |")
+        p += ["", f"Machine after: {machine()}", "", "![vocab](neurogen_vocab.png)", ""]
     if "ablation" in sections:
         import shutil
 
@@ -358,7 +479,7 @@ def main(argv=None) -> int:
     return 0
 
 
-PART_ORDER = ("throughput", "learning", "ablation")
+PART_ORDER = ("throughput", "learning", "vocab", "ablation")
 
 
 def write_parts(new: dict[str, str]) -> None:

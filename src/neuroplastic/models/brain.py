@@ -167,6 +167,14 @@ class BrainConfig:
     tagging: bool = True
     homeostasis: bool = True
     replay: bool = True
+    # readout: "full" softmax over the vocabulary, or "adaptive" (Grave et al., 2017): a head
+    # over the adaptive_cutoffs[0] most frequent tokens plus one entry per tail cluster, each
+    # tail a low-rank (embedding_dim / adaptive_div**i) softmax over rarer tokens. Frequency
+    # order: token ids as given (BPE ids follow merge order, roughly frequency) unless
+    # NeuroGenModel.set_token_frequencies() was called before training.
+    softmax: str = "full"
+    adaptive_cutoffs: list[int] = dataclasses.field(default_factory=lambda: [512, 4000, 16000])
+    adaptive_div: float = 4.0
     # learning: readout and embeddings (gradient)
     lr: float = 1e-2
     weight_decay: float = 0.0
@@ -213,7 +221,13 @@ class BrainConfig:
             "sizes": self.sizes(),
             "thalamic_code": self.winners()["thalamus"],
             "hippocampal_capacity": self.hippocampal_capacity,
+            "readout": (["full"] if self.softmax == "full" else
+                        ["adaptive", *self.cutoffs(), self.adaptive_div]),
         }
+
+    def cutoffs(self) -> list[int]:
+        """The adaptive softmax's cutoffs below the vocabulary size."""
+        return [int(c) for c in self.adaptive_cutoffs if int(c) < self.vocab_size]
 
     def validate(self) -> BrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -248,6 +262,17 @@ class BrainConfig:
         for key in ("hippocampal_capacity", "replay_interval", "replay_capacity", "replay_batch"):
             v = getattr(self, key)
             need(isinstance(v, int) and v >= 1, f"{key} must be a positive integer, got {v!r}.")
+        need(self.softmax in ("full", "adaptive"),
+             f"softmax must be 'full' or 'adaptive', got {self.softmax!r}.")
+        if self.softmax == "adaptive":
+            cut = list(self.adaptive_cutoffs)
+            need(all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in cut)
+                 and cut == sorted(set(cut)),
+                 f"adaptive_cutoffs must be increasing positive integers, got {cut!r}.")
+            need(len(self.cutoffs()) >= 1,
+                 f"adaptive_cutoffs {cut!r} leave no tail below vocab_size {self.vocab_size}; "
+                 "use softmax='full' for a vocabulary this small.")
+            need(self.adaptive_div >= 1, f"adaptive_div must be >= 1, got {self.adaptive_div}.")
         need(self.backend in ("auto", "numba", "torch"),
              f"backend must be auto, numba or torch, got {self.backend!r}.")
         need(self.weight_init * 1.5 <= self.w_max,
@@ -383,13 +408,23 @@ class Brain(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.motor = nn.Parameter(torch.empty(sizes["broca"], d))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, cfg.vocab_size)
+        if cfg.softmax == "full":
+            self.head = nn.Linear(d, cfg.vocab_size)
+        else:
+            self.head = nn.AdaptiveLogSoftmaxWithLoss(d, cfg.vocab_size, cfg.cutoffs(),
+                                                      div_value=float(cfg.adaptive_div), head_bias=True)
+            # token id -> position in frequency order, and back (identity until set_token_order)
+            self.register_buffer("rank", torch.arange(cfg.vocab_size))
+            self.register_buffer("unrank", torch.arange(cfg.vocab_size))
         with torch.no_grad():
             self.embed.weight.normal_(0.0, 1.0, generator=gen)  # on the scale of the normalised Broca code
             # k Broca rates add up: keep their sum on the scale of one embedding row
             self.motor.normal_(0.0, 0.02 / math.sqrt(k["broca"]), generator=gen)
-            self.head.weight.normal_(0.0, 0.02, generator=gen)
-            self.head.bias.zero_()
+            for name, w in self.head.named_parameters():
+                if name.endswith("bias"):
+                    w.zero_()
+                else:
+                    w.normal_(0.0, 0.02, generator=gen)
 
     # ------------------------------------------------------------------ helpers
 
@@ -750,9 +785,44 @@ class Brain(nn.Module):
         return h
 
     def readout(self, act: Activity, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, T, V)."""
+        """Next-token logits (B, T, V) (log-probabilities with the adaptive softmax)."""
         B, T = tokens.shape
-        return self.head(self.features(act, tokens)).view(B, T, -1)
+        return self.log_probs(self.features(act, tokens)).view(B, T, -1)
+
+    def token_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-row negative log-likelihood of ``targets`` (rows,) given features ``h`` (rows, d).
+        The adaptive softmax computes a tail cluster's logits only for the rows whose target
+        lies in it; the result is the exact NLL of its (normalised) distribution."""
+        if self.cfg.softmax == "full":
+            return F.cross_entropy(self.head(h).float(), targets, reduction="none")
+        return -self.head(h.float(), self.rank[targets]).output
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the whole vocabulary (rows, V), in token-id order."""
+        if self.cfg.softmax == "full":
+            return F.log_softmax(self.head(h).float(), dim=-1)
+        return self.head.log_prob(h.float())[:, self.rank]
+
+    def predict(self, h: torch.Tensor) -> torch.Tensor:
+        """The most likely next token id per row."""
+        if self.cfg.softmax == "full":
+            return self.head(h).argmax(-1)
+        return self.unrank[self.head.predict(h.float())]
+
+    @torch.no_grad()
+    def set_token_order(self, counts: torch.Tensor) -> None:
+        """Order the adaptive softmax's clusters by token frequency (``counts``: (V,)): the
+        most frequent tokens go to the head. Ties keep id order."""
+        if self.cfg.softmax != "adaptive":
+            raise UserError("token frequencies order the adaptive softmax; this brain has softmax='full'.")
+        counts = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+        V = self.cfg.vocab_size
+        if counts.numel() != V:
+            raise UserError(f"token counts must have one entry per vocabulary id ({V}), got {counts.numel()}.")
+        ids = torch.arange(V, dtype=torch.float64)
+        order = torch.from_numpy(np.lexsort((ids.numpy(), -counts.numpy()))).to(self.rank.device)
+        self.unrank.copy_(order)
+        self.rank[order] = torch.arange(V, device=self.rank.device)
 
     def scalable(self) -> torch.Tensor:
         """Synapses homeostatic scaling acts on: drive into the k-WTA modules (bool, per synapse)."""

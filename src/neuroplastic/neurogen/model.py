@@ -74,6 +74,7 @@ __all__ = ["CHECKPOINT_FORMAT", "NeuroGenModel", "make_config", "metadata_path"]
 
 CHECKPOINT_FORMAT = "neuroplastic-neurogen"
 FORMAT_VERSION = 1
+_ACCURACY_ROWS = 512  # rows whose argmax is checked per step with the adaptive softmax
 _LOGIT_CHUNK = 1 << 24  # logits computed at once (rows x vocab), bounds memory for big vocabularies
 
 
@@ -191,6 +192,12 @@ class NeuroGenModel:
     def embedding_dim(self) -> int:
         return self.cfg.embedding_dim
 
+    def set_token_frequencies(self, counts: Any) -> None:
+        """Order the adaptive softmax (``softmax='adaptive'``) by token frequency: ``counts``
+        holds one count per vocabulary id (e.g. ``np.bincount(train_ids, minlength=vocab)``).
+        Call it before training: it decides which tokens the head predicts directly."""
+        self.brain.set_token_order(torch.as_tensor(np.asarray(counts)))
+
     def set_lr(self, lr: float) -> None:
         """Change the readout's learning rate (e.g. to fine-tune a loaded checkpoint)."""
         if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
@@ -224,6 +231,19 @@ class NeuroGenModel:
             h = brain.features(act, x)
         hd = h.detach().requires_grad_(backward)
         yf = y.reshape(-1)
+        if self.cfg.softmax == "adaptive":
+            with torch.set_grad_enabled(backward):
+                nll = brain.token_nll(hd, yf)
+            with torch.no_grad():
+                # accuracy on a strided sample of rows: the adaptive softmax's argmax needs the
+                # whole distribution for rows whose head picks a tail cluster
+                stride = max(1, rows // _ACCURACY_ROWS)
+                hit = (brain.predict(hd.detach()[::stride]) == yf[::stride]).float().mean()
+                correct = int(round(float(hit) * rows))
+            if backward:
+                (nll.sum() / rows).backward()
+                h.backward(hd.grad)
+            return nll.detach().view(B, T), correct
         ce = torch.empty(rows, device=x.device)
         correct = 0
         chunk = max(1, _LOGIT_CHUNK // self.vocab_size)
@@ -363,7 +383,8 @@ class NeuroGenModel:
         out: list[int] = []
         while len(out) < int(max_length):
             a = Activity(*(t[:, -1:] for t in act))
-            logits = brain.head(brain.features(a, last)).float()[0].cpu()
+            h = brain.features(a, last)
+            logits = (brain.head(h).float() if self.cfg.softmax == "full" else brain.log_probs(h))[0].cpu()
             if temperature == 0:
                 tok = int(logits.argmax())
             else:

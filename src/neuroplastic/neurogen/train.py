@@ -141,6 +141,9 @@ class TokenStream:
 # ------------------------------------------------------------------ helpers
 
 
+FREQUENCY_TOKENS = 1_000_000  # tokens counted to order a new run's adaptive softmax
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     from neuroplastic.neurogen.model import metadata_path
 
@@ -273,6 +276,12 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print,
         model.set_lr(opts.lr)
     if not (run_dir / "tokenizer").is_dir():
         tok.save(run_dir / "tokenizer")
+    if model.cfg.softmax == "adaptive" and not (opts.resume or opts.init_from):
+        # the adaptive softmax's head takes the most frequent tokens: count them once, up front
+        sample = TokenStream(lambda: sources.iter_documents(opts.data, field=opts.field, data_dir=opts.data_dir),
+                             tok.encode, tok.eos_id).take(FREQUENCY_TOKENS)
+        model.set_token_frequencies(np.bincount(np.asarray(sample, dtype=np.int64), minlength=model.vocab_size))
+        echo(f"adaptive softmax: clusters ordered by the frequencies of the first {len(sample):,} training tokens")
 
     stream = TokenStream(
         lambda: sources.iter_documents(opts.data, field=opts.field, data_dir=opts.data_dir), tok.encode, tok.eos_id
