@@ -24,7 +24,7 @@ from neuroplastic.config import DataConfig
 from neuroplastic.data import registry
 from neuroplastic.data.sources import DataWarning, load_documents
 from neuroplastic.errors import UserError
-from tests.conftest import ROOT, SAMPLE_TEXT, tiny_overrides
+from tests.conftest import ROOT, SAMPLE_TEXT, run_cli, tiny_overrides
 
 WIKI = (
     " = Alpha = \n \n Alpha is the first letter of the Greek alphabet . \n"
@@ -346,3 +346,13 @@ def test_neurogen_resume_notes_an_ignored_embedding_dim(tmp_path, capsys):
     assert "embedding_dim=8" in out_text  # the model really is the checkpoint's
     assert main([*common, "--max-chunks", "4"]) == 0  # nothing given: no note
     assert "note: --embedding-dim" not in capsys.readouterr().out
+
+
+def test_cli_prints_our_warnings_as_one_line_without_a_source_location(tmp_path):
+    p = tmp_path / "latin.txt"
+    p.write_bytes(("Café naïve résumé: déjà vu. " * 200).encode("latin-1"))
+    r = run_cli("train", "tiny", *tiny_overrides(p, tmp_path / "run", **{"train.max_steps": 1}))
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "not valid UTF-8" in ln]
+    assert lines and all(ln.startswith("neuroplastic: warning: ") for ln in lines)
+    assert "DataWarning" not in r.stderr and "warn_data(" not in r.stderr

@@ -1,3 +1,3 @@
-from neuroplastic.cli import main
+from neuroplastic.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

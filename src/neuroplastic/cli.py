@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from neuroplastic.errors import UserError
@@ -579,6 +580,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (bad bytes, fallbacks, ...) as one line for humans, without the
+    source location; other libraries' warnings keep Python's format."""
+    stream = file if file is not None else sys.stderr
+    if isinstance(message, Warning) and type(message).__module__.startswith("neuroplastic"):
+        text = f"neuroplastic: warning: {message}\n"
+    elif filename and Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        text = f"neuroplastic: warning: {message}\n"
+    else:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+    try:
+        stream.write(text)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("NEUROPLASTIC_DEBUG") == "1"
@@ -608,3 +625,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `neuroplastic ... | head`
         return 0
+
+
+def entry() -> int:
+    """The console script (and ``python -m neuroplastic``): :func:`main`, with our warnings
+    printed as one line each (``--debug`` keeps Python's format)."""
+    if "--debug" not in sys.argv[1:] and os.environ.get("NEUROPLASTIC_DEBUG") != "1":
+        warnings.showwarning = _show_warning
+    return main()
