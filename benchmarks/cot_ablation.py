@@ -1,25 +1,42 @@
-"""neuroplastic-cot ablation: each technique vs plain LoRA in the continual setting.
+"""neuroplastic-cot ablation: the untuned model, LoRA only and each technique, on GSM8K.
 
-For every seed and variant (``baseline`` = LoRA only, ``alr``, ``ewc``, ``hebbian``,
-``all``) the model is fine-tuned on task A (``--data``, GSM8K by default) for the first
-half of ``--steps`` and on task B (``--task-b``, synthetic arithmetic by default) for the
-second half, with the same data order per seed. Reported per variant (mean ± 95% CI over
-seeds) and as the paired difference to the baseline with a verdict (the statistics of
-``neuroplastic ablate``):
+Rows: ``base`` (the untuned model), then one per variant -- ``baseline`` (LoRA only),
+``alr``, ``ewc``, ``hebbian``, ``all`` -- each trained ``--seeds`` times in the
+continual setting: task A (``--data``, GSM8K by default) for the first half of
+``--steps``, then task B (``--task-b``, synthetic arithmetic by default), with the same
+data order per seed. Reported per row (mean ± 95% CI over seeds, Student t):
 
-* held-out task-A loss when A ended and after B, and their gap (forgetting);
-* held-out task-B loss after B;
-* exact-match accuracy on ``--eval-examples`` held-out task-A questions after B
-  (greedy generation; 0 skips it) and the untuned model's accuracy for reference.
+* exact match of the final number on ``--eval-examples`` held-out task-A problems after
+  B (greedy, batched generation with left padding, ``--max-new-tokens``, stop at EOS);
+* the reference answers' log-likelihood on the same problems (teacher forcing):
+  per token of the whole reference, and of its ``#### N`` given the reasoning -- these
+  move before exact match does;
+* held-out task-A loss when A ended and after B, their gap (forgetting), and the
+  task-B loss after B;
 
-    python benchmarks/cot_ablation.py --model models/qwen2.5-0.5b-instruct --seeds 3 \\
-        --steps 300 --eval-examples 100 --write-docs train.device=cuda
-    python benchmarks/cot_ablation.py --model tiny --data arith-mul --task-b arith \\
-        --seeds 3 --steps 60 --eval-examples 0 --write-docs      # CPU, a tiny random Qwen2
+and, per variant, the paired difference to ``baseline`` with the verdict of
+``neuroplastic ablate``.
 
-``--model tiny`` builds a tiny randomly initialised Qwen2 (a BPE tokenizer trained on
-the two tasks, 2 layers x 32 dims): it checks the pipeline and shows the mechanics of
-each technique on CPU in minutes, not what they do for a real model.
+The held-out problems are never trained on: the split of
+:func:`neuroplastic.data.cot.split_examples` (seed 0; the first ``max(200,
+--eval-examples)`` indices of a seeded permutation of the file, 200 of the shared
+GSM8K train file's 7,473 by default) is the one the recipe trains without.
+
+Every row is printed as it finishes; ``--out DIR`` gets ``results.json``,
+``table.md``, ``forgetting.png`` and ``loss_per_technique.png``.
+``--write-docs`` writes the section ``cot-real`` of docs/COT.md from this run;
+``--docs-from DIR/results.json`` writes it from an earlier run's JSON (no training).
+
+    # the full table on one GPU (SmolLM2-135M-Instruct; minutes on an H200)
+    PYTHONPATH=src python benchmarks/cot_ablation.py --model /path/to/smollm2-135m-instruct \\
+        --data-dir data/gsm8k --device cuda --out runs/cot-real
+    # end to end on a CPU in a minute or two (5 steps, 4 problems)
+    PYTHONPATH=src python benchmarks/cot_ablation.py --model /path/to/smollm2-135m-instruct \\
+        --device cpu --seeds 1 --steps 4 --eval-examples 4 --max-new-tokens 16 \\
+        --variants baseline,ewc --out runs/cot-smoke
+    # a tiny random Qwen2 (the mechanics only)
+    PYTHONPATH=src python benchmarks/cot_ablation.py --model tiny --data arith-mul \\
+        --seeds 2 --steps 20 --eval-examples 8 --max-new-tokens 16
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ import datetime as _dt
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,20 +60,23 @@ from neuroplastic.evaluation.ablation import MetricSummary, mean_ci  # noqa: E40
 from neuroplastic.recipes.cot_app import (  # noqa: E402
     TECHNIQUES,
     cot_config,
-    evaluate_model,
     forgetting_summary,
     make_tiny_model,
     train_cot,
 )
 
-DOCS = ROOT / "docs" / "BENCHMARKS.md"
-KEY = "cot"
-METRICS = [  # name, label, higher is better
+DOCS = ROOT / "docs" / "COT.md"
+KEY = "cot-real"
+LABELS = {"base": "base (untuned)", "baseline": "LoRA only", "alr": "+ALR", "ewc": "+EWC",
+          "hebbian": "+Hebbian", "all": "all (ALR+EWC+Hebbian)"}
+METRICS = [  # key, label, higher is better
+    ("em", "exact match", True),
+    ("solution_ll", "ref. log-lik / token", True),
+    ("final_ll", "log-lik of `#### N`", True),
     ("task_a_loss_after_a", "task-A loss when A ended", False),
     ("task_a_loss_end", "task-A loss after B", False),
-    ("forgetting", "forgetting (after B - when A ended)", False),
+    ("forgetting", "forgetting (after B − when A ended)", False),
     ("task_b_loss_end", "task-B loss after B", False),
-    ("acc_a", "task-A accuracy after B", True),
 ]
 
 
@@ -69,15 +90,15 @@ def variant_techniques(name: str) -> list[str]:
     return [name]
 
 
-def fmt(m: float, h: float) -> str:
-    if not math.isfinite(m):
+def fmt(m: float, h: float = math.nan, digits: int = 4) -> str:
+    if m is None or not math.isfinite(m):
         return "n/a"
-    return f"{m:.4f} ± {h:.4f}" if math.isfinite(h) else f"{m:.4f}"
+    return f"{m:.{digits}f} ± {h:.{digits}f}" if math.isfinite(h) else f"{m:.{digits}f}"
 
 
-def write_section(body: str) -> None:
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- begin:{KEY} -->", f"<!-- end:{KEY} -->"
+def write_section(body: str, docs: Path = DOCS, key: str = KEY) -> None:
+    text = docs.read_text(encoding="utf-8") if docs.exists() else "# neuroplastic-cot\n"
+    begin, end = f"<!-- begin:{key} -->", f"<!-- end:{key} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
     if begin in text and end in text:
         a, b = text.index(begin), text.index(end) + len(end)
@@ -86,148 +107,323 @@ def write_section(body: str) -> None:
         text = text[:a] + block + text[b:]
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text, encoding="utf-8")
+    docs.write_text(text, encoding="utf-8")
+
+
+# =========================================================================== evaluation
+
+
+def held_out(data: str, data_dir: str | None, n: int, val_fraction: float = 0.05):
+    """The first ``n`` held-out task-A problems of the recipe's split (seed 0)."""
+    from neuroplastic.data.cot import load_cot_examples, split_examples
+
+    examples = load_cot_examples(data, data_dir)
+    _, val = split_examples(examples, val_fraction, 0, max(200, n))
+    if len(val) < n:
+        raise SystemExit(f"{data!r} has only {len(val)} held-out problems; lower --eval-examples")
+    return val[:n]
+
+
+def evaluate(path, base, examples, args, device) -> dict:
+    """Exact match + log-likelihoods of a model dir or a run dir (its adapter on ``base``)."""
+    from neuroplastic.data.cot import CotFormatter
+    from neuroplastic.evaluation.cot import evaluate_cot
+    from neuroplastic.training.loading import load_any_model
+
+    model, tok, _ = load_any_model(path, base, device)
+    res = evaluate_cot(model, tok, examples, CotFormatter(tok), max_new_tokens=args.max_new_tokens,
+                       device=device, progress=args.progress, batch_size=args.eval_batch_size,
+                       loglik=True, max_len=args.block_size)
+    del model
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"em": res["accuracy"], "correct": res["correct"], "n": res["n"],
+            "answered": res["answered"], "solution_ll": res["mean_solution_ll"],
+            "final_ll": res["mean_final_ll"], "eval_s": res["seconds"],
+            "generation_s": res["generation_seconds"],
+            "samples": [{k: r[k] for k in ("question", "gold", "generated", "predicted", "correct")}
+                        for r in res["examples"][:3]]}
+
+
+def mechanism_counts(run_dir: Path) -> dict[str, int]:
+    """Steps in which each technique acted: ALR's multiplier was not 1, EWC's penalty
+    was > 0, the Hebbian update was non-zero (from the run's ``metrics.jsonl``)."""
+    from neuroplastic.training.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "cot"]
+
+    def count(key, test):
+        return sum(1 for r in rows if isinstance(r.get(key), (int, float)) and test(r[key]))
+
+    return {"alr": count("lr_multiplier", lambda x: abs(x - 1.0) > 1e-9),
+            "ewc": count("ewc_penalty", lambda x: x > 0),
+            "hebbian": count("hebbian_update_norm", lambda x: x > 0)}
+
+
+def row_line(label: str, row: dict) -> str:
+    parts = [f"EM {row['em']:.4f} ({row['correct']}/{row['n']})",
+             f"ll/token {fmt(row.get('solution_ll'))}", f"ll(#### N) {fmt(row.get('final_ll'))}"]
+    for k, name in (("task_a_loss_after_a", "A loss@A"), ("task_a_loss_end", "A loss@end"),
+                    ("forgetting", "forgetting"), ("task_b_loss_end", "B loss@end")):
+        if k in row:
+            parts.append(f"{name} {fmt(row[k])}")
+    for k in ("train_s", "eval_s"):
+        if k in row:
+            parts.append(f"{k} {row[k]:.1f}")
+    return f"{label:>24}: " + ", ".join(parts)
+
+
+# =========================================================================== report
+
+
+def summarize(results: dict) -> dict:
+    """Per-row mean ± CI and the paired differences to the baseline."""
+    summary, diffs = {}, {}
+    for v, rows in results["runs"].items():
+        summary[v] = {k: mean_ci([r[k] for r in rows if r.get(k) is not None
+                                  and math.isfinite(r[k])]) for k, _, _ in METRICS}
+    base_rows = results["runs"].get("baseline")
+    if base_rows:
+        for v, rows in results["runs"].items():
+            if v == "baseline":
+                continue
+            for k, _label, hib in METRICS:
+                pairs = [(a[k], b[k]) for a, b in zip(base_rows, rows)
+                         if a.get(k) is not None and b.get(k) is not None
+                         and math.isfinite(a[k]) and math.isfinite(b[k])]
+                if not pairs:
+                    continue
+                ms = MetricSummary(k, hib, [a for a, _ in pairs], [b for _, b in pairs]).compute()
+                acted = [sum(r.get("acted", {}).values()) for r in rows]
+                verdict = ms.verdict if not acted or any(acted) else "did not act in this budget"
+                diffs.setdefault(v, {})[k] = {"diff_mean": ms.diff_mean, "diff_ci": ms.diff_ci,
+                                              "verdict": verdict}
+    return {"summary": summary, "vs_baseline": diffs}
+
+
+def markdown(results: dict, png: str | None = "cot_real_forgetting.png") -> str:
+    meta = results["meta"]
+    stats = summarize(results)
+    n_eval = meta["eval_examples"]
+    head = ["row"] + [label for _, label, _ in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * len(METRICS)]
+    base = results.get("base")
+    if base:
+        cells = [fmt(base.get(k)) if k in ("em", "solution_ll", "final_ll") else "—"
+                 for k, _, _ in METRICS]
+        cells[0] = f"{base['em']:.4f} ({base['correct']}/{base['n']})"
+        lines.append(f"| {LABELS['base']} | " + " | ".join(cells) + " |")
+    for v in results["runs"]:
+        s = stats["summary"][v]
+        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(fmt(*s[k]) for k, _, _ in METRICS) + " |")
+    diff_lines = ["| variant | metric | variant − LoRA only | verdict |", "|---|---|---|---|"]
+    for v, per in stats["vs_baseline"].items():
+        for k, label, _ in METRICS:
+            if k in per:
+                d = per[k]
+                diff_lines.append(f"| {LABELS.get(v, v)} | {label} | "
+                                  f"{fmt(d['diff_mean'], d['diff_ci'])} | {d['verdict']} |")
+    times = [r.get("train_s", 0.0) for rows in results["runs"].values() for r in rows]
+    body = [
+        "## Measured: SmolLM2-135M-Instruct on GSM8K (benchmarks/cot_ablation.py)"
+        if "smollm2" in str(meta["model"]).lower() else
+        f"## Measured: {Path(str(meta['model'])).name} on {meta['data']} (benchmarks/cot_ablation.py)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}  ",
+        f"Date: {meta['date']} UTC; {meta['elapsed_s']:.0f} s in all "
+        f"({sum(times):.0f} s training, mean {meta.get('step_s', math.nan):.3f} s per optimizer step)",
+        "",
+        f"Task A `{meta['data']}` for {meta['steps'] // 2} steps, then task B `{meta['task_b']}` for "
+        f"{meta['steps'] - meta['steps'] // 2} (LoRA r=8, {meta['batch_size']} × {meta['grad_accum']} "
+        f"examples a step, lr {meta['lr']}), {meta['seeds']} seeds, variants paired by seed. "
+        f"Exact match and log-likelihoods on the first {n_eval} held-out task-A problems "
+        f"(never trained on; `split_examples`, seed 0), after task B; greedy, "
+        f"{meta['max_new_tokens']} new tokens at most. Log-likelihoods in nats (higher is "
+        "better): per token of the whole reference answer, and summed over the tokens of its "
+        "`#### N` given the prompt and the reference reasoning. Losses: held-out cross-entropy "
+        f"per answer token on {meta['loss_examples']} problems per task (lower is better). "
+        "Mean ± 95% CI over seeds (Student t).",
+        "",
+        *lines,
+        "",
+        "Paired difference to LoRA only (same seed), verdict as in `neuroplastic ablate`:",
+        "",
+        *diff_lines,
+    ]
+    acted = []
+    for v, rows in results["runs"].items():
+        counts: dict[str, list[int]] = {}
+        for r in rows:
+            for t, n in r.get("acted", {}).items():
+                counts.setdefault(t, []).append(n)
+        if counts:
+            acted.append(f"{LABELS.get(v, v)}: " + ", ".join(
+                f"{t} {'/'.join(map(str, ns))}" for t, ns in counts.items()))
+    if acted:
+        body += ["", "Steps in which each technique acted (per seed; ALR multiplier ≠ 1, EWC "
+                 "penalty > 0 -- only after the switch to task B --, Hebbian update ≠ 0): "
+                 + "; ".join(acted) + "."]
+    if png:
+        body += ["", f"![task losses over training, seed 0]({png})"]
+    return "\n".join(body).rstrip() + "\n"
+
+
+def write_outputs(results: dict, out: Path, docs: Path | None) -> str:
+    from neuroplastic.evaluation.cot import plot_forgetting, plot_loss_per_technique
+
+    runs = {LABELS.get(v, v): out / v / "seed0" for v in results["runs"]}
+    png = plot_forgetting(runs, out / "forgetting.png")
+    plot_loss_per_technique(runs, out / "loss_per_technique.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    text = markdown(results, "cot_real_forgetting.png" if docs is not None and png else None)
+    (out / "table.md").write_text(text, encoding="utf-8")
+    if docs is not None:
+        publish(results, out, docs)
+    return text
+
+
+def publish(results: dict, out: Path, docs: Path) -> None:
+    """Write the docs section (and copy the forgetting plot beside the docs)."""
+    import shutil
+
+    png = out / "forgetting.png"
+    has_png = png.is_file()
+    if has_png:
+        shutil.copyfile(png, docs.parent / "cot_real_forgetting.png")
+    write_section(markdown(results, "cot_real_forgetting.png" if has_png else None), docs)
+
+
+# =========================================================================== main
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="local HF causal LM directory, or `tiny`")
+    ap.add_argument("--model", help="local HF causal LM directory, or `tiny`")
     ap.add_argument("--data", default="gsm8k", help="task A (gsm8k, a .jsonl, arith, arith-mul)")
     ap.add_argument("--task-b", default="arith", help="task B")
+    ap.add_argument("--data-dir", help="folder searched first for registry data (a copy of "
+                    "shared/data/gsm8k, or its parent)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per run (A then B)")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (A then B)")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (LoRA)")
+    ap.add_argument("--block-size", type=int, default=512, help="prompt + answer tokens per example")
+    ap.add_argument("--loss-examples", type=int, default=32,
+                    help="held-out problems per task in the loss curves")
     ap.add_argument("--variants", default="baseline,alr,ewc,hebbian,all")
-    ap.add_argument("--eval-examples", type=int, default=50, help="held-out task-A questions (0: skip)")
+    ap.add_argument("--eval-examples", type=int, default=200, help="held-out task-A problems")
+    ap.add_argument("--eval-batch-size", type=int, default=200, help="problems generated at once")
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--device", default="auto", help="for the accuracy evaluation")
+    ap.add_argument("--no-base", action="store_true", help="skip the untuned model's row")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (training and evaluation)")
     ap.add_argument("--out", default="runs/cot-ablation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--write-docs", action="store_true", help=f"write the `{KEY}` section of docs/BENCHMARKS.md")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides for every run (e.g. train.lr=1e-4)")
+    ap.add_argument("--progress", action="store_true", help="per-step and per-question bars on stderr")
+    ap.add_argument("--write-docs", action="store_true", help=f"write the `{KEY}` section of docs/COT.md")
+    ap.add_argument("--docs-from", metavar="RESULTS_JSON",
+                    help="only write the docs section from an earlier run's results.json")
+    ap.add_argument("--docs-file", default=str(DOCS), help="the docs file (default docs/COT.md)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every run (e.g. train.amp=none)")
     args = ap.parse_args(argv)
+    docs = Path(args.docs_file)
+    if args.docs_from:
+        src = Path(args.docs_from)
+        results = json.loads(src.read_text(encoding="utf-8"))
+        publish(results, src.parent, docs)
+        print(f"wrote the `{KEY}` section of {docs} from {src}")
+        return 0
+    if not args.model:
+        ap.error("--model is required (or --docs-from)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+    if args.steps < 2 or args.seeds < 1 or args.eval_examples < 1:
+        raise SystemExit("--steps must be >= 2, --seeds and --eval-examples >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model = args.model
-    tiny = model == "tiny"
-    if tiny:
+    if model == "tiny":
         from neuroplastic.data.cot import load_cot_examples
 
         texts = [f"{e.question}\n{e.answer}" for spec in (args.data, args.task_b)
-                 for e in load_cot_examples(spec)[:2000]]
+                 for e in load_cot_examples(spec, args.data_dir)[:2000]]
         model = str(make_tiny_model(out / "tiny-model", texts, vocab_size=400, hidden=32,
                                     max_positions=256))
+        args.block_size = min(args.block_size, 256)
+    model = str(Path(model).expanduser().resolve())
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         variant_techniques(v)
     from neuroplastic.recipes.cot import task_names
 
     task_a, task_b = task_names([args.data, args.task_b])
-    results: dict[str, list[dict]] = {v: [] for v in variants}
-    base_acc = None
-    if args.eval_examples:
-        res = evaluate_model(model, None, data=args.data, num_examples=args.eval_examples,
-                             max_new_tokens=args.max_new_tokens, device=device, progress=False)
-        base_acc = res["accuracy"]
-        print(f"untuned model: task-A accuracy {base_acc:.4f} ({res['n']} questions)", flush=True)
+    examples = held_out(args.data, args.data_dir, args.eval_examples)
+    # only as many training examples as the run draws (encoding all of GSM8K costs seconds)
+    per_task = max(64, (args.steps // 2 + 1) * args.batch_size * args.grad_accum)
+    common = [
+        f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+        f"train.grad_accum={args.grad_accum}", f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}",
+        f"train.warmup_steps={min(15, args.steps // 10)}", f"train.device={device}",
+        f"model.block_size={args.block_size}", f"options.max_train={per_task}",
+        f"options.max_val={max(200, args.eval_examples)}", f"options.eval_examples={args.loss_examples}",
+        f"train.progress={'true' if args.progress else 'false'}", "train.tensorboard=false",
+        "train.keep_best=false", "train.sample_tokens=0", f"train.ckpt_interval={args.steps}",
+        f"train.eval_interval={max(1, args.steps // 2)}",
+    ]
+    if args.data_dir:
+        common.append(f"data.data_dir={args.data_dir}")
+    cmd = "python benchmarks/cot_ablation.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    machine = (f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads); "
+               f"gpu: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
+               f"device {device}; torch {torch.__version__}; python {platform.python_version()}")
+    meta = {"command": cmd, "machine": machine, "model": model, "data": args.data,
+            "task_b": args.task_b, "tasks": [task_a, task_b], "steps": args.steps,
+            "seeds": args.seeds, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+            "lr": args.lr, "eval_examples": len(examples), "max_new_tokens": args.max_new_tokens,
+            "loss_examples": args.loss_examples, "overrides": list(args.overrides),
+            "train_examples_per_task": per_task,
+            "date": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M}"}
+    results: dict = {"meta": meta, "base": None, "runs": {v: [] for v in variants}}
+    print(f"{len(examples)} held-out {args.data} problems; {args.seeds} seeds x {len(variants)} "
+          f"variants x {args.steps} steps on {device}", flush=True)
+    if not args.no_base:
+        results["base"] = evaluate(model, None, examples, args, device)
+        print(row_line(LABELS["base"], results["base"]), flush=True)
+    step_times = []
     for seed in range(args.seeds):
         for v in variants:
             run_dir = out / v / f"seed{seed}"
             cfg = cot_config(run_dir, model_name=model, techniques=variant_techniques(v),
-                             tasks=[args.data, args.task_b], overrides=[
-                                 f"train.seed={seed}", f"train.max_steps={args.steps}",
-                                 "train.progress=false", "train.tensorboard=false",
-                                 "train.keep_best=false", *args.overrides])
+                             tasks=[args.data, args.task_b],
+                             overrides=[*common, f"train.seed={seed}", *args.overrides])
             t0 = time.perf_counter()
             res = train_cot(cfg, fresh=True, plots=False)
-            row = {"seed": seed, "seconds": time.perf_counter() - t0}
+            row: dict = {"seed": seed, "train_s": time.perf_counter() - t0,
+                         "steps": res["steps"], "interrupted": res["interrupted"]}
+            step_times.append(res["elapsed_s"] / max(1, res["steps"]))
+            row["acted"] = {t: n for t, n in mechanism_counts(run_dir).items()
+                            if t in variant_techniques(v)}
             row.update(forgetting_summary(run_dir, task_a))
             row["task_b_loss_end"] = res["task_losses"][task_b]
-            if args.eval_examples:
-                ev = evaluate_model(run_dir, None, data=args.data, num_examples=args.eval_examples,
-                                    max_new_tokens=args.max_new_tokens, device=device, progress=False)
-                row["acc_a"] = ev["accuracy"]
-            results[v].append(row)
-            print(f"seed {seed} {v:>8}: " + ", ".join(
-                f"{k}={x:.4f}" for k, x in row.items() if k != "seed"), flush=True)
-    elapsed = time.perf_counter() - t_start
-
-    metrics = [m for m in METRICS if all(m[0] in r for rows in results.values() for r in rows)]
-    lines = ["| variant | " + " | ".join(label for _, label, _ in metrics) + " |",
-             "|---|" + "---|" * len(metrics)]
-    for v in variants:
-        cells = [fmt(*mean_ci([r[k] for r in results[v]])) for k, _, _ in metrics]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    diff_lines = ["| variant | metric | difference vs baseline | verdict |", "|---|---|---|---|"]
-    summary: dict[str, dict] = {}
-    if "baseline" in results:
-        for v in variants:
-            if v == "baseline":
-                continue
-            for k, label, hib in metrics:
-                ms = MetricSummary(k, hib, [r[k] for r in results["baseline"]],
-                                   [r[k] for r in results[v]]).compute()
-                summary.setdefault(v, {})[k] = ms.__dict__
-                diff_lines.append(f"| {v} | {label} | {fmt(ms.diff_mean, ms.diff_ci)} | {ms.verdict} |")
-
-    from neuroplastic.evaluation.cot import plot_forgetting, plot_loss_per_technique
-
-    docs_png = ROOT / "docs" / "cot_forgetting.png" if args.write_docs else out / "forgetting.png"
-    plot_forgetting({v: out / v / "seed0" for v in variants}, docs_png)
-    plot_loss_per_technique({v: out / v / "seed0" for v in variants}, out / "loss_per_technique.png")
-    (out / "results.json").write_text(json.dumps(
-        {"args": vars(args), "model": model, "tasks": [task_a, task_b], "base_acc": base_acc,
-         "runs": results, "vs_baseline": summary}, indent=2, default=str), encoding="utf-8")
-
-    cmd = "python benchmarks/cot_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    machine = (f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads); "
-               f"gpu: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
-               f"torch {torch.__version__}; python {platform.python_version()}")
-    body = [
-        "## neuroplastic-cot: techniques in the continual setting (benchmarks/cot_ablation.py)",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {machine}  ",
-        f"Date: {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC; {elapsed:.0f} s in all",
-        "",
-    ]
-    if tiny:
-        body += [
-            "**A tiny model, not a real one:** a randomly initialised 2-layer, 32-dim Qwen2 with a "
-            "400-token BPE tokenizer trained on the two tasks (`--model tiny`). These numbers "
-            "check the pipeline and show the mechanics of each technique on a CPU; they say "
-            "nothing about what the techniques do for a pretrained model. **Pending:** the same "
-            "table for a real small model (Qwen2.5-0.5B-Instruct or GPT-2), which needs a local "
-            "copy of its weights: `python benchmarks/cot_ablation.py --model DIR --seeds 3 "
-            "--steps 300 --eval-examples 100 --write-docs train.device=cuda`.",
-            "",
-        ]
-    body += [
-        f"Task A: `{args.data}`, then task B: `{args.task_b}`, {args.steps} steps in all (half each), "
-        f"{args.seeds} seeds, variants paired by seed (same initialisation and data order). Losses "
-        "are mean cross-entropy per answer token on held-out questions (lower is better); mean ± "
-        "95% CI (Student t).",
-        "",
-        *lines,
-        "",
-        "Paired difference to the baseline (variant − baseline), verdict as in `neuroplastic ablate`:",
-        "",
-        *diff_lines,
-    ]
-    if base_acc is not None:
-        body += ["", f"Untuned model's task-A accuracy: {base_acc:.4f}."]
-    body += ["", "![task losses over training, seed 0](cot_forgetting.png)" if args.write_docs else ""]
-    text = "\n".join(body).rstrip() + "\n"
+            row.update(evaluate(run_dir, model, examples, args, device))
+            results["runs"][v].append(row)
+            print(row_line(f"seed {seed} {LABELS.get(v, v)}", row), flush=True)
+    meta["elapsed_s"] = time.perf_counter() - t_start
+    meta["step_s"] = sum(step_times) / len(step_times) if step_times else math.nan
+    text = write_outputs(results, out, docs if args.write_docs else None)
     print()
     print(text)
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'forgetting.png'}")
     if args.write_docs:
-        write_section(text)
-        print(f"wrote the `{KEY}` section of {DOCS}")
+        print(f"wrote the `{KEY}` section of {docs}")
     return 0
 
 

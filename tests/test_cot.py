@@ -524,6 +524,7 @@ def test_cot_demo_end_to_end(tiny, tmp_path, capsys):
     (["cot", "train", "--model_name", "MODEL", "--tasks", "arith", "options.complexity=depth"],
      "options.complexity"),
     (["cot", "evaluate", "--model_path", "/no/such/dir"], "does not exist"),
+    (["cot", "evaluate", "--model_path", "MODEL", "--batch_size", "0"], "--batch_size"),
     (["cot", "demo", "--num_examples", "2"], "needs a model"),
     (["cot"], "Name a cot command"),
 ])
@@ -566,3 +567,190 @@ def test_recipe_runs_through_the_plain_train_command(tiny, tmp_path, capsys):
     assert len(steps) == 3 and "lr_multiplier" in steps[0] and "hebbian_update_norm" in steps[0]
     evals = metrics(out, "eval")
     assert evals and math.isfinite(evals[-1]["loss"])
+
+
+# ----------------------------------------------------------------------------- any output is scored
+
+HUGE = "1" + "0" * 29  # 30 digits: beyond Decimal's default 28-digit precision
+
+
+def test_numbers_beyond_decimal_precision_are_scored_never_an_error():
+    assert normalize_number(HUGE) == HUGE
+    assert normalize_number("12345678901234567890123456789.5") == "12345678901234567890123456789.5"
+    assert normalize_number("1e30") == "1" + "0" * 30 and normalize_number("1E+30") == "1" + "0" * 30
+    assert normalize_number("0.5e-3") == "0.0005"
+    for junk in ("9" * 5000, "1e999999999", "1e-5000", "nan", "inf", "-inf", "1e", "--3"):
+        assert normalize_number(junk) is None, junk
+    assert extract_prediction(f"so the total is {HUGE}\n#### {HUGE}") == HUGE
+    assert extract_prediction("#### " + "9" * 5000) is None  # unparseable: scored as wrong
+    assert extract_prediction("the answer is 1e30") == "1"  # "1e30" is not one number in text
+    assert answers_match(normalize_number(HUGE + ".0"), HUGE)
+    assert not answers_match(normalize_number(HUGE + "1"), HUGE)
+
+
+def test_evaluate_cot_scores_huge_and_odd_numbers(hf_tokenizer):
+    from neuroplastic.evaluation.cot import evaluate_cot
+
+    ex = [CotExample("Question one?", f"x\n#### {HUGE}", HUGE),
+          CotExample("Question two?", "x\n#### 5", "5"),
+          CotExample("Question three?", "x\n#### 5", "5"),
+          CotExample("Question four?", "x\n#### 7", "7")]
+    model = ScriptedLM(hf_tokenizer, {
+        "one": f"{HUGE[:10]},{HUGE[10:]}\n#### {HUGE}",
+        "two": "#### " + "9" * 3000,
+        "three": "it is 1e30",
+        "four": "#### 12345678901234567890123456789012345.25",
+    })
+    res = evaluate_cot(model, hf_tokenizer, ex, max_new_tokens=4000, progress=False)
+    assert res["n"] == 4 and res["correct"] == 1
+    assert [r["correct"] for r in res["examples"]] == [True, False, False, False]
+    preds = [r["predicted"] for r in res["examples"]]
+    assert preds[0] == HUGE and preds[2] == "30"
+    assert set(preds[1]) == {"9"} and len(preds[1]) > 28  # generation stops after a chunk
+    assert preds[3] == "12345678901234567890123456789012345.25"
+
+
+# ----------------------------------------------------------------------------- progress bars
+
+
+def test_cot_train_and_demo_show_a_per_step_bar(tiny, tmp_path, capsys):
+    quiet = [o for o in FAST if not o.startswith("train.progress")]
+    code, _, err = run_main(
+        "cot", "train", "--model_name", str(tiny["model"]), "--output_dir", str(tmp_path / "t"),
+        "--data", str(tiny["task_a"]), "--max_steps", "3", *quiet, "train.eval_interval=3",
+        capsys=capsys)
+    assert code == 0 and re.search(r"\b3/3 ", err), err[-2000:]
+    code, _, err = run_main(
+        "cot", "demo", "--model_name", str(tiny["model"]), "--use_alr", "--num_examples", "1",
+        "--output_dir", str(tmp_path / "d"), "--steps", "2", "--data", str(tiny["task_a"]),
+        "--max_new_tokens", "4", *quiet, "train.eval_interval=2", capsys=capsys)
+    assert code == 0
+    assert len(re.findall(r"\b2/2 ", err)) >= 2, err[-2000:]  # baseline and alr, a bar each
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+
+def test_split_is_deterministic_and_never_overlaps():
+    examples = synthetic_arithmetic(300, 0, "arith")
+    # a question repeated in the file must not end up on both sides
+    examples = examples + [CotExample(e.question, e.answer, e.final, "dup") for e in examples[:40]]
+    train, val = split_examples(examples, 0.1, 0, 200)
+    again = split_examples(examples, 0.1, 0, 200)
+    assert (train, val) == again
+    assert len(val) == 34
+    assert not {e.question for e in train} & {e.question for e in val}
+    bigger = split_examples(examples, 0.2, 0, 200)[1]
+    assert set(map(id, val)) <= set(map(id, bigger))  # more held out extends, never reshuffles
+    assert split_examples(examples, 0.1, 1, 200)[1] != val
+
+
+@pytest.mark.skipif(not Path("/work/shared/data/gsm8k/train.jsonl").is_file()
+                    and not Path("../shared/data/gsm8k/train.jsonl").is_file(),
+                    reason="the shared GSM8K file is absent")
+def test_gsm8k_held_out_split_is_the_documented_one():
+    data_dir = next(str(p) for p in (Path("/work/shared/data"), Path("../shared/data"))
+                    if (p / "gsm8k" / "train.jsonl").is_file())
+    examples = load_cot_examples("gsm8k", data_dir)
+    assert len(examples) == 7473
+    train, val = split_examples(examples, 0.05, 0, 200)  # the recipe's defaults
+    assert (len(train), len(val)) == (7273, 200)
+    assert not {e.question for e in train} & {e.question for e in val}
+    order = __import__("numpy").random.default_rng([0, 1234]).permutation(7473)
+    assert [e.question for e in val] == [examples[i].question for i in sorted(order[:200])]
+
+
+# ----------------------------------------------------------------------------- batched generation
+
+
+def test_batched_generation_matches_one_at_a_time(tiny, hf_tokenizer):
+    from neuroplastic.evaluation.cot import evaluate_cot
+    from neuroplastic.training.loading import load_any_model
+
+    model, tok, _ = load_any_model(tiny["model"])
+    examples = load_cot_examples(str(tiny["task_a"]))[:5]
+    one = evaluate_cot(model, tok, examples, max_new_tokens=16, progress=False)
+    many = evaluate_cot(model, tok, examples, max_new_tokens=16, progress=False, batch_size=3)
+    assert many["batch_size"] == 3 and one["batch_size"] == 1
+    assert [r["generated"] for r in many["examples"]] == [r["generated"] for r in one["examples"]]
+    # prompts of different lengths are left-padded: a prompt alone gives the same text
+    alone = evaluate_cot(model, tok, examples[4:], max_new_tokens=16, progress=False, batch_size=3)
+    assert alone["examples"][0]["generated"] == one["examples"][4]["generated"]
+
+
+def test_answer_loglik_is_the_reference_likelihood(tiny):
+    from neuroplastic.evaluation.cot import answer_loglik
+    from neuroplastic.training.loading import load_any_model
+
+    model, tok, _ = load_any_model(tiny["model"])
+    fmt = CotFormatter(tok)
+    examples = load_cot_examples(str(tiny["task_a"]))[:3]
+    lls = answer_loglik(model, fmt, examples, batch_size=2, max_len=256)
+    for ex, ll in zip(examples, lls):
+        enc = fmt.encode(ex, 256)
+        x, y = collate([enc], 0)
+        with torch.no_grad():
+            logits, loss = model(x, y)
+        assert ll["solution_ll"] == pytest.approx(-float(loss), abs=1e-4)
+        # "#### N" summed by hand from the same teacher-forced log-probs
+        text = fmt.answer_text(ex.question, ex.answer)
+        k = text.rindex("####")
+        a = len(tok.encode(text[:k], add_special_tokens=False))
+        z = len(tok.encode(text[: k + len(f"#### {ex.final}")], add_special_tokens=False))
+        logp = torch.log_softmax(logits[0].float(), -1)
+        want = sum(float(logp[enc.n_prompt + j - 1, enc.ids[enc.n_prompt + j]]) for j in range(a, z))
+        assert ll["final_ll"] == pytest.approx(want, abs=1e-4) and ll["final_ll"] < 0
+
+
+def test_cot_evaluate_cli_batched_with_loglik(tiny, tmp_path, capsys):
+    results = tmp_path / "r.json"
+    code, stdout, _ = run_main("cot", "evaluate", "--model_path", str(tiny["model"]), "--data",
+                               str(tiny["task_a"]), "--num_examples", "3", "--max_new_tokens", "8",
+                               "--batch_size", "3", "--loglik", "--output_file", str(results),
+                               "--device", "cpu", capsys=capsys)
+    assert code == 0
+    res = json.loads(results.read_text())
+    assert res["batch_size"] == 3 and res["mean_solution_ll"] < 0 and res["final_ll_n"] == 3
+    assert all(r["solution_ll"] < 0 for r in res["examples"])
+    assert "log-lik" in stdout
+
+
+# ----------------------------------------------------------------------------- the ablation script
+
+
+def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cot_ablation", Path(__file__).resolve().parents[1] / "benchmarks" / "cot_ablation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "abl"
+    code = bench.main([
+        "--model", str(tiny["model"]), "--data", str(tiny["task_a"]), "--seeds", "2",
+        "--steps", "4", "--eval-examples", "3", "--eval-batch-size", "3", "--max-new-tokens", "6",
+        "--variants", "baseline,ewc", "--batch-size", "4", "--block-size", "128",
+        "--loss-examples", "3", "--out", str(out), "--device", "cpu", "model.lora.dropout=0",
+        "train.lr=1e-2"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    # a row per model as it finishes: base, then each seed x variant
+    assert re.search(r"base \(untuned\): EM 0\.\d{4} \(\d/3\)", stdout)
+    assert len(re.findall(r"seed \d (LoRA only|\+EWC): EM", stdout)) == 4
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]) == {"baseline", "ewc"} and all(len(v) == 2 for v in res["runs"].values())
+    for row in res["runs"]["ewc"]:
+        assert row["n"] == 3 and row["solution_ll"] < 0 and math.isfinite(row["forgetting"])
+        assert row["acted"]["ewc"] > 0  # the penalty acts after the switch to task B
+        assert row["interrupted"] is False and row["steps"] == 4
+    table = (out / "table.md").read_text()
+    assert "| LoRA only |" in table and "| +EWC |" in table and "| base (untuned) |" in table
+    assert (out / "forgetting.png").stat().st_size > 1000
+    # the docs section is written from the JSON afterwards, and replaced (not appended) next time
+    docs = tmp_path / "COT.md"
+    docs.write_text("# COT\n\nintro\n", encoding="utf-8")
+    for _ in range(2):
+        assert bench.main(["--docs-from", str(out / "results.json"), "--docs-file", str(docs)]) == 0
+    text = docs.read_text()
+    assert text.startswith("# COT\n\nintro\n") and text.count("<!-- begin:cot-real -->") == 1
+    assert "| +EWC |" in text and (tmp_path / "cot_real_forgetting.png").is_file()

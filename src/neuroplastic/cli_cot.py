@@ -86,6 +86,10 @@ def add_cot_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argpa
                    help="val: the held-out questions (as in training); all: every question")
     _add(e, "--num_examples", type=int, default=0, help="evaluate the first N (0: all)")
     _add(e, "--max_new_tokens", type=int, default=256, help="generated tokens per question")
+    _add(e, "--batch_size", type=int, default=1,
+         help="questions generated at once (greedy, left padding; Hugging Face models)")
+    e.add_argument("--loglik", action="store_true",
+                   help="also the log-likelihood of the reference answers (moves before exact match)")
     e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     _add(e, "--top_p", type=float, help="nucleus sampling when --temperature > 0")
     _add(e, "--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -196,7 +200,7 @@ def _cmd_evaluate(args, echo, table) -> int:
         args.model_path, args.output_file, base_model=args.base_model, data=args.data,
         split=args.split, num_examples=args.num_examples, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, device=_device(args.device),
-        data_dir=args.data_dir,
+        data_dir=args.data_dir, batch_size=args.batch_size, loglik=args.loglik,
     )
     print(f"model: {res['model']['kind']} {res['model']['model_path']}")
     print(f"data: {res['data']}; {'chat template' if res['chat_template'] else 'plain prompt'}, "
@@ -204,7 +208,10 @@ def _cmd_evaluate(args, echo, table) -> int:
           f"{res['max_new_tokens']} new tokens")
     print(table([["exact match (final number)", f"{res['accuracy']:.4f}"],
                  ["correct / total", f"{res['correct']} / {res['n']}"],
-                 ["with a final number", f"{res['answered']} / {res['n']}"]], ["metric", "value"]))
+                 ["with a final number", f"{res['answered']} / {res['n']}"],
+                 *([["reference log-lik per token", _fmt(res["mean_solution_ll"])],
+                    ["log-lik of '#### N'", _fmt(res["mean_final_ll"])]]
+                   if "mean_solution_ll" in res else [])], ["metric", "value"]))
     print(f"results and per-example records: {res['output_file']}")
     return 0
 

@@ -37,7 +37,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +57,13 @@ __all__ = [
     "collate",
     "complexity",
     "encode_examples",
+    "encode_text",
     "eval_batches",
     "extract_prediction",
     "final_answer",
     "load_cot_examples",
     "normalize_number",
+    "pad_id_of",
     "split_examples",
     "synthetic_arithmetic",
 ]
@@ -90,23 +92,36 @@ class CotExample:
     task: str = ""
 
 
+#: digits a normalized number may have; longer ones (a model that rambles digits) are
+#: unparseable, so scored as wrong -- never an error
+MAX_DIGITS = 1000
+
+
 def normalize_number(text: str | None) -> str | None:
-    """A canonical decimal string for a number as written (``"$1,200.50"`` -> ``"1200.5"``)."""
+    """A canonical decimal string for a number as written (``"$1,200.50"`` -> ``"1200.5"``);
+    ``None`` when it is not a finite number of at most :data:`MAX_DIGITS` digits (any
+    text is accepted: ``"1e30"`` -> ``"1000...0"``, 29+ digit numbers are exact)."""
     if text is None:
         return None
     s = str(text).strip().replace(",", "").replace("$", "").rstrip(".")
-    if not s:
+    if not s or len(s) > 4 * MAX_DIGITS:
         return None
-    try:
-        value = Decimal(s)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    value = value.normalize()
-    if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
-    return format(value, "f")
+    with localcontext() as ctx:
+        ctx.prec = MAX_DIGITS + 10  # exact for every number we accept (the default is 28)
+        ctx.traps[Inexact] = False
+        try:
+            value = Decimal(s)
+            if not value.is_finite():
+                return None
+            value = value.normalize()
+            digits = len(value.as_tuple().digits)
+            if value.adjusted() >= MAX_DIGITS or digits - value.as_tuple().exponent > 2 * MAX_DIGITS:
+                return None
+            if value == value.to_integral_value():
+                return str(value.quantize(Decimal(1)))
+            return format(value, "f")
+        except (InvalidOperation, ArithmeticError, ValueError):
+            return None
 
 
 def final_answer(answer: str) -> str | None:
@@ -132,7 +147,7 @@ def answers_match(predicted: str | None, gold: str | None) -> bool:
         return False
     try:
         return Decimal(predicted) == Decimal(gold)
-    except InvalidOperation:
+    except (InvalidOperation, ArithmeticError, ValueError):
         return predicted == gold
 
 
@@ -301,7 +316,14 @@ def split_examples(
     examples: Sequence[CotExample], val_fraction: float = 0.05, seed: int = 0, max_val: int = 0
 ) -> tuple[list[CotExample], list[CotExample]]:
     """(train, held-out) by a seeded permutation: the held-out part is the same for every
-    run with the same ``seed`` (GSM8K has only its train split locally)."""
+    run with the same ``seed`` (GSM8K has only its train split locally).
+
+    The held-out examples are the first ``n_val = min(max_val, round(n * val_fraction))``
+    indices of ``numpy.random.default_rng([seed, 1234]).permutation(n)`` (kept in file
+    order); training gets every other example whose question is not held out. For the
+    shared GSM8K file (7,473 problems) and the recipe's defaults (``val_fraction`` 0.05,
+    ``max_val`` 200, ``seed`` 0) that is 200 held-out problems and 7,273 training ones;
+    a larger ``max_val`` extends the held-out set (the old one is a subset of it)."""
     if not 0 < val_fraction < 1:
         raise UserError(f"The held-out fraction must be in (0, 1), got {val_fraction}.")
     n = len(examples)
@@ -312,7 +334,8 @@ def split_examples(
         n_val = min(n_val, max_val)
     order = np.random.default_rng([seed, 1234]).permutation(n)
     val = [examples[int(i)] for i in sorted(order[:n_val])]
-    train = [examples[int(i)] for i in sorted(order[n_val:])]
+    held = {e.question for e in val}  # a question repeated in the file is never on both sides
+    train = [examples[int(i)] for i in sorted(order[n_val:]) if examples[int(i)].question not in held]
     return train, val
 
 
@@ -333,7 +356,7 @@ class EncodedExample:
         return [-100] * self.n_prompt + self.ids[self.n_prompt :]
 
 
-def _encode_text(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
     if hasattr(tokenizer, "eos_id"):  # one of ours
         return list(tokenizer.encode(text))
     return list(tokenizer.encode(text, add_special_tokens=False))
@@ -414,8 +437,8 @@ class CotFormatter:
     def encode(self, example: CotExample, max_len: int, measure: str = "steps", index: int = 0) -> EncodedExample | None:
         """Prompt + answer ids (ending in eos), cut to ``max_len``; ``None`` if no answer
         token fits."""
-        p_ids = _encode_text(self.tokenizer, self.prompt(example.question))
-        a_ids = _encode_text(self.tokenizer, self.answer_text(example.question, example.answer))
+        p_ids = encode_text(self.tokenizer, self.prompt(example.question))
+        a_ids = encode_text(self.tokenizer, self.answer_text(example.question, example.answer))
         if self.eos_id is not None and (not a_ids or a_ids[-1] != self.eos_id):
             if not self.chat or self.eos_id not in a_ids:
                 a_ids.append(self.eos_id)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -32,11 +33,21 @@ from typing import Any
 
 import torch
 
-from neuroplastic.data.cot import CotExample, CotFormatter, answers_match, extract_prediction
+from neuroplastic.data.cot import (
+    CotExample,
+    CotFormatter,
+    answers_match,
+    collate,
+    encode_text,
+    extract_prediction,
+    pad_id_of,
+)
 from neuroplastic.evaluation.generation import TextCodec, generate_until
 
 __all__ = [
+    "answer_loglik",
     "evaluate_cot",
+    "generate_batch",
     "plot_fisher_per_layer",
     "plot_forgetting",
     "plot_hebbian_norms",
@@ -46,6 +57,14 @@ __all__ = [
 ]
 
 
+_FINAL_LINE = re.compile(r"####\s*-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def _cut_at(text: str, stops: Sequence[str]) -> str:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return text[: min(hits)] if hits else text
+
+
 def trim_solution(text: str) -> str:
     """The generated text up to the end of its ``#### <number>`` line (when it has one)."""
     i = text.find("####")
@@ -53,6 +72,150 @@ def trim_solution(text: str) -> str:
         return text.strip()
     end = text.find("\n", i)
     return (text if end < 0 else text[:end]).strip()
+
+
+def _hf_model(model: torch.nn.Module) -> Any | None:
+    """The ``transformers`` model inside an :class:`HFCausalLM` (batched generation), else None."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and callable(getattr(inner, "generate", None)) and hasattr(
+        inner, "config") else None
+
+
+def _model_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    until: Sequence[str] = (),
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: Any = None,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` with a Hugging Face model (an
+    :class:`HFCausalLM`), ``batch_size`` prompts at a time: left padding with an attention
+    mask, stop at end-of-text (the tokenizer's eos and the generation config's), at most
+    ``max_new_tokens`` tokens, the text cut before the first string of ``until``. Prompts
+    are batched in order of length (less padding); results come back in prompt order.
+    ``progress``: a tqdm-like bar updated per prompt."""
+    from transformers import GenerationConfig
+
+    hf = _hf_model(model)
+    if hf is None:
+        raise TypeError("generate_batch needs a Hugging Face causal LM (HFCausalLM)")
+    codec = TextCodec(tokenizer)
+    dev = _model_device(model, device)
+    eos = [codec.eos_id] if codec.eos_id is not None else []
+    cfg_eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
+    for e in cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]:
+        if isinstance(e, int) and e not in eos:
+            eos.append(e)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) else (eos[0] if eos else 0)
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos or None, pad_token_id=pad)
+    encoded = [codec.encode(p) or [codec.prefix_id] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(prompts)
+    for b in range(0, len(order), max(1, batch_size)):
+        rows = order[b : b + max(1, batch_size)]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(encoded[i])
+            ids[r, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
+            mask[r, width - n:] = 1
+        gen = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
+        for r, i in enumerate(rows):
+            new = gen[r, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+            out[i] = _cut_at(codec.decode(new[:cut]), until)
+        if progress is not None:
+            progress.update(len(rows))
+    return out
+
+
+def _final_span(formatter: CotFormatter, ex: CotExample) -> tuple[int, int] | None:
+    """Token offsets (within the answer tokens) of the reference's ``#### <number>``."""
+    text = formatter.answer_text(ex.question, ex.answer)
+    matches = list(_FINAL_LINE.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    tok = formatter.tokenizer
+    full = encode_text(tok, text)
+    before = encode_text(tok, text[: m.start()])
+    upto = encode_text(tok, text[: m.end()])
+    if full[: len(upto)] != upto or upto[: len(before)] != before or len(upto) <= len(before):
+        return None  # the tokenizer merges across the boundary: no clean span
+    return len(before), len(upto)
+
+
+@torch.no_grad()
+def answer_loglik(
+    model: torch.nn.Module,
+    formatter: CotFormatter,
+    examples: Sequence[CotExample],
+    *,
+    batch_size: int = 16,
+    max_len: int = 1024,
+    device: str | torch.device | None = None,
+) -> list[dict[str, float | None]]:
+    """Per example, the log-likelihood of the reference under the model (teacher forcing,
+    nats): ``solution_ll`` -- mean per token of the whole reference answer (reasoning,
+    ``#### N`` and the end token; minus the held-out loss) -- and ``final_ll`` -- the sum
+    over the tokens of ``#### N`` given the prompt and the reference reasoning (the
+    answer's log-likelihood; ``None`` when the tokenizer merges it with what precedes)."""
+    dev = _model_device(model, device)
+    pad = pad_id_of(formatter.tokenizer)
+    was_training = model.training
+    model.eval()
+    out: list[dict[str, float | None]] = []
+    try:
+        for b in range(0, len(examples), max(1, batch_size)):
+            chunk = list(examples[b : b + max(1, batch_size)])
+            enc = [formatter.encode(ex, max_len) for ex in chunk]
+            kept = [e for e in enc if e is not None]
+            logp_rows: list[torch.Tensor] = []
+            if kept:
+                x, y = collate(kept, pad)
+                logits = model(x.to(dev))[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                tgt = y.to(dev)
+                picked = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                logp_rows = list(picked.masked_fill(tgt < 0, 0.0).cpu())
+            it = iter(logp_rows)
+            for ex, e in zip(chunk, enc):
+                if e is None:
+                    out.append({"solution_ll": None, "final_ll": None})
+                    continue
+                row = next(it)
+                n_ans = len(e.ids) - e.n_prompt
+                # token j of ids is predicted at position j - 1
+                ans = row[e.n_prompt - 1 : e.n_prompt - 1 + n_ans]
+                span = _final_span(formatter, ex)
+                final = None
+                if span is not None and e.n_prompt + span[1] <= len(e.ids):
+                    a, z = e.n_prompt + span[0] - 1, e.n_prompt + span[1] - 1
+                    final = float(row[a:z].sum())
+                out.append({"solution_ll": float(ans.sum()) / max(1, n_ans), "final_ll": final})
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 @torch.no_grad()
@@ -68,9 +231,17 @@ def evaluate_cot(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    batch_size: int = 1,
+    loglik: bool = False,
+    max_len: int = 1024,
 ) -> dict[str, Any]:
     """Exact-match accuracy of the final number, with per-example records (greedy with
-    ``temperature=0``; otherwise sampled with ``top_p`` from a generator seeded by ``seed``)."""
+    ``temperature=0``; otherwise sampled with ``top_p`` from a generator seeded by ``seed``).
+
+    ``batch_size`` > 1 with greedy decoding and a Hugging Face model generates that many
+    questions at a time (:func:`generate_batch`); otherwise one at a time. ``loglik``:
+    also the reference's log-likelihood (:func:`answer_loglik`; ``mean_solution_ll``,
+    ``mean_final_ll``), which moves before exact match does."""
     formatter = formatter or CotFormatter(tokenizer)
     codec = TextCodec(tokenizer)
     gen = None
@@ -78,6 +249,7 @@ def evaluate_cot(
         dev = device or next(model.parameters()).device
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed)
+    batched = batch_size > 1 and temperature == 0 and _hf_model(model) is not None
     was_training = model.training
     model.eval()
     records = []
@@ -90,12 +262,22 @@ def evaluate_cot(
                    mininterval=0.1 if sys.stderr.isatty() else 15.0)
     t0 = time.perf_counter()
     try:
-        for i, ex in enumerate(examples):
-            text = generate_until(
-                model, codec, formatter.prompt(ex.question), max_new_tokens=max_new_tokens,
-                until=formatter.stop_strings, temperature=temperature,
-                top_p=top_p if temperature > 0 else None, generator=gen, device=device,
-            )
+        if batched:
+            texts = generate_batch(model, tokenizer, [formatter.prompt(ex.question) for ex in examples],
+                                   max_new_tokens=max_new_tokens, until=formatter.stop_strings,
+                                   batch_size=batch_size, device=device, progress=bar)
+        else:
+            texts = []
+            for ex in examples:
+                texts.append(generate_until(
+                    model, codec, formatter.prompt(ex.question), max_new_tokens=max_new_tokens,
+                    until=formatter.stop_strings, temperature=temperature,
+                    top_p=top_p if temperature > 0 else None, generator=gen, device=device,
+                ))
+                if bar is not None:
+                    bar.update(1)
+        gen_seconds = time.perf_counter() - t0
+        for i, (ex, text) in enumerate(zip(examples, texts)):
             solution = trim_solution(text)
             pred = extract_prediction(solution)
             records.append({
@@ -108,15 +290,19 @@ def evaluate_cot(
                 "gold": ex.final,
                 "correct": answers_match(pred, ex.final),
             })
-            if bar is not None:
-                bar.update(1)
+        lls = None
+        if loglik and examples:
+            lls = answer_loglik(model, formatter, examples, batch_size=max(1, batch_size),
+                                max_len=max_len, device=device)
+            for r, ll in zip(records, lls):
+                r.update(ll)
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
     n = len(records)
     correct = sum(r["correct"] for r in records)
-    return {
+    res = {
         "accuracy": correct / n if n else 0.0,
         "correct": correct,
         "n": n,
@@ -125,9 +311,16 @@ def evaluate_cot(
         "temperature": temperature,
         "top_p": top_p if temperature > 0 else None,
         "chat_template": formatter.chat,
+        "batch_size": batch_size if batched else 1,
         "seconds": time.perf_counter() - t0,
-        "examples": records,
+        "generation_seconds": gen_seconds,
     }
+    if lls is not None:
+        res["mean_solution_ll"] = _mean([x["solution_ll"] for x in lls])
+        res["mean_final_ll"] = _mean([x["final_ll"] for x in lls])
+        res["final_ll_n"] = sum(x["final_ll"] is not None for x in lls)
+    res["examples"] = records
+    return res
 
 
 # =========================================================================== plots

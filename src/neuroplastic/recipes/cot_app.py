@@ -253,12 +253,18 @@ def evaluate_model(
     device: str = "cpu",
     data_dir: str | None = None,
     progress: bool = True,
+    batch_size: int = 1,
+    loglik: bool = False,
 ) -> dict[str, Any]:
-    """``neuroplastic cot evaluate``: accuracy + per-example records (written to ``output_file``)."""
+    """``neuroplastic cot evaluate``: accuracy + per-example records (written to ``output_file``).
+    ``batch_size`` > 1: greedy generation of that many questions at a time (left padding);
+    ``loglik``: also the reference answers' log-likelihood (see :func:`evaluate_cot`)."""
     from neuroplastic.evaluation.cot import evaluate_cot
 
     if max_new_tokens <= 0:
         raise UserError("--max_new_tokens must be a positive integer.")
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be a positive integer, got {batch_size}.")
     if temperature < 0:
         raise UserError("--temperature must be >= 0 (0 means greedy).")
     if top_p is not None and not 0 < top_p <= 1:
@@ -269,7 +275,8 @@ def evaluate_model(
     model, tokenizer, info = load_any_model(model_path, base_model, device)
     formatter = CotFormatter(tokenizer, opts.instruction, opts.system or None, opts.chat_mode)
     res = evaluate_cot(model, tokenizer, examples, formatter, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, device=device, progress=progress)
+                       temperature=temperature, top_p=top_p, device=device, progress=progress,
+                       batch_size=batch_size, loglik=loglik)
     res = {"model": info, "data": what, **res}
     if output_file:
         out = Path(output_file)
@@ -425,8 +432,8 @@ def run_demo(
     variants += [(t, [t]) for t in techniques]
     if len(techniques) > 1:
         variants.append(("+".join(techniques), techniques))
-    base_ov = [f"train.seed={seed}", "train.progress=false", "train.tensorboard=false",
-               "train.keep_best=false"]
+    base_ov = [f"train.seed={seed}", "train.progress=true", "train.tensorboard=false",
+               "train.keep_best=false"]  # a per-step bar on stderr for every run
     if steps:
         base_ov.append(f"train.max_steps={steps}")
     if data_dir:
@@ -463,9 +470,8 @@ def run_demo(
     tuned, tuned_tok, _ = load_any_model(runs[tuned_label], model_name)
     fmt = CotFormatter(base_tok, opts.instruction, opts.system or None, opts.chat_mode)
     echo(f"generating {len(examples)} solutions with the base and the tuned ({tuned_label}) model")
-    base_res = evaluate_cot(base, base_tok, examples, fmt, max_new_tokens=max_new_tokens, progress=False)
-    tuned_res = evaluate_cot(tuned, tuned_tok, examples, fmt, max_new_tokens=max_new_tokens,
-                             progress=False)
+    base_res = evaluate_cot(base, base_tok, examples, fmt, max_new_tokens=max_new_tokens)
+    tuned_res = evaluate_cot(tuned, tuned_tok, examples, fmt, max_new_tokens=max_new_tokens)
     side = [
         {"question": b["question"], "gold": b["gold"], "base": b["generated"],
          "base_predicted": b["predicted"], "base_correct": b["correct"], "tuned": t["generated"],
