@@ -131,6 +131,8 @@ def evaluate(path, base, examples, args, device) -> dict:
     from neuroplastic.training.loading import load_any_model
 
     model, tok, _ = load_any_model(path, base, device)
+    if hasattr(model.model, "merge_and_unload"):  # a LoRA adapter: merged, generation is faster
+        model.model = model.model.merge_and_unload()
     res = evaluate_cot(model, tok, examples, CotFormatter(tok), max_new_tokens=args.max_new_tokens,
                        device=device, progress=args.progress, batch_size=args.eval_batch_size,
                        loglik=True, max_len=args.block_size)
@@ -294,6 +296,98 @@ def publish(results: dict, out: Path, docs: Path) -> None:
     write_section(markdown(results, "cot_real_forgetting.png" if has_png else None), docs)
 
 
+# =========================================================================== runs
+
+
+def run_seed(seed, args, model, variants, examples, common, device, out, t_start, task_a, task_b):
+    """Train and evaluate every variant for one seed; each row is printed and written
+    to ``out/rows/seed<S>-<variant>.json`` as it finishes."""
+    rows = []
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    for v in variants:
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            print(f"seed {seed} {v}: skipped, --budget-s {args.budget_s} reached", flush=True)
+            continue
+        run_dir = out / v / f"seed{seed}"
+        cfg = cot_config(run_dir, model_name=model, techniques=variant_techniques(v),
+                         tasks=[args.data, args.task_b],
+                         overrides=[*common, f"train.seed={seed}", *args.overrides])
+        t0 = time.perf_counter()
+        res = train_cot(cfg, fresh=True, plots=False)
+        row: dict = {"seed": seed, "variant": v, "train_s": time.perf_counter() - t0,
+                     "steps": res["steps"], "interrupted": res["interrupted"],
+                     "step_s": res["elapsed_s"] / max(1, res["steps"])}
+        row["acted"] = {t: n for t, n in mechanism_counts(run_dir).items()
+                        if t in variant_techniques(v)}
+        row.update(forgetting_summary(run_dir, task_a))
+        row["task_b_loss_end"] = res["task_losses"][task_b]
+        row.update(evaluate(run_dir, model, examples, args, device))
+        (out / "rows" / f"seed{seed}-{v}.json").write_text(json.dumps(row, default=str),
+                                                         encoding="utf-8")
+        rows.append(row)
+        print(row_line(f"seed {seed} {LABELS.get(v, v)}", row), flush=True)
+    return rows
+
+
+def run_workers(args, argv, out: Path, model: str, while_waiting=None) -> list[dict]:
+    """One process per seed (``--workers``), at most ``--workers`` at a time; a small
+    model leaves a GPU mostly idle, so seeds in parallel fill it."""
+    import subprocess
+
+    base_argv = list(sys.argv[1:] if argv is None else argv)
+    procs: list[tuple[int, subprocess.Popen]] = []
+    pending = list(range(args.seeds))
+    failed = []
+    while pending or procs:
+        while pending and len(procs) < args.workers:
+            seed = pending.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base_argv, "--model", model,
+                   "--only-seed", str(seed), "--no-base"]
+            procs.append((seed, subprocess.Popen(cmd)))
+        if while_waiting is not None:  # the untuned model's row, while the workers train
+            while_waiting()
+            while_waiting = None
+        time.sleep(0.5)
+        for seed, p in list(procs):
+            if p.poll() is not None:
+                procs.remove((seed, p))
+                if p.returncode != 0:
+                    failed.append(seed)
+                    print(f"worker for seed {seed} failed (exit {p.returncode})", flush=True)
+    rows = []
+    for f in sorted((out / "rows").glob("seed*-*.json")):
+        rows.append(json.loads(f.read_text(encoding="utf-8")))
+    return [r for r in rows if r["seed"] < args.seeds]
+
+
+# =========================================================================== pack
+
+
+def pack_model(src: str, dst: str, shard_mb: int, data_dir: str | None) -> int:
+    """A bfloat16 copy of ``src`` in shards of at most ``shard_mb`` MB (for a machine
+    reached through size-limited transfers), with GSM8K beside it when found."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dst_p = Path(dst)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model.save_pretrained(dst_p / "model", max_shard_size=f"{shard_mb}MB")
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst_p / "model")
+    if data_dir:
+        from neuroplastic.data import registry
+
+        gsm = registry.resolve("gsm8k", data_dir)
+        (dst_p / "data" / "gsm8k").mkdir(parents=True, exist_ok=True)
+        for f in Path(gsm).parent.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, dst_p / "data" / "gsm8k" / f.name)
+    for f in sorted(dst_p.rglob("*")):
+        if f.is_file():
+            print(f"{f.stat().st_size / 2**20:8.1f} MiB  {f}")
+    return 0
+
+
 # =========================================================================== main
 
 
@@ -325,6 +419,16 @@ def main(argv=None) -> int:
     ap.add_argument("--docs-from", metavar="RESULTS_JSON",
                     help="only write the docs section from an earlier run's results.json")
     ap.add_argument("--docs-file", default=str(DOCS), help="the docs file (default docs/COT.md)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="seeds trained in parallel processes (a GPU: 3 fills it better than 1)")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="start no new run after this many seconds (0: no limit); the table "
+                    "then says which runs are missing")
+    ap.add_argument("--only-seed", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--pack-model", nargs=2, metavar=("SRC", "DST"),
+                    help="write a bfloat16 copy of SRC in shards to DST/model (and GSM8K from "
+                    "--data-dir to DST/data/gsm8k), then exit")
+    ap.add_argument("--shard-mb", type=int, default=50, help="shard size for --pack-model")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every run (e.g. train.amp=none)")
     args = ap.parse_args(argv)
     docs = Path(args.docs_file)
@@ -334,6 +438,8 @@ def main(argv=None) -> int:
         publish(results, src.parent, docs)
         print(f"wrote the `{KEY}` section of {docs} from {src}")
         return 0
+    if args.pack_model:
+        return pack_model(*args.pack_model, args.shard_mb, args.data_dir)
     if not args.model:
         ap.error("--model is required (or --docs-from)")
     if args.threads:
@@ -392,30 +498,40 @@ def main(argv=None) -> int:
             "train_examples_per_task": per_task,
             "date": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M}"}
     results: dict = {"meta": meta, "base": None, "runs": {v: [] for v in variants}}
-    print(f"{len(examples)} held-out {args.data} problems; {args.seeds} seeds x {len(variants)} "
-          f"variants x {args.steps} steps on {device}", flush=True)
-    if not args.no_base:
-        results["base"] = evaluate(model, None, examples, args, device)
-        print(row_line(LABELS["base"], results["base"]), flush=True)
-    step_times = []
-    for seed in range(args.seeds):
-        for v in variants:
-            run_dir = out / v / f"seed{seed}"
-            cfg = cot_config(run_dir, model_name=model, techniques=variant_techniques(v),
-                             tasks=[args.data, args.task_b],
-                             overrides=[*common, f"train.seed={seed}", *args.overrides])
-            t0 = time.perf_counter()
-            res = train_cot(cfg, fresh=True, plots=False)
-            row: dict = {"seed": seed, "train_s": time.perf_counter() - t0,
-                         "steps": res["steps"], "interrupted": res["interrupted"]}
-            step_times.append(res["elapsed_s"] / max(1, res["steps"]))
-            row["acted"] = {t: n for t, n in mechanism_counts(run_dir).items()
-                            if t in variant_techniques(v)}
-            row.update(forgetting_summary(run_dir, task_a))
-            row["task_b_loss_end"] = res["task_losses"][task_b]
-            row.update(evaluate(run_dir, model, examples, args, device))
-            results["runs"][v].append(row)
-            print(row_line(f"seed {seed} {LABELS.get(v, v)}", row), flush=True)
+    if args.only_seed is None:
+        print(f"{len(examples)} held-out {args.data} problems; {args.seeds} seeds x "
+              f"{len(variants)} variants x {args.steps} steps on {device} "
+              f"({args.workers} worker(s))", flush=True)
+        rows_dir = out / "rows"
+        if rows_dir.is_dir():
+            for f in rows_dir.glob("seed*-*.json"):
+                f.unlink()
+    def base_row():
+        if not args.no_base:
+            results["base"] = evaluate(model, None, examples, args, device)
+            print(row_line(LABELS["base"], results["base"]), flush=True)
+
+    if args.workers > 1 and args.seeds > 1 and args.only_seed is None:
+        rows = run_workers(args, argv, out, model, while_waiting=base_row)
+    else:
+        base_row()
+        seeds = [args.only_seed] if args.only_seed is not None else list(range(args.seeds))
+        rows = []
+        for seed in seeds:
+            rows += run_seed(seed, args, model, variants, examples, common, device, out, t_start,
+                             task_a, task_b)
+        if args.only_seed is not None:  # a worker: its rows are in out/rows/
+            return 0
+    for row in sorted(rows, key=lambda r: r["seed"]):
+        results["runs"][row["variant"]].append(row)
+    skipped = [f"{v}/seed{s}" for s in range(args.seeds) for v in variants
+               if not any(r["seed"] == s and r["variant"] == v for r in rows)]
+    if skipped:
+        meta["not_run"] = skipped
+        print(f"not run (--budget-s {args.budget_s} reached, or a worker failed): "
+              + ", ".join(skipped), flush=True)
+    results["runs"] = {v: r for v, r in results["runs"].items() if r}
+    step_times = [r["step_s"] for rows_ in results["runs"].values() for r in rows_]
     meta["elapsed_s"] = time.perf_counter() - t_start
     meta["step_s"] = sum(step_times) / len(step_times) if step_times else math.nan
     text = write_outputs(results, out, docs if args.write_docs else None)

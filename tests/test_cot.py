@@ -718,7 +718,8 @@ def test_cot_evaluate_cli_batched_with_loglik(tiny, tmp_path, capsys):
 # ----------------------------------------------------------------------------- the ablation script
 
 
-def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys, workers):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -730,13 +731,16 @@ def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys):
         "--model", str(tiny["model"]), "--data", str(tiny["task_a"]), "--seeds", "2",
         "--steps", "4", "--eval-examples", "3", "--eval-batch-size", "3", "--max-new-tokens", "6",
         "--variants", "baseline,ewc", "--batch-size", "4", "--block-size", "128",
-        "--loss-examples", "3", "--out", str(out), "--device", "cpu", "model.lora.dropout=0",
-        "train.lr=1e-2"])
+        "--loss-examples", "3", "--out", str(out), "--device", "cpu", "--workers", str(workers),
+        "model.lora.dropout=0", "train.lr=1e-2"])
     assert code == 0
     stdout = capsys.readouterr().out
-    # a row per model as it finishes: base, then each seed x variant
+    # a row per model as it finishes (workers print to the real stdout, not captured here)
     assert re.search(r"base \(untuned\): EM 0\.\d{4} \(\d/3\)", stdout)
-    assert len(re.findall(r"seed \d (LoRA only|\+EWC): EM", stdout)) == 4
+    if workers == 1:
+        assert len(re.findall(r"seed \d (LoRA only|\+EWC): EM", stdout)) == 4
+    rows = sorted(p.name for p in (out / "rows").iterdir())
+    assert rows == ["seed0-baseline.json", "seed0-ewc.json", "seed1-baseline.json", "seed1-ewc.json"]
     res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {"baseline", "ewc"} and all(len(v) == 2 for v in res["runs"].values())
     for row in res["runs"]["ewc"]:
