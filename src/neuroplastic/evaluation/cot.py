@@ -292,7 +292,8 @@ def evaluate_cot(
             })
         lls = None
         if loglik and examples:
-            lls = answer_loglik(model, formatter, examples, batch_size=max(1, batch_size),
+            # full-vocabulary log-probs are large (16 x 512 x 49k floats ~ 1.6 GB): at most 16
+            lls = answer_loglik(model, formatter, examples, batch_size=min(max(1, batch_size), 16),
                                 max_len=max_len, device=device)
             for r, ll in zip(records, lls):
                 r.update(ll)
