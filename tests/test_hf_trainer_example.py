@@ -57,3 +57,9 @@ def test_the_docs_trainer_example_runs_ewc_and_hebbian_on_lora(tmp_path, capsys)
     assert all(h["plasticity/hebbian/update_norm"] > 0 for _, h in res["history"])
     assert "held-out task-A loss: before" in out and "forgetting" in out
     assert out.count("task B step") == 2
+
+
+def test_the_docs_show_the_example_file_verbatim():
+    docs = (EXAMPLE.parents[1] / "docs" / "HF_TRAINER.md").read_text(encoding="utf-8")
+    block = docs.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert block.rstrip() == EXAMPLE.read_text(encoding="utf-8").rstrip()
