@@ -147,12 +147,16 @@ def evaluate(path, base, examples, args, device) -> dict:
                         for r in res["examples"][:3]]}
 
 
+def read_cot_rows(run_dir: Path) -> list[dict]:
+    from neuroplastic.training.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "cot"]
+
+
 def mechanism_counts(run_dir: Path) -> dict[str, int]:
     """Steps in which each technique acted: ALR's multiplier was not 1, EWC's penalty
     was > 0, the Hebbian update was non-zero (from the run's ``metrics.jsonl``)."""
-    from neuroplastic.training.metrics import read_metrics
-
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "cot"]
+    rows = read_cot_rows(run_dir)
 
     def count(key, test):
         return sum(1 for r in rows if isinstance(r.get(key), (int, float)) and test(r[key]))
@@ -262,6 +266,13 @@ def markdown(results: dict, png: str | None = "cot_real_forgetting.png") -> str:
         if counts:
             acted.append(f"{LABELS.get(v, v)}: " + ", ".join(
                 f"{t} {'/'.join(map(str, ns))}" for t, ns in counts.items()))
+    pens = {v: [r["ewc_penalty_end"] for r in rows if "ewc_penalty_end" in r]
+            for v, rows in results["runs"].items()}
+    pens = {v: p for v, p in pens.items() if p}
+    if pens:
+        body += ["", f"EWC (lambda {meta.get('ewc_lambda', 100.0):g}) penalty at the last step, "
+                 "per seed: " + "; ".join(f"{LABELS.get(v, v)} " + ", ".join(f"{x:.3g}" for x in p)
+                                          for v, p in pens.items()) + "."]
     if acted:
         body += ["", "Steps in which each technique acted (per seed; ALR multiplier ≠ 1, EWC "
                  "penalty > 0 -- only after the switch to task B --, Hebbian update ≠ 0): "
@@ -312,6 +323,10 @@ def run_seed(seed, args, model, variants, examples, common, device, out, t_start
         cfg = cot_config(run_dir, model_name=model, techniques=variant_techniques(v),
                          tasks=[args.data, args.task_b],
                          overrides=[*common, f"train.seed={seed}", *args.overrides])
+        if args.ewc_lambda is not None:
+            for rule in cfg.plasticity.rules:
+                if rule.get("type") == "ewc":
+                    rule["lam"] = args.ewc_lambda
         t0 = time.perf_counter()
         res = train_cot(cfg, fresh=True, plots=False)
         row: dict = {"seed": seed, "variant": v, "train_s": time.perf_counter() - t0,
@@ -319,6 +334,9 @@ def run_seed(seed, args, model, variants, examples, common, device, out, t_start
                      "step_s": res["elapsed_s"] / max(1, res["steps"])}
         row["acted"] = {t: n for t, n in mechanism_counts(run_dir).items()
                         if t in variant_techniques(v)}
+        penalties = [r["ewc_penalty"] for r in read_cot_rows(run_dir) if "ewc_penalty" in r]
+        if penalties:
+            row["ewc_penalty_end"] = penalties[-1]
         row.update(forgetting_summary(run_dir, task_a))
         row["task_b_loss_end"] = res["task_losses"][task_b]
         row.update(evaluate(run_dir, model, examples, args, device))
@@ -407,6 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-examples", type=int, default=32,
                     help="held-out problems per task in the loss curves")
     ap.add_argument("--variants", default="baseline,alr,ewc,hebbian,all")
+    ap.add_argument("--ewc-lambda", type=float,
+                    help="EWC strength for the ewc and all variants (default: the recipe's 100)")
     ap.add_argument("--eval-examples", type=int, default=200, help="held-out task-A problems")
     ap.add_argument("--eval-batch-size", type=int, default=200, help="problems generated at once")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -495,7 +515,7 @@ def main(argv=None) -> int:
             "seeds": args.seeds, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "eval_examples": len(examples), "max_new_tokens": args.max_new_tokens,
             "loss_examples": args.loss_examples, "overrides": list(args.overrides),
-            "train_examples_per_task": per_task,
+            "train_examples_per_task": per_task, "ewc_lambda": args.ewc_lambda or 100.0,
             "date": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M}"}
     results: dict = {"meta": meta, "base": None, "runs": {v: [] for v in variants}}
     if args.only_seed is None:

@@ -731,7 +731,7 @@ def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys, workers):
         "--model", str(tiny["model"]), "--data", str(tiny["task_a"]), "--seeds", "2",
         "--steps", "4", "--eval-examples", "3", "--eval-batch-size", "3", "--max-new-tokens", "6",
         "--variants", "baseline,ewc", "--batch-size", "4", "--block-size", "128",
-        "--loss-examples", "3", "--out", str(out), "--device", "cpu", "--workers", str(workers),
+        "--loss-examples", "3", "--out", str(out), "--device", "cpu", "--workers", str(workers), "--ewc-lambda", "1000",
         "model.lora.dropout=0", "train.lr=1e-2"])
     assert code == 0
     stdout = capsys.readouterr().out
@@ -746,7 +746,10 @@ def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys, workers):
     for row in res["runs"]["ewc"]:
         assert row["n"] == 3 and row["solution_ll"] < 0 and math.isfinite(row["forgetting"])
         assert row["acted"]["ewc"] > 0  # the penalty acts after the switch to task B
+        assert row["ewc_penalty_end"] > 0
         assert row["interrupted"] is False and row["steps"] == 4
+    assert res["meta"]["ewc_lambda"] == 1000
+    assert "lam: 1000" in (out / "ewc" / "seed0" / "config.yaml").read_text()
     table = (out / "table.md").read_text()
     assert "| LoRA only |" in table and "| +EWC |" in table and "| base (untuned) |" in table
     assert (out / "forgetting.png").stat().st_size > 1000
