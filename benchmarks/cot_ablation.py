@@ -464,6 +464,10 @@ def main(argv=None) -> int:
         ap.error("--model is required (or --docs-from)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.progress:  # no weight-loading bars between the rows
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
