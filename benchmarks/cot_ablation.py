@@ -230,15 +230,17 @@ def markdown(results: dict, png: str | None = "cot_real_forgetting.png") -> str:
                 diff_lines.append(f"| {LABELS.get(v, v)} | {label} | "
                                   f"{fmt(d['diff_mean'], d['diff_ci'])} | {d['verdict']} |")
     times = [r.get("train_s", 0.0) for rows in results["runs"].values() for r in rows]
+    label = meta.get("model_label") or Path(str(meta["model"])).name
     body = [
         "## Measured: SmolLM2-135M-Instruct on GSM8K (benchmarks/cot_ablation.py)"
-        if "smollm2" in str(meta["model"]).lower() else
-        f"## Measured: {Path(str(meta['model'])).name} on {meta['data']} (benchmarks/cot_ablation.py)",
+        if "smollm2" in label.lower() and meta["data"] == "gsm8k" else
+        f"## Measured: {label} on {meta['data']} (benchmarks/cot_ablation.py)",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
         f"Date: {meta['date']} UTC; {meta['elapsed_s']:.0f} s in all "
-        f"({sum(times):.0f} s training, mean {meta.get('step_s', math.nan):.3f} s per optimizer step)",
+        f"({sum(times):.0f} s of training summed over runs, mean "
+        f"{meta.get('step_s', math.nan):.3f} s per optimizer step with the run's evaluations)",
         "",
         f"Task A `{meta['data']}` for {meta['steps'] // 2} steps, then task B `{meta['task_b']}` for "
         f"{meta['steps'] - meta['steps'] // 2} (LoRA r=8, {meta['batch_size']} × {meta['grad_accum']} "
@@ -414,6 +416,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="local HF causal LM directory, or `tiny`")
     ap.add_argument("--data", default="gsm8k", help="task A (gsm8k, a .jsonl, arith, arith-mul)")
     ap.add_argument("--task-b", default="arith", help="task B")
+    ap.add_argument("--model-label", help="the model's name in the table (default: its folder's)")
     ap.add_argument("--data-dir", help="folder searched first for registry data (a copy of "
                     "shared/data/gsm8k, or its parent)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -514,7 +517,9 @@ def main(argv=None) -> int:
     machine = (f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads); "
                f"gpu: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
                f"device {device}; torch {torch.__version__}; python {platform.python_version()}")
+    path = Path(model)
     meta = {"command": cmd, "machine": machine, "model": model, "data": args.data,
+            "model_label": args.model_label or (path.parent.name if path.name == "model" else path.name),
             "task_b": args.task_b, "tasks": [task_a, task_b], "steps": args.steps,
             "seeds": args.seeds, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "eval_examples": len(examples), "max_new_tokens": args.max_new_tokens,
