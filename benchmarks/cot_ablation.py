@@ -168,7 +168,8 @@ def mechanism_counts(run_dir: Path) -> dict[str, int]:
 
 def row_line(label: str, row: dict) -> str:
     parts = [f"EM {row['em']:.4f} ({row['correct']}/{row['n']})",
-             f"ll/token {fmt(row.get('solution_ll'))}", f"ll(#### N) {fmt(row.get('final_ll'))}"]
+             f"ll/token {fmt(row.get('solution_ll'))}", f"ll(#### N) {fmt(row.get('final_ll'))}"
+             ] if "em" in row else []
     for k, name in (("task_a_loss_after_a", "A loss@A"), ("task_a_loss_end", "A loss@end"),
                     ("forgetting", "forgetting"), ("task_b_loss_end", "B loss@end")):
         if k in row:
@@ -341,7 +342,8 @@ def run_seed(seed, args, model, variants, examples, common, device, out, t_start
             row["ewc_penalty_end"] = penalties[-1]
         row.update(forgetting_summary(run_dir, task_a))
         row["task_b_loss_end"] = res["task_losses"][task_b]
-        row.update(evaluate(run_dir, model, examples, args, device))
+        if examples:
+            row.update(evaluate(run_dir, model, examples, args, device))
         (out / "rows" / f"seed{seed}-{v}.json").write_text(json.dumps(row, default=str),
                                                          encoding="utf-8")
         rows.append(row)
@@ -476,8 +478,8 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no CUDA device")
-    if args.steps < 2 or args.seeds < 1 or args.eval_examples < 1:
-        raise SystemExit("--steps must be >= 2, --seeds and --eval-examples >= 1")
+    if args.steps < 2 or args.seeds < 1 or args.eval_examples < 0:
+        raise SystemExit("--steps must be >= 2, --seeds >= 1 and --eval-examples >= 0 (0: losses only)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -497,7 +499,7 @@ def main(argv=None) -> int:
     from neuroplastic.recipes.cot import task_names
 
     task_a, task_b = task_names([args.data, args.task_b])
-    examples = held_out(args.data, args.data_dir, args.eval_examples)
+    examples = held_out(args.data, args.data_dir, args.eval_examples) if args.eval_examples else []
     # only as many training examples as the run draws (encoding all of GSM8K costs seconds)
     per_task = max(64, (args.steps // 2 + 1) * args.batch_size * args.grad_accum)
     common = [
@@ -536,7 +538,7 @@ def main(argv=None) -> int:
             for f in rows_dir.glob("seed*-*.json"):
                 f.unlink()
     def base_row():
-        if not args.no_base:
+        if not args.no_base and examples:
             results["base"] = evaluate(model, None, examples, args, device)
             print(row_line(LABELS["base"], results["base"]), flush=True)
 

@@ -761,3 +761,22 @@ def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys, workers):
     text = docs.read_text()
     assert text.startswith("# COT\n\nintro\n") and text.count("<!-- begin:cot-real -->") == 1
     assert "| +EWC |" in text and (tmp_path / "cot_real_forgetting.png").is_file()
+
+
+def test_cot_ablation_benchmark_losses_only(tiny, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cot_ablation", Path(__file__).resolve().parents[1] / "benchmarks" / "cot_ablation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "abl0"
+    assert bench.main(["--model", str(tiny["model"]), "--data", str(tiny["task_a"]), "--seeds", "1",
+                       "--steps", "2", "--eval-examples", "0", "--variants", "baseline",
+                       "--batch-size", "4", "--block-size", "128", "--loss-examples", "3",
+                       "--out", str(out), "--device", "cpu"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["base"] is None
+    row = res["runs"]["baseline"][0]
+    assert "em" not in row and math.isfinite(row["task_a_loss_end"])
+    assert "| LoRA only | n/a | n/a | n/a |" in (out / "table.md").read_text()
