@@ -324,9 +324,10 @@ def write_section(body: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
+# our torch forms first (seconds), then fla's: its first call per rule autotunes (slow)
 VS_FLA_FORMS = (
-    "hebbian torch fp32", "hebbian torch bf16", "hebbian fla-path bf16", "hebbian fla direct bf16",
-    "delta torch fp32", "delta torch bf16", "delta fla-path bf16", "delta fla direct bf16",
+    "hebbian torch fp32", "hebbian torch bf16", "delta torch fp32", "delta torch bf16",
+    "hebbian fla-path bf16", "hebbian fla direct bf16", "delta fla-path bf16", "delta fla direct bf16",
 )
 
 
@@ -343,7 +344,8 @@ def vs_fla(shape: str, device: torch.device, repeats: int) -> int:
     have_fla = device.type == "cuda" and fla_backend.fla_available()
     print(f"vs fla: B={B} H={H} T={T} d={d}, forward + backward, device "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"fla {'available' if have_fla else 'NOT available: fla rows skipped'}", flush=True)
+          f"fla {'available' if have_fla else 'NOT available: fla rows skipped'}, TF32 matmul "
+          f"{torch.backends.cuda.matmul.allow_tf32}", flush=True)
     (q, k, v, g, beta), wo, ws = make_inputs(B, H, T, d, device)
     base = [t.detach() for t in (q, k, v, g, beta)]
 
