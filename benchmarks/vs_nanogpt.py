@@ -77,11 +77,15 @@ def nanogpt_source(path: str | None) -> Path:
     whl = CACHE / WHEEL
     if not whl.is_file():
         print(f"fetching nanoGPT's model.py: pip download {WHEEL_REQ} -> {CACHE}", flush=True)
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
              "-d", str(CACHE), WHEEL_REQ],
-            check=True,
         )
+        if done.returncode or not whl.is_file():
+            raise SystemExit(
+                f"could not download {WHEEL_REQ}: on a machine without network, carry "
+                f"{CACHE.relative_to(ROOT)}/ from one that has it, or pass --nanogpt PATH"
+            )
     digest = hashlib.sha256(whl.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise SystemExit(f"{whl}: sha256 {digest} != pinned {WHEEL_SHA256}; delete it and retry")
