@@ -37,9 +37,11 @@ fi
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then DEV=cpu; else DEV=cuda; fi
 
+ONLY=${ONLY:-}  # e.g. ONLY="vs_nanogpt llm_seed": run only these steps
 step() {  # step NAME SECONDS CMD...: run under timeout, tee to $OUTDIR/NAME.log
     local name=$1 secs=$2
     shift 2
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     echo "=== [$name] (timeout ${secs}s): $*"
     local t0=$SECONDS
     timeout --signal=TERM --kill-after=10 "$secs" "$@" 2>&1 | tee "$OUTDIR/$name.log"
@@ -81,11 +83,12 @@ fi
 #    Trainer.train(stop_at=30), so no 16 GB checkpoint is written at the end. The trainer
 #    logs tokens/s and MFU every 10 steps (the first window includes compilation).
 if [ "$SMOKE" = 1 ]; then
-    SEED_RECIPE=tiny SEED_DEVICE=cpu SEED_LOG=2 SEED_STEPS=6
+    # compiling on a shared CPU takes minutes: the smoke run checks the rest eagerly
+    SEED_RECIPE=tiny SEED_DEVICE=cpu SEED_LOG=2 SEED_STEPS=6 SEED_COMPILE=false
 else
-    SEED_RECIPE=neuroplastic-llm-seed SEED_DEVICE=cuda SEED_LOG=10 SEED_STEPS=30
+    SEED_RECIPE=neuroplastic-llm-seed SEED_DEVICE=cuda SEED_LOG=10 SEED_STEPS=30 SEED_COMPILE=true
 fi
-step llm_seed 90 $PY - "$SEED_RECIPE" "$SEED_DEVICE" "$SEED_LOG" "$SEED_STEPS" <<'EOF'
+step llm_seed 90 $PY - "$SEED_RECIPE" "$SEED_DEVICE" "$SEED_LOG" "$SEED_STEPS" "$SEED_COMPILE" <<'EOF'
 import json, sys, tempfile
 from neuroplastic.config import load_config
 from neuroplastic.training.trainer import Trainer
@@ -93,7 +96,7 @@ from neuroplastic.training.trainer import Trainer
 recipe, device, log_every, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 out = tempfile.mkdtemp(prefix="gpu-checks-seed-")
 cfg = load_config(recipe, [
-    f"train.device={device}", "train.compile=true", "train.grad_accum=1",
+    f"train.device={device}", f"train.compile={sys.argv[5]}", "train.grad_accum=1",
     f"train.log_interval={log_every}", "train.max_steps=100000", "reward.interval=0",
     "train.eval_interval=0", "train.ckpt_interval=0", "train.progress=false",
     "train.tensorboard=false", f"train.out_dir={out}",
@@ -101,15 +104,19 @@ cfg = load_config(recipe, [
 t = Trainer(cfg).setup()
 print(f"{recipe}: {sum(p.numel() for p in t.model.parameters()) / 1e6:.1f}M parameters, "
       f"batch {cfg.train.batch_size} x {t.block_size}, amp {cfg.train.amp}", flush=True)
-summary = t.train(stop_at=steps)
+# in segments of log_every steps, so that each line is printed as soon as it is measured
+# (the first segment includes compilation); the trainer's own log follows
+while t.step < steps:
+    s = t.train(stop_at=min(steps, t.step + log_every))
+    mfu = "n/a" if s.get("mfu") is None else f"{100 * s['mfu']:.1f} %"
+    print(f"steps to {s['step']}: {s['tokens_per_s']:,.0f} tokens/s, MFU {mfu} (trainer's summary)",
+          flush=True)
 for line in open(t.logger.path, encoding="utf-8"):
     r = json.loads(line)
     if "tokens_per_s" in r:
-        mfu = r.get("mfu")
-        mfu_txt = "n/a" if mfu is None else f"{100 * mfu:.1f} %"
-        print(f"step {r['step']:4d}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu_txt}, "
+        mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f} %"
+        print(f"metrics.jsonl step {r['step']:4d}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
               f"loss {r.get('loss', float('nan')):.4f}")
-print("summary:", {k: summary.get(k) for k in ("tokens_per_s", "mfu", "step")})
 EOF
 
 # ---- the lead's steps go below this line ----
