@@ -14,7 +14,11 @@ fla takes ``(B, T, H, d)`` tensors and ``(B, T, H)`` gates; ours are ``(B, H, T,
 ``(B, H, T)``, so the wrappers transpose (fla makes its inputs contiguous). q, k, v and
 beta run in one compute dtype (bf16 under autocast, else v's dtype), the log-decays in
 float32; states are float32 (fla accumulates in float32), outputs in the compute dtype.
-fla's kernels are differentiable in q, k, v, gates, beta and the initial state.
+fla's kernels are differentiable in q, k, v, gates, beta and the initial state. fla picks
+its own chunk length (64); ``chunk_size`` of the torch forms does not apply (it changes
+only the arithmetic's grouping, not the result). Checked on CPU against fla's own pure-torch
+references (``naive_chunk_simple_gla``, ``naive_recurrent_gated_delta_rule``): same outputs
+and states as our recurrent forms; on CUDA the tests compare the kernels themselves.
 
 :func:`fla_usable` says whether a call can go to fla: CUDA tensors, fla importable, not
 float64 (the tests' precision), head sizes <= 256 (fla's limit), and the environment
