@@ -324,8 +324,97 @@ def write_section(body: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
+# our torch forms first (seconds), then fla's: its first call per rule autotunes (slow)
+VS_FLA_FORMS = (
+    "hebbian torch fp32", "hebbian torch bf16", "delta torch fp32", "delta torch bf16",
+    "hebbian fla-path bf16", "hebbian fla direct bf16", "delta fla-path bf16", "delta fla direct bf16",
+)
+
+
+def vs_fla(shape: str, device: torch.device, repeats: int) -> int:
+    """Ours vs flash-linear-attention, forward + backward at one shape (default B4 H8 T4096
+    d64): our torch forms in float32 and bf16 (``backend="torch"``), our dispatch to fla
+    (``backend="fla"``: the layout transposes included) and fla called directly on
+    ``(B, T, H, d)`` tensors. fla's Triton autotune runs once per form, untimed; each row is
+    printed as soon as it is timed (median and best of ``repeats``)."""
+    from neuroplastic.ops import fla_backend
+    from neuroplastic.ops.fast_weight import fast_weight
+
+    B, H, T, d = (int(x) for x in shape.split(","))
+    have_fla = device.type == "cuda" and fla_backend.fla_available()
+    print(f"vs fla: B={B} H={H} T={T} d={d}, forward + backward, device "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"fla {'available' if have_fla else 'NOT available: fla rows skipped'}, TF32 matmul "
+          f"{torch.backends.cuda.matmul.allow_tf32}", flush=True)
+    (q, k, v, g, beta), wo, ws = make_inputs(B, H, T, d, device)
+    base = [t.detach() for t in (q, k, v, g, beta)]
+
+    def leaves_for(dtype, fla_layout):
+        out = []
+        for i, t in enumerate(base):
+            t = t.to(dtype) if i in (0, 1, 2) or (i == 4 and dtype != torch.float32) else t
+            if fla_layout:
+                t = t.transpose(1, 2).contiguous()
+            out.append(t.clone().requires_grad_())
+        return out
+
+    def runner(form):
+        rule = form.split()[0]
+        dtype = torch.float32 if form.endswith("fp32") else torch.bfloat16
+        direct = "direct" in form
+        lv = leaves_for(dtype, direct)
+        wo_ = (wo.transpose(1, 2).contiguous() if direct else wo).to(dtype)
+
+        def run():
+            for t in lv:
+                t.grad = None
+            q_, k_, v_, g_, b_ = lv
+            if direct:
+                if rule == "hebbian":
+                    from fla.ops.simple_gla import chunk_simple_gla
+
+                    o, s = chunk_simple_gla(q_, k_, v_, g=g_, scale=1.0, output_final_state=True)
+                else:
+                    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+                    o, s = chunk_gated_delta_rule(q_, k_, v_, g_, b_, scale=1.0,
+                                                  output_final_state=True)
+            else:
+                backend = "fla" if "fla" in form else "torch"
+                o, s = fast_weight(q_, k_, v_, g_, rule=rule, beta=b_, backend=backend)
+            ((o.float() * wo_.float()).sum() + (s.float() * ws).sum()).backward()
+
+        return run
+
+    for form in VS_FLA_FORMS:
+        if "fla" in form and not have_fla:
+            print(f"{form:26s} skipped (fla not usable here)", flush=True)
+            continue
+        run = runner(form)
+        sync(device)
+        t0 = time.perf_counter()
+        run()  # warm-up (fla: Triton autotune and compile)
+        sync(device)
+        warm = time.perf_counter() - t0
+        samples = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            samples.append(1e3 * (time.perf_counter() - t0))
+        print(f"{form:26s} median {statistics.median(samples):9.2f} ms  best {min(samples):9.2f} ms"
+              f"  (warm-up {warm:.1f} s)", flush=True)
+        del run
+        gc.collect()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vs-fla", action="store_true",
+                    help="ours vs flash-linear-attention at --fla-shape (fla rows need CUDA)")
+    ap.add_argument("--fla-shape", default="4,8,4096,64", help="B,H,T,d for --vs-fla")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=4)
@@ -356,6 +445,8 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child_memory(**json.loads(args.child))))
         return 0
+    if args.vs_fla:
+        return vs_fla(args.fla_shape, device, args.repeats)
 
     if args.quick:
         args.lengths, args.repeats = [128, 256], 2

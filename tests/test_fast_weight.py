@@ -351,3 +351,86 @@ def test_dispatcher_and_errors():
 def test_chunked_matches_recurrent_long_fp32(rule):
     inp = make_inputs(2, 4, 1000, 32, 32, dtype=torch.float32, decay="mixed", seed=16)
     check_forms_agree(rule, inp, 64, TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------- fla backend
+
+
+def test_backend_choice_on_cpu():
+    """On CPU ``auto`` is the torch forms, bit for bit; ``fla`` is refused with a fix."""
+    inp = make_inputs(1, 2, 12, 4, 3, dtype=torch.float32, seed=17)
+    q, k, v, g, b = inp["q"], inp["k"], inp["v"], inp["log_decay"], inp["beta"]
+    for rule in ("hebbian", "delta"):
+        o_a, s_a = fast_weight(q, k, v, g, rule=rule, beta=b, backend="auto")
+        o_t, s_t = fast_weight(q, k, v, g, rule=rule, beta=b, backend="torch")
+        assert torch.equal(o_a, o_t) and torch.equal(s_a, s_t)
+        with pytest.raises(UserError, match="flash-linear-attention"):
+            fast_weight(q, k, v, g, rule=rule, beta=b, backend="fla")
+    with pytest.raises(UserError, match="backend"):
+        fast_weight(q, k, v, g, backend="triton")
+
+
+def _fla_ready() -> bool:
+    from neuroplastic.ops.fla_backend import fla_available
+
+    return torch.cuda.is_available() and fla_available()
+
+
+needs_fla = pytest.mark.skipif(
+    not _fla_ready(), reason="needs CUDA and flash-linear-attention (pip install 'neuroplastic[cuda]')"
+)
+
+
+@needs_fla
+@pytest.mark.parametrize("rule", ["hebbian", "delta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay", ["uniform", "none"])
+def test_fla_matches_recurrent_reference(rule, dtype, decay):
+    """fla's kernels (through ``fast_weight``) = the float64 recurrent reference: outputs,
+    final state and every gradient (q, k, v, log-decay, beta, initial state)."""
+    T = 150  # not a multiple of fla's chunk (64)
+    inp = make_inputs(2, 3, T, 32, 16, decay="uniform", seed=18)
+    if decay == "none":
+        inp["log_decay"] = None
+    names = ["q", "k", "v", "log_decay", "beta", "initial_state"]
+    ref = {n: (None if inp[n] is None else inp[n].cuda().requires_grad_()) for n in names}
+    dev = {n: (None if t is None else t.detach().to(dtype if n in "qkv" else torch.float32)
+               .requires_grad_()) for n, t in ref.items()}
+    gen = torch.Generator().manual_seed(19)
+    wo = torch.randn(2, 3, T, 16, generator=gen, dtype=torch.float64).cuda()
+    ws = torch.randn(2, 3, 32, 16, generator=gen, dtype=torch.float64).cuda()
+
+    def loss(inputs, mode, backend):
+        o, s = fast_weight(inputs["q"], inputs["k"], inputs["v"], inputs["log_decay"], rule=rule,
+                           beta=inputs["beta"], mode=mode, initial_state=inputs["initial_state"],
+                           backend=backend)
+        return o, s, (o.double() * wo).sum() + (s.double() * ws).sum()
+
+    o_r, s_r, l_r = loss(ref, "recurrent", "torch")
+    o_f, s_f, l_f = loss(dev, "chunked", "fla")
+    assert o_f.dtype == dtype and s_f.dtype == torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # fla's dots run in TF32 / bf16
+    close(o_f.double(), o_r, tol, "o")
+    close(s_f.double(), s_r, tol, "state")
+    l_r.backward()
+    l_f.backward()
+    for n in names:
+        if ref[n] is not None and (rule == "delta" or n != "beta"):
+            close(dev[n].grad.double(), ref[n].grad, 5 * tol, f"d{n}")
+
+
+@needs_fla
+def test_fla_used_by_default_on_cuda(monkeypatch):
+    """``backend="auto"`` on CUDA goes to fla; ``NEUROPLASTIC_NO_FLA`` turns it off."""
+    import neuroplastic.ops.fla_backend as fb
+
+    calls = []
+    real = fb.fla_hebbian
+    monkeypatch.setattr(fb, "fla_hebbian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inp = make_inputs(1, 2, 64, 16, 16, dtype=torch.float32, seed=20)
+    q, k, v, g = (inp[n].cuda() for n in ("q", "k", "v", "log_decay"))
+    fast_weight(q, k, v, g)
+    assert calls == [1]
+    monkeypatch.setenv("NEUROPLASTIC_NO_FLA", "1")
+    fast_weight(q, k, v, g)
+    assert calls == [1]

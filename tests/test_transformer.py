@@ -233,3 +233,115 @@ def test_init_std():
     assert abs(blk.attn.c_attn.weight.std().item() - 0.02) < 0.002
     assert abs(blk.mlp.c_proj.weight.std().item() - 0.02 / 4) < 0.001  # 1/sqrt(2*8)
     assert abs(blk.attn.c_proj.weight.std().item() - 0.02 / 4) < 0.001
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _rope_reference(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate-half RoPE through complex numbers: pair (i, i + d/2) is z = x_i + j x_{i+d/2},
+    multiplied by exp(j pos theta^(-2i/d))."""
+    h = x.shape[-1] // 2
+    inv = theta ** (-torch.arange(0, 2 * h, 2, dtype=torch.float64) / (2 * h))
+    rot = torch.polar(torch.ones(len(pos), h, dtype=torch.float64), pos.double()[:, None] * inv)
+    z = torch.complex(x[..., :h].double(), x[..., h:].double()) * rot
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def test_rope_matches_complex_reference_and_gradcheck():
+    from neuroplastic.models.transformer import apply_rope, rope_angles
+
+    torch.manual_seed(0)
+    pos = torch.arange(5, 5 + 7)
+    cos, sin = rope_angles(pos, 8)
+    x = torch.randn(2, 3, 7, 8)
+    torch.testing.assert_close(apply_rope(x, cos, sin).double(), _rope_reference(x, pos),
+                               atol=1e-5, rtol=1e-5)
+    xd = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (xd,))
+    # built once per forward in the compute dtype
+    cb, sb = rope_angles(pos, 8, dtype=torch.bfloat16)
+    assert cb.dtype == sb.dtype == torch.bfloat16
+    torch.testing.assert_close(cb, cos.to(torch.bfloat16))
+
+
+def test_qkv_rope_node_matches_reference():
+    """The one-node q/k rotation + layout change equals rotating q and k by the reference
+    and transposing, forward and backward (gradcheck in float64)."""
+    from neuroplastic.models.transformer import _QKVRope, rope_angles
+
+    torch.manual_seed(1)
+    B, T, nh, hd = 2, 6, 3, 8
+    pos = torch.arange(T)
+    cos, sin = (t.double()[:, None, None] for t in rope_angles(pos, hd))
+    qkv = torch.randn(B, T, 3, nh, hd, dtype=torch.float64, requires_grad=True)
+    q, k, v = _QKVRope.apply(qkv, cos, sin)
+    assert q.shape == (B, nh, T, hd) and q.is_contiguous() and v.is_contiguous()
+    ref_q = _rope_reference(qkv[:, :, 0].transpose(1, 2), pos)
+    ref_k = _rope_reference(qkv[:, :, 1].transpose(1, 2), pos)
+    torch.testing.assert_close(q, ref_q)
+    torch.testing.assert_close(k, ref_k)
+    torch.testing.assert_close(v, qkv[:, :, 2].transpose(1, 2))
+    assert torch.autograd.gradcheck(lambda t: _QKVRope.apply(t, cos, sin), (qkv,))
+
+
+def test_rmsnorm_matches_formula():
+    """The eager CPU RMSNorm (hand-written backward) = x * rsqrt(mean(x^2) + eps) * w, with
+    the same gradients; other dtypes take F.rms_norm; parameters are nn.RMSNorm's."""
+    from neuroplastic.models.transformer import RMSNorm, _RMSNormFn
+
+    torch.manual_seed(2)
+    norm = RMSNorm(16, eps=1e-5)
+    assert isinstance(norm, torch.nn.RMSNorm) and list(norm.state_dict()) == ["weight"]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g = torch.randn(3, 5, 16)
+    y = norm(x)
+    assert y.grad_fn is not None and "RMSNormFn" in type(y.grad_fn).__name__
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    w2 = norm.weight.detach().clone().requires_grad_()
+    ref = x2 * torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + 1e-5) * w2
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(norm.weight.grad, w2.grad)
+    xd = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    wd = torch.rand(16, dtype=torch.float64).add(0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-5), (xd, wd))
+    xb = x.detach().to(torch.bfloat16)
+    torch.testing.assert_close(norm.to(torch.bfloat16)(xb).float(),
+                               torch.nn.functional.rms_norm(xb, (16,), norm.weight, 1e-5).float())
+
+
+def test_state_dict_names_unchanged():
+    """Checkpoints of earlier models load: the parameter names are nn.RMSNorm's / GPT's."""
+    model = GPT(tiny_cfg(n_layer=1))
+    assert list(model.state_dict()) == [
+        "transformer.wte.weight", "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.ln_2.weight", "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight",
+    ]
+
+
+@pytest.mark.parametrize("norm,pos", [("rmsnorm", "rope"), ("layernorm", "learned")])
+def test_compiled_path_equals_eager(norm, pos):
+    """Under torch.compile the plain formulas are traced instead of the eager autograd
+    nodes: same loss and gradients."""
+    torch.manual_seed(3)
+    cfg = tiny_cfg(norm=norm, pos=pos)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    y = torch.randint(0, cfg.vocab_size, (2, 12))
+    _, loss = model(x, y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    _, loss_c = torch.compile(model, backend="eager")(x, y)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)

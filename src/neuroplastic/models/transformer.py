@@ -37,27 +37,160 @@ __all__ = ["GPT", "KVCache", "apply_rope", "rope_angles"]
 
 
 def rope_angles(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` of the rotary angles, each ``(T, head_dim // 2)`` in float32."""
+    """``cos`` and ``sin`` of the rotary angles, each ``(T, head_dim // 2)``: computed in
+    float32, then cast to ``dtype`` (default float32) so that a forward builds them once in
+    its compute dtype instead of once per layer."""
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
     )
     angles = torch.outer(positions.to(torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    if dtype is not None and dtype != torch.float32:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos, sin
+
+
+def _rotate(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rotate-half rotation of ``x`` by the angles (``inverse``: by minus the angles),
+    written into ``out`` (default: a new contiguous tensor): two multiplies and two fused
+    multiply-adds on the halves, no ``cat``, ``neg`` or temporaries."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :h], out[..., h:]
+    torch.mul(x1, cos, out=o1)
+    torch.mul(x2, cos, out=o2)
+    sign = 1 if inverse else -1
+    o1.addcmul_(x2, sin, value=sign)
+    o2.addcmul_(x1, sin, value=-sign)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE as one autograd node: the rotation is orthogonal, so its backward is the
+    rotation by minus the angles (same four kernels, nothing saved but cos/sin)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+class _QKVRope(torch.autograd.Function):
+    """``c_attn``'s output ``(B, T, 3, nh, hd)`` -> rotated q, rotated k and v, each a
+    contiguous ``(B, nh, T, hd)`` (the layout SDPA's kernels use), in one autograd node.
+    The backward writes the three gradients straight into one ``(B, T, 3, nh, hd)``
+    tensor, so there is no split/stack/cat of gradients and no strided gradient reaches
+    ``c_attn``'s matmuls. cos/sin are ``(T, 1, 1, hd/2)``."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        B, T, _, nh, hd = qkv.shape
+        out = torch.empty(3, B, nh, T, hd, dtype=qkv.dtype, device=qkv.device)
+        view = out.permute(1, 3, 0, 2, 4)  # (B, T, 3, nh, hd) view of out
+        _rotate(qkv[:, :, :2], cos, sin, False, view[:, :, :2])
+        view[:, :, 2].copy_(qkv[:, :, 2])
+        ctx.save_for_backward(cos, sin)
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        cos, sin = ctx.saved_tensors
+        B, nh, T, hd = gv.shape
+        grad = torch.empty(B, T, 3, nh, hd, dtype=gv.dtype, device=gv.device)
+        gqk = torch.stack((gq, gk), dim=1).permute(0, 3, 1, 2, 4)  # (B, T, 2, nh, hd)
+        _rotate(gqk, cos, sin, True, grad[:, :, :2])
+        grad[:, :, 2].copy_(gv.transpose(1, 2))
+        return grad, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs ``(x[..., i], x[..., i + d/2])`` of ``x`` ``(B, nh, T, d)``
-    ("rotate-half" layout, as in GPT-NeoX / Llama)."""
+    """Rotate the pairs ``(x[..., i], x[..., i + d/2])`` of ``x`` ("rotate-half" layout, as in
+    GPT-NeoX / Llama). ``cos``/``sin`` ``(T, d/2)`` broadcast against ``x``'s trailing
+    ``(T, ..., d)`` dims: ``x`` is ``(B, nh, T, d)``, or ``(B, T, 2, nh, d)`` with ``cos``
+    ``(T, 1, 1, d/2)`` to rotate queries and keys in one call. Returns a new contiguous
+    tensor of ``x``'s dtype.
+
+    Eager mode uses one autograd node (:class:`_Rope`); under ``torch.compile`` the plain
+    formula is traced and the compiler fuses it."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if torch.compiler.is_compiling():
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return _Rope.apply(x, cos, sin)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm over the last dim for eager CPU, float32: ``x * rstd * w`` with ``rstd =
+    1 / sqrt(mean(x^2) + eps)``.
+
+    Forward: one norm reduction and two multiplies; saves only ``x`` (the input, no copy)
+    and ``rstd``. Backward: LayerNorm's fused CPU backward, called with a zero mean and
+    our ``rstd``, is ``rstd * (g w - mean(g w) - xhat mean(g w xhat))`` and the weight
+    gradient ``sum(g xhat)``; RMSNorm's input gradient lacks the ``- mean(g w)`` term, so
+    ``rstd * mean(g w)`` (one matrix-vector product) is added back. About half the time of
+    the composite ``F.rms_norm``'s autograd graph, which records some ten full-size ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        d = x.shape[-1]
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        rstd = rstd.square_().div_(d).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, rstd, weight)
+        return torch.mul(x, rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        d = x.shape[-1]
+        dx, dweight, _ = torch.ops.aten.native_layer_norm_backward(
+            grad.contiguous(), x, [d], torch.zeros_like(rstd), rstd, weight, None,
+            [True, ctx.needs_input_grad[1], False],
+        )
+        # rstd * mean(g w), per row; a plain broadcast add (addcmul with two broadcast
+        # operands takes a slow path on CPU)
+        return dx.add_((grad @ weight).unsqueeze_(-1).mul_(rstd).div_(d)), dweight, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` (same parameter, same formula) with a faster eager CPU
+    path: a float32 input that needs gradients goes through :class:`_RMSNormFn`; everything
+    else (CUDA, other dtypes, ``torch.compile``) calls ``F.rms_norm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            not torch.compiler.is_compiling()
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight is not None
+            and self.weight.dtype == torch.float32
+            and len(self.normalized_shape) == 1
+        ):
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            return _RMSNormFn.apply(x, self.weight, eps)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+        return RMSNorm(cfg.n_embd, eps=1e-5)
     return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
 
 
@@ -129,9 +262,19 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # split along dim 2 (not a permute first): the backward is then one stack / cat
+        # straight into c_attn's (B, T, 3C) layout, no extra copy
+        if rope is None:
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, T, hd)
+        else:
+            # queries and keys rotated in one call; rope's cos/sin are (T, 1, 1, hd/2)
+            cos, sin = rope
+            if torch.compiler.is_compiling():
+                qk, v = qkv.split((2, 1), dim=2)
+                q, k = (t.transpose(1, 2) for t in apply_rope(qk, cos, sin).unbind(2))
+                v = v.squeeze(2).transpose(1, 2)
+            else:
+                q, k, v = _QKVRope.apply(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype))
         is_causal = True
         if kv_cache is not None:
             past = kv_cache.pos
@@ -293,7 +436,12 @@ class GPT(nn.Module):
         if cfg.pos == "learned":
             x = x + self.transformer["wpe"](pos)
         else:
-            rope = rope_angles(pos, self.head_dim, cfg.rope_theta)
+            # built once per forward, in the dtype the attention computes in (autocast's)
+            dtype = x.dtype
+            if torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+            cos, sin = rope_angles(pos, self.head_dim, cfg.rope_theta, dtype)
+            rope = (cos[:, None, None], sin[:, None, None])
         x = self.transformer["drop"](x)
         attn_mask = None
         if kv_cache is not None and past > 0 and T > 1:

@@ -504,10 +504,33 @@ def fast_weight(
     mode: str = "chunked",
     chunk_size: int = 64,
     initial_state=None,
+    backend: str = "auto",
 ):
-    """Run the memory: ``rule`` ``"hebbian"`` or ``"delta"``; ``mode`` ``"chunked"`` or ``"recurrent"``."""
+    """Run the memory: ``rule`` ``"hebbian"`` or ``"delta"``; ``mode`` ``"chunked"`` or ``"recurrent"``.
+
+    ``backend`` (chunked mode): ``"auto"`` runs flash-linear-attention's Triton kernels
+    (:mod:`neuroplastic.ops.fla_backend`) when the tensors are on CUDA and ``fla`` is
+    installed, else the torch forms of this module; ``"torch"`` always the torch forms;
+    ``"fla"`` requires fla (a :class:`UserError` where it cannot run)."""
     if mode not in ("chunked", "recurrent"):
         raise UserError(f"fast_weight mode must be 'chunked' or 'recurrent'; got {mode!r}.")
+    if backend not in ("auto", "torch", "fla"):
+        raise UserError(f"fast_weight backend must be 'auto', 'torch' or 'fla'; got {backend!r}.")
+    if mode == "chunked" and backend != "torch" and rule in ("hebbian", "delta"):
+        from neuroplastic.ops import fla_backend
+
+        if fla_backend.fla_usable(q, v) and q.shape[2] > 0:
+            if rule == "hebbian":
+                _check("fast_weight", q, k, v, log_decay, None, initial_state)
+                return fla_backend.fla_hebbian(q, k, v, log_decay, initial_state)
+            _check("fast_weight", q, k, v, log_decay, beta, initial_state, need_beta=True)
+            return fla_backend.fla_delta_rule(q, k, v, beta, log_decay, initial_state)
+        if backend == "fla":
+            raise UserError(
+                "fast_weight backend 'fla' needs CUDA tensors (not float64, head size <= 256) "
+                "and flash-linear-attention installed (pip install 'neuroplastic[cuda]'); "
+                "use backend='auto' to fall back to the torch forms."
+            )
     if rule == "hebbian":
         if mode == "chunked":
             return fast_weight_chunked(q, k, v, log_decay, chunk_size, initial_state)
