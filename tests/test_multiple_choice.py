@@ -298,8 +298,14 @@ def test_mmlu_prompt_is_lm_eval_format(tmp_path):
     assert load_mmlu(tmp_path / "mmlu" / "val", subjects=["high_school_biology"]).keys() == {
         "high_school_biology"
     }
-    inst = build_instances("mmlu", data_path=tmp_path / "mmlu", limit=1)
+    inst = build_instances("mmlu", data_path=tmp_path / "mmlu", limit_per_subject=1)
     assert [i.subject for i in inst] == ["astronomy", "high_school_biology"]
+    # limit counts items in total, round-robin over the subjects
+    assert [i.subject for i in build_instances("mmlu", data_path=tmp_path / "mmlu", limit=1)] == [
+        "astronomy"
+    ]
+    three = build_instances("mmlu", data_path=tmp_path / "mmlu", limit=3)
+    assert [i.subject for i in three] == ["astronomy", "astronomy", "high_school_biology"]
     assert inst[0].continuations == [" A", " B", " C", " D"]
 
 
@@ -398,15 +404,99 @@ def test_real_mmlu_and_hellaswag_parse_and_evaluate():
             assert len(files) > 0 and sorted(data) == [f.name[: -len(f"_{split}.csv")] for f in files]
             assert all(len(it["options"]) == 4 and 0 <= it["answer"] < 4 for v in data.values() for it in v)
         some = sorted(data)[:: max(1, len(data) // 6)]  # a few subjects, to stay quick
-        r = evaluate_task(scorer, "mmlu", limit=8, subjects=some)
+        r = evaluate_task(scorer, "mmlu", limit_per_subject=8, subjects=some)
         assert r["n"] == sum(min(8, len(data[s])) for s in some)
         assert set(r["per_subject"]) == {*some, "macro_acc"}
         assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["per_subject"]["macro_acc"] <= 1.0
-        r5 = evaluate_task(scorer, "mmlu", limit=2, shots=5, subjects=["anatomy", "virology"])
+        with pytest.warns(UserWarning, match="did not fit the model's 64-token window"):
+            r5 = evaluate_task(scorer, "mmlu", limit=4, shots=5, subjects=["anatomy", "virology"])
         assert r5["n"] == 4 and 0.0 <= r5["acc"] <= 1.0
+        assert r5["shots"] == 5 and r5["shots_cut"] == 4 and r5["shots_used"]["max"] < 5
     if hs_path is not None:
         items = load_hellaswag(hs_path)
         lines = [ln for ln in hs_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         assert len(items) == len(lines)
         r = evaluate_task(scorer, "hellaswag", limit=8, shots=1)
         assert r["n"] == 8 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
+
+
+# --------------------------------------------------------------------------- lm-eval's acc_norm
+
+
+class TableScorer(LogLikelihoodScorer):
+    """Fixed log-likelihoods by continuation string."""
+
+    def __init__(self, table: dict[str, float]):
+        super().__init__()
+        self.table = table
+
+    def loglikelihood(self, requests):
+        return [(self.table[cont], False) for _, cont in requests]
+
+
+def test_acc_norm_divides_by_the_choice_length_without_the_leading_space(tmp_path):
+    """lm-eval 0.4 (``ConfigurableTask.process_results``): ``acc_norm`` is
+    ``argmax(ll / len(choice))`` in characters of the choice *without* the target delimiter,
+    ``acc_bytes`` the same in UTF-8 bytes. Each item below is built so that another
+    normalisation picks another ending."""
+    items = [
+        # per char without the space: xy -1.45, wxyz -1.25 -> 1; with the space (" xy" 3,
+        # " wxyz" 5): -0.97 vs -1.0 -> 0 (what our scorer did before)
+        ({"xy": -2.9, "wxyz": -5.0, "q" * 30: -200.0, "r" * 30: -200.0}, 1, 1, 1),
+        # per char: abcdefgh -0.75 (one BPE token: -6 per token), "a b c d" -0.93 (four
+        # tokens: -1.6 per token) -> 0; per token would pick 1
+        ({"abcdefgh": -6.0, "a b c d": -6.5, "s" * 30: -200.0, "t" * 30: -200.0}, 0, 0, 0),
+        # chars vs bytes: "ééé" 3 chars / 6 bytes (-1.1 vs -0.55), "abcd" 4 / 4 (-1.0) ->
+        # acc_norm picks 1, acc_bytes picks 0
+        ({"ééé": -3.3, "abcd": -4.0, "u" * 30: -200.0, "v" * 30: -200.0}, 0, 1, 0),
+    ]
+    path = tmp_path / "hs.jsonl"
+    table: dict[str, float] = {}
+    with open(path, "w", encoding="utf-8") as f:
+        for lls, pred, pred_norm, _ in items:
+            endings = list(lls)
+            table.update({" " + e: v for e, v in lls.items()})
+            f.write(json.dumps({"ctx": "Pick:", "endings": endings, "label": pred_norm}) + "\n")
+    r = evaluate_task(TableScorer(table), "hellaswag", data_path=path)
+    assert [it["pred"] for it in r["items"]] == [0, 0, 0]
+    assert [it["pred_norm"] for it in r["items"]] == [1, 0, 1]
+    assert r["acc_norm"] == 1.0
+    assert r["acc_bytes"] == pytest.approx(2 / 3)  # the third item: bytes pick 0, gold is 1
+    inst = build_instances("hellaswag", data_path=path)[0]
+    assert inst.choices == ["xy", "wxyz", "q" * 30, "r" * 30]
+
+
+def test_shots_that_do_not_fit_the_window_are_dropped_and_reported(tmp_path):
+    data = write_mmlu(tmp_path / "mmlu")
+    model = tiny_gpt(block_size=100)
+    scorer = GPTScorer(model, BYTES, batch_size=4)
+    full = build_instances("mmlu", data_path=data, shots=2)
+    assert all(len(BYTES.encode(i.context)) > 100 for i in full)  # two shots never fit
+    with pytest.warns(UserWarning, match=r"did not fit the model's 100-token window with 2 shots") as w:
+        r = evaluate_task(scorer, "mmlu", data_path=data, shots=2)
+    assert len(w) == 1  # once, not per item
+    assert r["shots"] == 2 and r["shots_cut"] == r["n"] == 6
+    kept = [it["shots"] for it in r["items"]]
+    assert max(kept) < 2 and r["shots_used"] == {"min": min(kept), "max": max(kept),
+                                                  "mean": sum(kept) / len(kept)}
+    # what the model saw is exactly the prompt with the shots that fit
+    ref = build_instances("mmlu", data_path=data, shots=2)
+    ll = GPTScorer(model, BYTES).loglikelihood(
+        [(i.with_shots(k), c) for i, k in zip(ref, kept) for c in i.continuations])
+    assert [x["logprobs"] for x in r["items"]] == [
+        pytest.approx([s for s, _ in ll[4 * j : 4 * j + 4]]) for j in range(len(ref))]
+    # a window large enough: every shot is kept and nothing is cut
+    big = evaluate_task(GPTScorer(tiny_gpt(block_size=1024), BYTES), "mmlu", data_path=data, shots=2)
+    assert big["shots_cut"] == 0 and big["truncated"] == 0 and big["shots_used"]["min"] == 2
+
+
+def test_prompts_longer_than_the_window_are_counted(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    path.write_text(
+        json.dumps({"ctx": "short", "endings": ["a", "b"], "label": 0}) + "\n"
+        + json.dumps({"ctx": "long " * 30, "endings": ["a", "b"], "label": 0}) + "\n",
+        encoding="utf-8",
+    )
+    r = evaluate_task(GPTScorer(tiny_gpt(block_size=32), BYTES), "hellaswag", data_path=path)
+    assert r["truncated"] == 1 and r["window"] == 32
+    assert "truncated" not in r["items"][0] and r["items"][1]["truncated"] is True

@@ -7,9 +7,12 @@ continuation given the context and whether it is the greedy continuation -- the
 out of the scores:
 
 * ``acc``: the option with the highest summed log-probability;
-* ``acc_norm``: the option with the highest log-probability per *character* of the
-  continuation string (``sum logprob / len(continuation)``, as lm-eval's ``acc_norm``;
-  the continuation includes its leading space).
+* ``acc_norm``: the option with the highest log-probability per character of the
+  *choice* -- the continuation without lm-eval's target delimiter (the leading space):
+  ``sum logprob / len(choice)``, exactly lm-evaluation-harness 0.4's ``process_results``
+  (``completion_len = len(choice)`` over ``doc_to_choice``, the delimiter is added to the
+  request only). ``acc_bytes`` divides by the choice's UTF-8 bytes instead (lm-eval's
+  ``acc_bytes``); the two differ only for non-ASCII text.
 
 Scorers (:class:`LogLikelihoodScorer`) work on any causal LM: :class:`GPTScorer` for our
 GPT (``model(idx) -> (logits, loss)``) and :class:`HFScorer` for a ``transformers``
@@ -33,9 +36,11 @@ Task formats (``evaluate_task``):
   answers) about {subject}.\\n\\n"`` then the k shots, each ``"{question}\\nA. ..\\nB.
   ..\\nC. ..\\nD. ..\\nAnswer: {letter}"`` followed by ``"\\n\\n"``, then the question
   ending ``"Answer:"``; continuations ``" A"`` .. ``" D"``. Shots are the first k rows of
-  the subject's ``dev`` split (lm-eval's ``first_n``). ``limit`` counts per subject (as
-  lm-eval's ``--limit`` does for each MMLU subtask); ``per_subject`` holds each subject's
-  accuracy and ``"macro_acc"``, their unweighted mean (``acc`` is the micro average).
+  the subject's ``dev`` split (lm-eval's ``first_n``). ``limit`` counts items in total,
+  taken round-robin over the subjects (the first items of every subject);
+  ``limit_per_subject`` is lm-eval's ``--limit`` for each MMLU subtask. ``per_subject``
+  holds each subject's accuracy and ``"macro_acc"``, their unweighted mean (``acc`` is
+  the micro average).
 * ``hellaswag`` (jsonl with ``ctx``, ``endings``, ``label``): lm-eval's preprocessing --
   the query is ``"{activity_label}: {ctx}"`` (``ctx_a + " " + ctx_b.capitalize()`` when
   those fields exist), and query and endings go through ``preprocess`` (strip, ``" [title]"``
@@ -52,6 +57,12 @@ Task formats (``evaluate_task``):
 
 For the synthetic tasks ``per_subject`` is by domain (with ``"macro_acc"``); for
 HellaSwag it is empty.
+
+The model's window: :func:`evaluate_task` drops few-shot examples (the last ones first)
+from a prompt that would not fit the scorer's window with its longest continuation, warns
+once and reports the shots used (``shots_used``: min, max, mean; ``shots_cut``: items that
+got fewer than asked). A prompt that still does not fit loses tokens from the left; those
+items are counted in ``truncated`` (and flagged per item).
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ import math
 import random
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +93,7 @@ __all__ = [
     "MCInstance",
     "build_instances",
     "evaluate_task",
+    "fit_shots",
     "load_hellaswag",
     "load_mmlu",
     "make_scorer",
@@ -110,6 +123,8 @@ class LogLikelihoodScorer:
     max_length: int = 2048
     prefix_id: int | None = None
     pad_id: int = 0
+    # indices (into the last loglikelihood call's requests) whose context was cut on the left
+    truncated: list[int] = []  # noqa: RUF012  (replaced per call, never mutated)
 
     def __init__(
         self,
@@ -162,6 +177,7 @@ class LogLikelihoodScorer:
         window = int(self.max_length)
         totals = [0.0] * len(requests)
         greedy = [True] * len(requests)
+        truncated: list[int] = []
         # model input -> (request, target ids read from the last positions of that input)
         rows: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
         for i, (ctx, cont) in enumerate(requests):
@@ -176,6 +192,8 @@ class LogLikelihoodScorer:
                     )
                 ctx = [self.prefix_id]
             whole = ctx + cont
+            if len(whole) - 1 > window:  # the model cannot see the whole context
+                truncated.append(i)
             start, q = len(ctx), len(whole)
             while q > start:  # targets whole[p:q], predicted by the input whole[.. : q - 1]
                 p = max(start, q - window)
@@ -244,6 +262,7 @@ class LogLikelihoodScorer:
         finally:
             if bar is not None:
                 bar.close()
+        self.truncated = truncated
         return list(zip(totals, greedy))
 
     def _device(self) -> torch.device:
@@ -545,6 +564,25 @@ class MCInstance:
     gold: int
     subject: str | None = None
     record: dict = field(default_factory=dict)  # what the per-item output shows
+    # lm-eval's target_delimiter: a continuation is delimiter + choice; acc_norm divides
+    # by len(choice)
+    delimiter: str = " "
+    # the context as header + shots + query (when built with shots), so that shots can be
+    # dropped to fit a window; ``context`` is always the full prompt with every shot
+    header: str = ""
+    shots: list[str] = field(default_factory=list)
+    query: str | None = None
+
+    @property
+    def choices(self) -> list[str]:
+        d = self.delimiter
+        return [c[len(d):] if d and c.startswith(d) else c for c in self.continuations]
+
+    def with_shots(self, k: int) -> str:
+        """The context with only the first ``k`` shots."""
+        if self.query is None:
+            return self.context
+        return self.header + "".join(self.shots[:k]) + self.query
 
 
 def _mmlu_question(item: dict) -> str:
@@ -553,14 +591,18 @@ def _mmlu_question(item: dict) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
+def _mmlu_header(item: dict) -> str:
+    subject = item["subject"].replace("_", " ")
+    return f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
+def _mmlu_shot(shot: dict) -> str:
+    return f"{_mmlu_question(shot)} {LETTERS[shot['answer']]}\n\n"
+
+
 def mmlu_prompt(item: dict, shots: Sequence[dict] = ()) -> str:
     """lm-eval's MMLU context for ``item`` after the few-shot ``shots`` (dev items)."""
-    subject = item["subject"].replace("_", " ")
-    parts = [f"The following are multiple choice questions (with answers) about {subject}.\n\n"]
-    for s in shots:
-        parts.append(f"{_mmlu_question(s)} {LETTERS[s['answer']]}\n\n")
-    parts.append(_mmlu_question(item))
-    return "".join(parts)
+    return _mmlu_header(item) + "".join(_mmlu_shot(s) for s in shots) + _mmlu_question(item)
 
 
 def _hs_clean(text: str) -> str:
@@ -643,9 +685,11 @@ def build_instances(
     split: str = "val",
     subjects: Sequence[str] | None = None,
     preprocess: bool = True,
+    limit_per_subject: int | None = None,
 ) -> list[MCInstance]:
     """The items of ``task`` as :class:`MCInstance` s (see the module docstring)."""
     _check_count("limit", limit, 1, allow_none=True)
+    _check_count("limit_per_subject", limit_per_subject, 1, allow_none=True)
     _check_count("shots", shots, 0)
     if task not in TASKS:
         close = difflib.get_close_matches(str(task), TASKS, n=1)
@@ -654,14 +698,27 @@ def build_instances(
     out: list[MCInstance] = []
     if task == "mmlu":
         path = _locate("mmlu", data_path, data_dir)
-        for subject, items in load_mmlu(path, split, subjects).items():
+        by_subject = {
+            s: items[:limit_per_subject] for s, items in load_mmlu(path, split, subjects).items()
+        }
+        if limit is not None:  # round-robin: the first items of every subject
+            order = [
+                (s, j)
+                for j in range(max((len(v) for v in by_subject.values()), default=0))
+                for s in by_subject
+                if j < len(by_subject[s])
+            ][:limit]
+            keep = {s: sorted(j for t, j in order if t == s) for s in by_subject}
+            by_subject = {s: [by_subject[s][j] for j in keep[s]] for s in by_subject if keep[s]}
+        for subject, items in by_subject.items():
             dev = _mmlu_dev(path, subject) if shots else []
             if shots > len(dev):
                 raise UserError(
                     f"MMLU subject {subject} has only {len(dev)} dev examples for few-shot; "
                     f"use {len(dev)} shots or fewer."
                 )
-            for item in items[:limit]:
+            for item in items:
+                shot_texts = [_mmlu_shot(d) for d in dev[:shots]]
                 out.append(
                     MCInstance(
                         context=mmlu_prompt(item, dev[:shots]),
@@ -669,6 +726,9 @@ def build_instances(
                         gold=item["answer"],
                         subject=subject,
                         record={"subject": subject, "question": item["question"]},
+                        header=_mmlu_header(item),
+                        shots=shot_texts,
+                        query=_mmlu_question(item),
                     )
                 )
         return out
@@ -698,20 +758,46 @@ def build_instances(
     n = len(items) if limit is None else min(limit, len(items))
     for i in range(n):
         query, endings = queries[i]
-        prefix = "".join(
+        shot_texts = [
             f"{queries[j][0]} {queries[j][1][gold[j]]}\n\n"
             for j in _sample_shots(len(items), i, shots, seed)
-        )
+        ]
         out.append(
             MCInstance(
-                context=prefix + query,
+                context="".join(shot_texts) + query,
                 continuations=[" " + e for e in endings],
                 gold=gold[i],
                 subject=subj[i],
                 record=records[i],
+                shots=shot_texts,
+                query=query,
             )
         )
     return out
+
+
+def fit_shots(scorer: LogLikelihoodScorer, instances: Sequence[MCInstance]) -> list[int]:
+    """Drop few-shot examples (the last first) from every prompt that would not fit the
+    scorer's window together with its longest continuation; returns the shots each
+    instance keeps (its ``context`` is rewritten). Needs a scorer that can ``encode``."""
+    window = int(getattr(scorer, "max_length", 0) or 0)
+    used: list[int] = []
+    for inst in instances:
+        k = len(inst.shots)
+        if k == 0 or inst.query is None or window < 1:
+            used.append(k)
+            continue
+        try:
+            longest = max(len(scorer.encode(c)) for c in inst.continuations)
+        except NotImplementedError:  # a scorer that only answers loglikelihood
+            used.append(k)
+            continue
+        while k > 0 and len(scorer.encode(inst.with_shots(k))) + longest - 1 > window:
+            k -= 1
+        if k < len(inst.shots):
+            inst.context = inst.with_shots(k)
+        used.append(k)
+    return used
 
 
 # =========================================================================== scoring
@@ -729,20 +815,28 @@ def score_instances(
     if not instances:
         raise UserError(f"there are no {task} items to evaluate; check the data and the limit.")
     requests = [(inst.context, cont) for inst in instances for cont in inst.continuations]
+    scorer.truncated = []
     scores = scorer.loglikelihood(requests)
+    cut_requests = set(getattr(scorer, "truncated", None) or [])
     items: list[dict] = []
     pos = 0
-    hits = hits_norm = 0
+    hits = hits_norm = hits_bytes = n_cut = 0
     per: dict[str, list[int]] = {}
     for inst in instances:
         k = len(inst.continuations)
         chunk = scores[pos : pos + k]
+        cut = any(r in cut_requests for r in range(pos, pos + k))
         pos += k
         lls = [float(s[0]) for s in chunk]
-        normed = [ll / max(len(c), 1) for ll, c in zip(lls, inst.continuations)]
-        pred, pred_norm = _argmax(lls), _argmax(normed)
+        choices = inst.choices
+        # lm-eval: lls / len(choice) and lls / len(choice.encode()); the delimiter is not counted
+        normed = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
+        per_byte = [ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, choices)]
+        pred, pred_norm, pred_bytes = _argmax(lls), _argmax(normed), _argmax(per_byte)
         hits += pred == inst.gold
         hits_norm += pred_norm == inst.gold
+        hits_bytes += pred_bytes == inst.gold
+        n_cut += cut
         if inst.subject is not None:
             per.setdefault(inst.subject, []).append(int(pred == inst.gold))
         items.append(
@@ -753,6 +847,7 @@ def score_instances(
                 "pred": pred,
                 "pred_norm": pred_norm,
                 "gold": inst.gold,
+                **({"truncated": True} if cut else {}),
             }
         )
     n = len(instances)
@@ -763,7 +858,10 @@ def score_instances(
         "task": task,
         "acc": hits / n,
         "acc_norm": hits_norm / n,
+        "acc_bytes": hits_bytes / n,
         "n": n,
+        "truncated": n_cut,
+        "window": int(getattr(scorer, "max_length", 0) or 0),
         "per_subject": per_subject,
         "items": items,
     }
@@ -781,21 +879,41 @@ def evaluate_task(
     split: str = "val",
     subjects: Sequence[str] | None = None,
     preprocess: bool = True,
+    limit_per_subject: int | None = None,
 ) -> dict:
     """Evaluate ``scorer`` on ``task`` (one of :data:`TASKS`).
 
     ``data_path``: the mmlu folder / csv or the HellaSwag jsonl; when None it is found with
     the data registry (``data_dir``, ``NEUROPLASTIC_DATA``, ``../shared/data``, the cache).
-    ``limit``: the first N items (for MMLU, per subject). ``shots``: k-shot examples.
+    ``limit``: the first N items in total (MMLU: round-robin over subjects);
+    ``limit_per_subject``: MMLU only, at most N per subject (lm-eval's ``--limit``).
+    ``shots``: k-shot examples asked for; prompts too long for the scorer's window keep
+    fewer (a warning, once; ``shots_used`` / ``shots_cut`` in the result).
     ``seed``: the few-shot draws (HellaSwag, synthetic) and the synthetic items.
     ``split`` and ``subjects`` pick MMLU files; ``preprocess`` applies lm-eval's
-    HellaSwag text cleaning. Returns ``{"task", "acc", "acc_norm", "n", "shots",
-    "per_subject", "items"}``.
+    HellaSwag text cleaning. Returns ``{"task", "acc", "acc_norm", "acc_bytes", "n",
+    "shots", "shots_used", "shots_cut", "truncated", "window", "per_subject", "items"}``.
     """
+    if limit_per_subject is not None and task != "mmlu":
+        raise UserError("limit_per_subject applies to MMLU only; use limit for other tasks.")
     instances = build_instances(
         task, data_path=data_path, data_dir=data_dir, limit=limit, shots=shots, seed=seed,
         split=split, subjects=subjects, preprocess=preprocess,
+        limit_per_subject=limit_per_subject,
     )
+    used = fit_shots(scorer, instances) if shots else [0] * len(instances)
+    cut = sum(u < shots for u in used)
+    if cut:
+        warnings.warn(
+            f"{cut} of {len(instances)} {task} prompts did not fit the model's "
+            f"{scorer.max_length}-token window with {shots} shots and kept "
+            f"{min(used)}-{max(used)} (mean {sum(used) / len(used):.2f}).",
+            UserWarning, stacklevel=2,
+        )
+    for inst, u in zip(instances, used):
+        inst.record = {**inst.record, "shots": u}
     result = score_instances(scorer, instances, task)
     result["shots"] = shots
+    result["shots_used"] = {"min": min(used), "max": max(used), "mean": sum(used) / len(used)}
+    result["shots_cut"] = cut
     return result
