@@ -157,50 +157,226 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_MC_TASKS = ("mmlu", "hellaswag", "synthetic-mc", "synthetic-completion")
+
+
+def _check_evaluate_args(args: argparse.Namespace) -> None:
+    """Every evaluate option a user can get wrong, checked before a model is loaded."""
+    def positive(name: str, value, allow_none: bool = True) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value}.")
+
+    positive("--batch-size", args.batch_size, allow_none=False)
+    positive("--batches", args.batches)
+    positive("--limit", args.limit)
+    positive("--limit-per-subject", args.limit_per_subject)
+    positive("--context", args.context)
+    positive("--stride", args.stride)
+    positive("--trials", args.trials, allow_none=False)
+    positive("--max-new-tokens", args.max_new_tokens, allow_none=False)
+    if args.shots < 0:
+        raise UserError("--shots must be >= 0.")
+    if args.context is not None and args.stride is not None and args.stride > args.context:
+        raise UserError(
+            f"--stride ({args.stride}) must not be larger than --context ({args.context}); "
+            "a stride of the window's length means disjoint windows."
+        )
+    if args.limit_per_subject is not None and args.task != "mmlu":
+        raise UserError("--limit-per-subject applies to --task mmlu only; use --limit.")
+    if args.task == "needle":
+        from neuroplastic.evaluation.recall import parse_depths, parse_lengths
+
+        args.lengths = parse_lengths(args.lengths)
+        args.depths = parse_depths(args.depths)
+
+
+def _load_for_evaluate(path: str, device: str):
+    """``(model, tokenizer, cfg, directory, info)``: one of our checkpoints / run dirs
+    (``cfg`` its RunConfig), else any model :func:`load_any_model` reads (a Hugging Face
+    directory, a LoRA adapter, a cot output; ``cfg`` None)."""
+    from neuroplastic.training.inference import load_trained
+
+    p = Path(path).expanduser()
+    hf_like = p.is_dir() and any(
+        (d / name).is_file()
+        for d in (p, p / "model", p / "adapter")
+        for name in ("config.json", "adapter_config.json")
+    )
+    if p.exists() and not hf_like:
+        model, tok, cfg, directory = load_trained(p, device=device)
+        return model, tok, cfg, directory, {"kind": "neuroplastic checkpoint"}
+    from neuroplastic.training.loading import load_any_model
+
+    model, tok, info = load_any_model(path, device=device)
+    return model, tok, None, Path(info.get("hf_dir") or info.get("model_path") or path), info
+
+
+def _text_tokenizer(tok, info: dict):
+    """Our Tokenizer for a stream of text (encode without special tokens, eos, byte
+    lengths): ``tok`` itself, or the Hugging Face model directory's tokenizer files."""
+    from neuroplastic.data.tokenizers import HFTokenizer, Tokenizer
+
+    if isinstance(tok, Tokenizer):
+        return tok
+    for key in ("hf_dir", "base_model", "adapter", "model_path"):
+        d = info.get(key)
+        if d and (Path(d) / "tokenizer.json").is_file() or (
+            d and (Path(d) / "vocab.json").is_file()
+        ):
+            return HFTokenizer(d)
+    raise UserError(
+        "cannot read this model's tokenizer files (tokenizer.json, or vocab.json + merges.txt) "
+        "for loss/perplexity; evaluate a folder that has them."
+    )
+
+
+def _wikitext2_file(args) -> Path:
+    if args.data:
+        p = Path(args.data).expanduser()
+        if not p.is_file():
+            raise UserError(f"WikiText-2 file {str(p)!r} does not exist; give wiki.valid.tokens.")
+        return p
+    from neuroplastic.data.registry import data_dirs
+
+    names = ("wikitext2/wiki.valid.tokens", "wikitext2/wiki.valid.raw",
+             "wikitext2/wikitext-2/wiki.valid.tokens", "wikitext2/wikitext-2-raw/wiki.valid.raw")
+    dirs = data_dirs(args.data_dir)
+    for d in dirs:
+        for name in names:
+            if (d / name).is_file():
+                return d / name
+    raise UserError(
+        "no WikiText-2 validation file (wikitext2/wiki.valid.tokens) in the data dirs "
+        f"({', '.join(str(d) for d in dirs)}); pass --data FILE or --data-dir."
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from neuroplastic.data.batching import join_documents, sequential_blocks
-    from neuroplastic.data.pipeline import prepare_data, token_byte_lengths
-    from neuroplastic.evaluation.lm import lm_metrics
-    from neuroplastic.training.inference import load_trained
-
+    _check_evaluate_args(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, cfg, directory = load_trained(args.checkpoint, device=device)
+    model, tok, cfg, directory, info = _load_for_evaluate(args.checkpoint, device)
     if args.task in ("needle", "mqar"):
-        return _evaluate_recall(args, model, tok, device, directory)
+        return _evaluate_recall(args, model, _text_tokenizer(tok, info), device, directory)
     if args.task == "rewards":
+        if cfg is None:
+            raise UserError("--task rewards needs one of our checkpoints or run directories.")
         return _evaluate_rewards(args, model, tok, cfg, device, directory)
-    if args.task != "lm":
+    if args.task in _MC_TASKS:
         return _evaluate_task(args, model, tok, device, directory)
-    block = cfg.block_size
-    if args.data:
+    return _evaluate_lm(args, model, tok, cfg, device, directory, info)
+
+
+def _evaluate_lm(args, model, tok, cfg, device, directory, info) -> int:
+    import math
+
+    import numpy as np
+    import torch
+
+    from neuroplastic.data.batching import join_documents
+    from neuroplastic.data.pipeline import prepare_data, token_byte_lengths
+    from neuroplastic.evaluation.lm import (
+        fit_to_memory,
+        free_memory_bytes,
+        lm_metrics,
+        model_context,
+        sliding_windows,
+    )
+
+    text_tok = _text_tokenizer(tok, info)
+    context = model_context(model, tok)
+    if context is None:
+        raise UserError("cannot tell this model's context length; pass --context N.")
+    if args.context is not None and args.context > context:
+        raise UserError(
+            f"--context {args.context} is longer than the model's context of {context} tokens; "
+            f"use at most {context}."
+        )
+    window = args.context or context
+    words = None
+    if args.task == "wikitext2":
+        path = _wikitext2_file(args)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {path} as UTF-8 text ({exc}).") from exc
+        # one stream, started by the end-of-text token so that every token is scored
+        tokens = np.asarray([text_tok.eos_id, *text_tok.encode(text)], dtype=np.int64)
+        words = len(text.split())
+        what = f"WikiText-2 validation ({path}), the whole file as one stream"
+        max_batches = args.batches
+    elif args.data:
         from neuroplastic.data.sources import load_documents
 
         docs = load_documents(args.data, field=args.field, data_dir=args.data_dir)
-        tokens = join_documents([tok.encode(d) for d in docs], tok.eos_id)
+        tokens = join_documents([text_tok.encode(d) for d in docs], text_tok.eos_id)
         what = args.data
+        max_batches = args.batches or 50
     else:
+        if cfg is None:
+            raise UserError(
+                "a Hugging Face model has no run validation split; pass --data FILE "
+                "(or --task wikitext2)."
+            )
         if args.data_dir:
             cfg.data.data_dir = args.data_dir
         tokens = prepare_data(cfg.data, tokenizer_dir=directory / "tokenizer").val_tokens
         what = f"validation split of {cfg.data.source}"
-    batches = sequential_blocks(tokens, block, args.batch_size, args.batches)
-    metrics = lm_metrics(model, batches, torch.from_numpy(token_byte_lengths(tok)), device)
-    metrics["checkpoint"] = str(directory)
-    metrics["data"] = what
+        max_batches = args.batches or 50
+    if len(tokens) < 2:
+        raise UserError(f"{what} holds fewer than 2 tokens; give more text.")
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or text_tok.vocab_size)
+    new_window, batch_size, note = fit_to_memory(
+        window, args.batch_size, vocab, free_memory_bytes(device)
+    )
+    if new_window < window and args.context is not None:
+        raise UserError(f"--context {window} does not fit in memory ({note}); use a smaller --context.")
+    window = new_window
+    stride = min(args.stride or window, window)
+    batches, win = sliding_windows(tokens, window, stride, batch_size, max_batches)
+    metrics = lm_metrics(
+        model, batches, torch.from_numpy(token_byte_lengths(text_tok)), device,
+        progress=len(batches) > 1,
+    )
+    metrics.update(
+        checkpoint=str(directory), data=what, model_context=context, window=window,
+        stride=stride, windows=win["windows"], stream_tokens=win["stream_tokens"],
+    )
+    if note:
+        metrics["note"] = note
+    if words is not None:
+        if win["scored_end"] < win["stream_tokens"]:  # a capped run: the words it covered
+            words = len(text_tok.decode(tokens[1 : win["scored_end"]].tolist()).split())
+        metrics["words"] = words
+        nll = metrics["loss"] * metrics["tokens"]
+        metrics["word_ppl"] = math.exp(min(nll / max(words, 1), 50.0))
     if args.json:
         print(json.dumps(metrics, indent=2))
-    else:
-        print(f"checkpoint: {directory}")
-        print(f"data: {what} ({metrics['tokens']:,} tokens)")
-        print(_format_table(
-            [["loss (nats/token)", f"{metrics['loss']:.4f}"], ["perplexity", f"{metrics['ppl']:.2f}"],
-             ["bits per byte", f"{metrics['bpb']:.4f}"]],
-            ["metric", "value"],
-        ))
+        return 0
+    print(f"checkpoint: {directory}")
+    scored = f"{metrics['tokens']:,} tokens scored"
+    if metrics["tokens"] < win["stream_tokens"] - 1:
+        scored += f" of {win['stream_tokens'] - 1:,} (--batches {max_batches} x --batch-size {batch_size})"
+    if words is not None:
+        scored += f", {words:,} words"
+    print(f"data: {what} ({scored})")
+    origin = "--context" if args.context else f"the model's context{' (lowered: memory)' if note else ''}"
+    kind = "disjoint windows" if stride == window else f"sliding windows, {window - stride} tokens of overlap"
+    print(f"window: {window} tokens ({origin}; model context {context}), stride {stride} "
+          f"({kind}), {win['windows']} windows")
+    if note:
+        print(f"note: {note}")
+    rows = [["loss (nats/token)", f"{metrics['loss']:.4f}"],
+            ["perplexity (per token)", f"{metrics['ppl']:.2f}"]]
+    if words is not None:
+        rows.append(["perplexity (per word)", f"{metrics['word_ppl']:.2f}"])
+    rows.append(["bits per byte", f"{metrics['bpb']:.4f}"])
+    print(_format_table(rows, ["metric", "value"]))
     return 0
 
 
@@ -209,8 +385,7 @@ def _evaluate_recall(args, model, tok, device, directory) -> int:
 
     out_json = Path(args.output) if args.output else Path(directory).parent.parent / f"{args.task}.json"
     if args.task == "needle":
-        lengths = tuple(int(x) for x in args.lengths.split(",") if x)
-        depths = tuple(float(x) for x in args.depths.split(",") if x)
+        lengths, depths = args.lengths, args.depths  # parsed by _check_evaluate_args
         res = needle_grid(model, tok, lengths=lengths, depths=depths, trials=args.trials,
                           device=device)
         png = out_json.with_suffix(".png")
@@ -286,17 +461,19 @@ def _evaluate_rewards(args, model, tok, cfg, device, directory) -> int:
 
 
 def _evaluate_task(args, model, tok, device, directory) -> int:
+    import warnings
+
     from neuroplastic.evaluation.multiple_choice import evaluate_task, make_scorer
 
-    if args.limit is not None and args.limit <= 0:
-        raise UserError("--limit must be a positive integer.")
-    if args.shots < 0:
-        raise UserError("--shots must be >= 0.")
     scorer = make_scorer(model, tok, device, args.batch_size)
-    res = evaluate_task(
-        scorer, args.task, data_path=args.data, data_dir=args.data_dir, limit=args.limit,
-        shots=args.shots,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        res = evaluate_task(
+            scorer, args.task, data_path=args.data, data_dir=args.data_dir, limit=args.limit,
+            shots=args.shots, limit_per_subject=args.limit_per_subject,
+        )
+    for w in caught:  # once each (evaluate_task warns once per call)
+        print(f"neuroplastic: warning: {w.message}", file=sys.stderr)
     res["checkpoint"] = str(directory)
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=2), encoding="utf-8")
@@ -304,7 +481,16 @@ def _evaluate_task(args, model, tok, device, directory) -> int:
         print(json.dumps({k: v for k, v in res.items() if k != "items"}, indent=2))
         return 0
     print(f"checkpoint: {directory}")
-    print(f"task: {args.task}, {res['n']} items, {args.shots}-shot")
+    shots = f"{args.shots}-shot"
+    used = res["shots_used"]
+    if res["shots_cut"]:
+        shots = (f"{args.shots} shots asked, {used['min']}-{used['max']} used (mean "
+                 f"{used['mean']:.2f}; {res['shots_cut']} items got fewer to fit the "
+                 f"{res['window']}-token window)")
+    print(f"task: {args.task}, {res['n']} items, {shots}")
+    if res["truncated"]:
+        print(f"note: {res['truncated']} of {res['n']} prompts are longer than the model's "
+              f"{res['window']}-token window and lost tokens from the left")
     rows = [["acc", f"{res['acc']:.4f}"], ["acc_norm", f"{res['acc_norm']:.4f}"]]
     per = res.get("per_subject") or {}
     if "macro_acc" in per:
@@ -501,23 +687,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
     d.set_defaults(func=cmd_demo)
 
-    e = sub.add_parser("evaluate", help="loss / perplexity / bits per byte of a checkpoint")
-    e.add_argument("checkpoint", help="checkpoint directory or run directory")
+    e = sub.add_parser(
+        "evaluate",
+        help="loss / perplexity / bits per byte, WikiText-2, MMLU, HellaSwag, ... of a model",
+        description="Evaluate one of our checkpoints / run directories or a Hugging Face model "
+        "directory. Loss and perplexity use the model's own context as the window unless "
+        "--context says otherwise; the output names the window and stride.",
+    )
+    e.add_argument("checkpoint", help="checkpoint directory, run directory or Hugging Face model directory")
     e.add_argument("--data", help="lm: text source (file, dir, jsonl, registry name; default: the "
-                   "run's validation split); tasks: the task's file or directory")
+                   "run's validation split); wikitext2: the file (default: wikitext2/"
+                   "wiki.valid.tokens in the data dirs); tasks: the task's file or directory")
     e.add_argument("--field", default="text", help="jsonl field holding the text")
     e.add_argument("--data-dir", help="directory searched first for named corpora")
-    e.add_argument("--batches", type=int, default=50, help="at most this many batches")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--context", type=int, default=None,
+                   help="lm, wikitext2: window in tokens (default: the model's context, lowered "
+                   "only if one window's logits would not fit in memory, with a note)")
+    e.add_argument("--stride", type=int, default=None,
+                   help="lm, wikitext2: tokens between window starts (default: the window, i.e. "
+                   "disjoint windows); smaller = sliding windows, each scoring its last STRIDE "
+                   "tokens with WINDOW - STRIDE tokens of context")
+    e.add_argument("--batches", type=int, default=None,
+                   help="lm: at most this many batches of windows (default 50; wikitext2: all)")
+    e.add_argument("--batch-size", type=int, default=16, help="windows / rows per forward pass")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--task", default="lm",
-                   choices=["lm", "mmlu", "hellaswag", "synthetic-mc", "synthetic-completion",
-                            "needle", "mqar", "rewards"],
-                   help="lm: loss/ppl/bpb; or a multiple-choice task (acc, acc_norm)")
+                   choices=["lm", "wikitext2", "mmlu", "hellaswag", "synthetic-mc",
+                            "synthetic-completion", "needle", "mqar", "rewards"],
+                   help="lm: loss/ppl/bpb; wikitext2: token- and word-level perplexity on the "
+                   "WikiText-2 validation file; or a multiple-choice task (acc, acc_norm)")
     e.add_argument("--limit", type=int, default=None,
-                   help="items per task (MMLU: per subject, as lm-eval)")
-    e.add_argument("--shots", type=int, default=0, help="few-shot examples per item")
+                   help="items in total (MMLU: round-robin over the subjects, so every subject "
+                   "gets its first items)")
+    e.add_argument("--limit-per-subject", type=int, default=None,
+                   help="MMLU: at most this many items per subject (what lm-eval's --limit means)")
+    e.add_argument("--shots", type=int, default=0,
+                   help="few-shot examples per item; a prompt too long for the model's context "
+                   "keeps the shots that fit (reported)")
     e.add_argument("--per-subject", action="store_true", help="print per-subject accuracy")
     e.add_argument("--lengths", default="512,1024,2048,4096", help="needle: haystack sizes (bytes)")
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: needle depths in [0, 1]")

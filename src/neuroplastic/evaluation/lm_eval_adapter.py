@@ -11,8 +11,13 @@ models with LoRA adapters::
         --tasks gsm8k --batch_size 8 --device cuda
 
 (``python -m neuroplastic.evaluation.lm_eval_adapter`` is the ``lm_eval`` command line
-with this model registered: lm_eval finds models by import, not by plugin.) From
-Python: ``lm_eval.simple_evaluate(model=NeuroplasticLM(checkpoint=...), tasks=[...])``.
+with this model registered: lm_eval finds models by import, not by plugin.) It also
+passes ``--include_path`` with our task configs
+(:mod:`neuroplastic.evaluation.lm_eval_tasks`), so ``hellaswag``, ``mmlu`` and ``gsm8k``
+read the local files the data registry finds (``$NEUROPLASTIC_DATA``,
+``../shared/data``, ...) and never reach a hub; give your own ``--include_path`` to
+replace that. From Python: ``lm_eval.simple_evaluate(model=NeuroplasticLM(checkpoint=...),
+tasks=[...], task_manager=task_manager())``.
 
 Model arguments (``--model_args`` ``key=value,...``):
 
@@ -67,7 +72,7 @@ from neuroplastic.errors import UserError
 from neuroplastic.evaluation.generation import TextCodec, generate_until
 from neuroplastic.evaluation.multiple_choice import make_scorer
 
-__all__ = ["NeuroplasticLM", "main"]
+__all__ = ["NeuroplasticLM", "main", "task_manager"]
 
 
 def _int_or(value: Any, default: int) -> int:
@@ -202,11 +207,58 @@ class NeuroplasticLM(LM):
         )
 
 
-def main() -> None:
-    """The ``lm_eval`` command line with ``--model neuroplastic`` available."""
+def task_manager(**kwargs: Any):
+    """lm_eval's ``TaskManager`` with our local-data task configs on its include path
+    (they replace the built-in ``hellaswag``, ``mmlu*`` and ``gsm8k``)."""
+    from lm_eval.tasks import TaskManager
+
+    from neuroplastic.evaluation.lm_eval_tasks import TASKS_DIR
+
+    kwargs.setdefault("include_path", str(TASKS_DIR))
+    _quiet_overrides()
+    return TaskManager(**kwargs)
+
+
+class _QuietOverrides:
+    """Drops lm_eval's warning for each of our tasks that replaces a built-in one (63 lines
+    for hellaswag + mmlu + gsm8k, all expected)."""
+
+    def filter(self, record) -> bool:
+        from neuroplastic.evaluation.lm_eval_tasks import TASKS_DIR
+
+        msg = record.getMessage()
+        ours = str(TASKS_DIR) in msg or "'mmlu_" in msg  # a task of ours, or an mmlu tag
+        return not ("overrides existing task" in msg and ours)
+
+
+def _quiet_overrides() -> None:
+    import logging
+
+    logger = logging.getLogger("lm_eval.tasks._index")
+    if not any(isinstance(f, _QuietOverrides) for f in logger.filters):
+        logger.addFilter(_QuietOverrides())
+
+
+def _with_include_path(argv: list[str]) -> list[str]:
+    from neuroplastic.evaluation.lm_eval_tasks import TASKS_DIR
+
+    if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        return argv
+    return [*argv, "--include_path", str(TASKS_DIR)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``lm_eval`` command line with ``--model neuroplastic`` available and our
+    local-data task configs on the include path."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    sys.argv = [sys.argv[0], *_with_include_path(list(sys.argv[1:] if argv is None else argv))]
+    _quiet_overrides()
+    try:
+        cli_evaluate()
+    except UserError as exc:
+        print(f"neuroplastic: error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

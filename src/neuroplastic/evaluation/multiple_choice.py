@@ -94,6 +94,7 @@ __all__ = [
     "build_instances",
     "evaluate_task",
     "fit_shots",
+    "hellaswag_query",
     "load_hellaswag",
     "load_mmlu",
     "make_scorer",
@@ -613,7 +614,9 @@ def _hs_clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _hs_query(item: dict, preprocess: bool) -> tuple[str, list[str]]:
+def hellaswag_query(item: dict, preprocess: bool = True) -> tuple[str, list[str]]:
+    """``(query, endings)`` of a HellaSwag item as lm-eval's ``hellaswag`` task builds them
+    (``preprocess=False``: the raw ``ctx`` and endings)."""
     if not preprocess:
         return item["ctx"], list(item["endings"])
     if isinstance(item.get("ctx_a"), str) and isinstance(item.get("ctx_b"), str):
@@ -735,7 +738,7 @@ def build_instances(
 
     if task == "hellaswag":
         items = load_hellaswag(_locate("hellaswag", data_path, data_dir))
-        queries = [_hs_query(it, preprocess) for it in items]
+        queries = [hellaswag_query(it, preprocess) for it in items]
         gold = [it["label"] for it in items]
         subj: list[str | None] = [None] * len(items)
         records = [{"ctx": it["ctx"]} for it in items]

@@ -50,7 +50,9 @@ from neuroplastic.errors import UserError
 __all__ = [
     "evaluate_mqar",
     "needle_grid",
+    "parse_depths",
     "parse_key",
+    "parse_lengths",
     "parse_word",
     "plot_needle_heatmap",
 ]
@@ -425,3 +427,30 @@ def evaluate_mqar(
         "long_context": _long_context(model),
         "window": window,
     }
+
+
+def parse_lengths(text: str, what: str = "--lengths") -> tuple[int, ...]:
+    """Comma-separated positive integers (``"512,1024"``) or a UserError naming ``what``."""
+    try:
+        values = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise UserError(
+            f"{what} must be comma-separated positive integers (bytes), e.g. 512,1024, "
+            f"not {text!r}."
+        )
+    return values
+
+
+def parse_depths(text: str, what: str = "--depths") -> tuple[float, ...]:
+    """Comma-separated numbers in [0, 1] (``"0,0.5,1"``) or a UserError naming ``what``."""
+    try:
+        values = tuple(float(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not 0 <= v <= 1 for v in values):  # also rejects nan
+        raise UserError(
+            f"{what} must be comma-separated numbers from 0 to 1, e.g. 0,0.5,1, not {text!r}."
+        )
+    return values
