@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,175 @@ def test_documented_command_line(tasks_dir, hf_lora, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "np_tiny_mc" in out.stdout and "acc" in out.stdout
+
+
+# --------------------------------------------------------------------------- shipped task configs
+
+def _shared(name: str):
+    from neuroplastic.data import registry
+
+    found = registry.find_local(name)
+    if found is None:
+        pytest.skip(f"no local copy of {name} (set NEUROPLASTIC_DATA)")
+    return found
+
+
+def test_shipped_task_configs_read_local_files_offline(monkeypatch):
+    """hellaswag, mmlu_<subject> and gsm8k from our include path are lm-eval's prompts on the
+    local files; the hub is never asked (HF offline, and datasets.load_dataset is poisoned)."""
+    import datasets
+
+    from neuroplastic.evaluation.lm_eval_adapter import task_manager
+    from neuroplastic.evaluation.multiple_choice import build_instances
+
+    _shared("hellaswag")
+    _shared("mmlu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def no_hub(*a, **k):
+        raise AssertionError(f"datasets.load_dataset was called: {a} {k}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    from lm_eval.tasks import get_task_dict
+
+    tasks = get_task_dict(["hellaswag", "mmlu_anatomy"], task_manager())
+    hs = tasks["hellaswag"]
+    docs = list(hs.validation_docs())
+    ours = build_instances("hellaswag")
+    assert len(docs) == len(ours) >= 100
+    for doc, inst in zip(docs[:50], ours[:50]):
+        assert hs.doc_to_text(doc) == inst.context
+        assert [" " + c for c in hs.doc_to_choice(doc)] == inst.continuations
+        assert hs.doc_to_target(doc) == inst.gold
+    mm = tasks["mmlu_anatomy"]
+    mdocs = list(mm.validation_docs())
+    mine = build_instances("mmlu", subjects=["anatomy"])
+    assert len(mdocs) == len(mine)
+    assert mm.config.description + mm.doc_to_text(mdocs[0]) == mine[0].context
+
+
+def test_shipped_gsm8k_holds_out_what_cot_holds_out(monkeypatch):
+    from neuroplastic.data.cot import load_cot_examples, split_examples
+    from neuroplastic.evaluation.lm_eval_tasks import gsm8k_dataset
+
+    _shared("gsm8k")
+    ds = gsm8k_dataset()
+    _, held = split_examples(load_cot_examples("gsm8k"), 0.05, 0)
+    assert len(ds["test"]) == len(held) and len(ds["train"]) + len(held) == 7473
+    assert [r["question"].strip() for r in ds["test"]] == [e.question for e in held]
+    assert not {r["question"] for r in ds["test"]} & {r["question"] for r in ds["train"]}
+
+
+def test_readme_adapter_command_works_offline(tmp_path, text_file):
+    """The README's ``--tasks hellaswag`` line, on a tiny checkpoint, with the hub off."""
+    import os
+    import subprocess
+    import sys
+
+    _shared("hellaswag")
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("train", "tiny", *tiny_overrides(text_file, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    import neuroplastic
+
+    src = str(Path(neuroplastic.__file__).resolve().parents[1])  # this tree, from any cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), "HF_HOME": str(tmp_path / "hf-home")}
+    r = subprocess.run(
+        [sys.executable, "-m", "neuroplastic.evaluation.lm_eval_adapter", "--model", "neuroplastic",
+         "--model_args", f"checkpoint={out}", "--tasks", "hellaswag", "--device", "cpu",
+         "--limit", "4"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "|hellaswag|" in r.stdout and "acc_norm" in r.stdout
+    assert "overrides existing task" not in r.stderr
+
+
+# --------------------------------------------------------------------------- agreement (slow)
+
+REAL_MODEL = Path(os.environ.get("NEUROPLASTIC_REAL_MODEL", "/work/models/smollm2-135m-instruct"))
+
+
+def lm_eval_agreement(model_dir: Path, n_hellaswag: int, mmlu_per_subject: int,
+                      batch_size: int = 16) -> dict:
+    """Per-item agreement of our scorer (``neuroplastic evaluate``'s) with lm-eval's own
+    ``hf`` model on the same items of the shared HellaSwag and MMLU (val) files, read by
+    our shipped task configs. Returns ``{task: {"n", "acc": (ours, lm-eval, agreement),
+    "acc_norm": (...)}}``."""
+    import lm_eval
+
+    from neuroplastic.evaluation.lm_eval_adapter import task_manager
+    from neuroplastic.evaluation.multiple_choice import evaluate_task, make_scorer
+    from neuroplastic.models.hf import load_causal_lm
+
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["hellaswag", "mmlu"],
+        device="cpu", batch_size=batch_size, task_manager=task_manager(), log_samples=True,
+        limit=None, samples={"hellaswag": list(range(n_hellaswag)),
+                             **{f"mmlu_{s}": list(range(mmlu_per_subject)) for s in _mmlu_subjects()}},
+    )
+    theirs: dict[str, dict] = {"hellaswag": {}, "mmlu": {}}
+    for task, samples in out["samples"].items():
+        key = "hellaswag" if task == "hellaswag" else "mmlu"
+        for s in samples:
+            theirs[key][(task, s["doc_id"])] = (s["acc"], s.get("acc_norm", s["acc"]))
+    model, tok = load_causal_lm(model_dir, device="cpu")
+    scorer = make_scorer(model, tok, "cpu", batch_size)
+    ours_hs = evaluate_task(scorer, "hellaswag", limit=n_hellaswag)["items"]
+    ours_mm = evaluate_task(scorer, "mmlu", limit_per_subject=mmlu_per_subject)["items"]
+    mine: dict[str, dict] = {"hellaswag": {}, "mmlu": {}}
+    for i, it in enumerate(ours_hs):
+        mine["hellaswag"][("hellaswag", i)] = (float(it["pred"] == it["gold"]),
+                                               float(it["pred_norm"] == it["gold"]))
+    seen: dict[str, int] = {}
+    for it in ours_mm:
+        j = seen[it["subject"]] = seen.get(it["subject"], -1) + 1
+        mine["mmlu"][(f"mmlu_{it['subject']}", j)] = (float(it["pred"] == it["gold"]),
+                                                      float(it["pred_norm"] == it["gold"]))
+    table = {}
+    for task in ("hellaswag", "mmlu"):
+        assert set(mine[task]) == set(theirs[task]), task
+        keys = sorted(mine[task])
+        row = {"n": len(keys)}
+        for m, name in enumerate(("acc", "acc_norm")):
+            a = [mine[task][k][m] for k in keys]
+            b = [theirs[task][k][m] for k in keys]
+            row[name] = (sum(a) / len(a), sum(b) / len(b),
+                         sum(x == y for x, y in zip(a, b)) / len(a))
+        table[task] = row
+    return table
+
+
+def _mmlu_subjects() -> list[str]:
+    from neuroplastic.evaluation.lm_eval_tasks import TASKS_DIR
+
+    return sorted(p.stem[len("mmlu_"):] for p in (TASKS_DIR / "mmlu").glob("mmlu_*.yaml"))
+
+
+@pytest.mark.slow
+def test_per_item_agreement_with_lm_eval_hf_on_the_real_model():
+    """>= 99.5 % per-item agreement (acc and acc_norm) with lm-eval's ``hf`` model.
+    Sizes: NEUROPLASTIC_AGREEMENT_HS (HellaSwag items, default 200) and
+    NEUROPLASTIC_AGREEMENT_MMLU (MMLU items per subject, default 4: 228 items)."""
+    if not (REAL_MODEL / "config.json").is_file():
+        pytest.skip(f"no real model at {REAL_MODEL} (set NEUROPLASTIC_REAL_MODEL)")
+    _shared("hellaswag")
+    _shared("mmlu")
+    n_hs = int(os.environ.get("NEUROPLASTIC_AGREEMENT_HS", "200"))
+    n_mm = int(os.environ.get("NEUROPLASTIC_AGREEMENT_MMLU", "4"))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    table = lm_eval_agreement(REAL_MODEL, n_hs, n_mm)
+    print("\n| task | items | metric | neuroplastic | lm-eval hf | per-item agreement |")
+    print("|---|---|---|---|---|---|")
+    for task, row in table.items():
+        for m in ("acc", "acc_norm"):
+            ours, theirs, agree = row[m]
+            print(f"| {task} | {row['n']} | {m} | {ours:.4f} | {theirs:.4f} | {100 * agree:.1f} % |")
+    for task, row in table.items():
+        for m in ("acc", "acc_norm"):
+            assert row[m][2] >= 0.995, (task, m, row[m])
