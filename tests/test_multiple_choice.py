@@ -442,7 +442,7 @@ def test_acc_norm_divides_by_the_choice_length_without_the_leading_space(tmp_pat
     items = [
         # per char without the space: xy -1.45, wxyz -1.25 -> 1; with the space (" xy" 3,
         # " wxyz" 5): -0.97 vs -1.0 -> 0 (what our scorer did before)
-        ({"xy": -2.9, "wxyz": -5.0, "q" * 30: -200.0, "r" * 30: -200.0}, 1, 1, 1),
+        ({"xy": -2.9, "wxyz": -5.0, "q" * 30: -200.0, "r" * 30: -200.0}, 0, 1, 1),
         # per char: abcdefgh -0.75 (one BPE token: -6 per token), "a b c d" -0.93 (four
         # tokens: -1.6 per token) -> 0; per token would pick 1
         ({"abcdefgh": -6.0, "a b c d": -6.5, "s" * 30: -200.0, "t" * 30: -200.0}, 0, 0, 0),
@@ -453,13 +453,13 @@ def test_acc_norm_divides_by_the_choice_length_without_the_leading_space(tmp_pat
     path = tmp_path / "hs.jsonl"
     table: dict[str, float] = {}
     with open(path, "w", encoding="utf-8") as f:
-        for lls, pred, pred_norm, _ in items:
+        for lls, _, pred_norm, _ in items:
             endings = list(lls)
             table.update({" " + e: v for e, v in lls.items()})
             f.write(json.dumps({"ctx": "Pick:", "endings": endings, "label": pred_norm}) + "\n")
     r = evaluate_task(TableScorer(table), "hellaswag", data_path=path)
-    assert [it["pred"] for it in r["items"]] == [0, 0, 0]
-    assert [it["pred_norm"] for it in r["items"]] == [1, 0, 1]
+    assert [it["pred"] for it in r["items"]] == [p for _, p, _, _ in items] == [0, 0, 0]
+    assert [it["pred_norm"] for it in r["items"]] == [p for _, _, p, _ in items] == [1, 0, 1]
     assert r["acc_norm"] == 1.0
     assert r["acc_bytes"] == pytest.approx(2 / 3)  # the third item: bytes pick 0, gold is 1
     inst = build_instances("hellaswag", data_path=path)[0]
