@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SAMPLE_TEXT, run_cli, tiny_overrides
+
 from neuroplastic.data.batching import sequential_blocks
 from neuroplastic.evaluation.lm import fit_to_memory, lm_metrics, model_context, sliding_windows
 
