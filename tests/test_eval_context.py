@@ -218,3 +218,11 @@ def test_mmlu_shots_that_do_not_fit_are_reported_and_warned_once(tmp_path, text_
     res = _json(run_cli("evaluate", str(run), "--task", "mmlu", "--data", str(tmp_path / "mmlu"),
                         "--shots", "5", "--limit", "3", "--json"))
     assert res["shots"] == 5 and res["shots_cut"] == 3 and res["shots_used"]["max"] == 0
+
+
+def test_help_says_what_limit_counts():
+    r = run_cli("evaluate", "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "--limit LIMIT items in total" in text
+    assert "what lm- eval's --limit means" in text or "what lm-eval's --limit means" in text
+    assert "--context" in text and "--stride" in text

@@ -222,9 +222,7 @@ def _text_tokenizer(tok, info: dict):
         return tok
     for key in ("hf_dir", "base_model", "adapter", "model_path"):
         d = info.get(key)
-        if d and (Path(d) / "tokenizer.json").is_file() or (
-            d and (Path(d) / "vocab.json").is_file()
-        ):
+        if d and any((Path(d) / name).is_file() for name in ("tokenizer.json", "vocab.json")):
             return HFTokenizer(d)
     raise UserError(
         "cannot read this model's tokenizer files (tokenizer.json, or vocab.json + merges.txt) "
