@@ -292,6 +292,13 @@ def test_generate_on_cuda_without_cuda_exit_2(tiny_run, capsys):
         assert f"--device is '{device}' but CUDA is not available" in line and "--device cpu" in line
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_evaluate_on_cuda_without_cuda_exit_2(tiny_run, capsys):
+    assert main(["evaluate", str(tiny_run), "--device", "cuda"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--device is 'cuda' but CUDA is not available" in line
+
+
 def test_generate_with_nan_weights_exit_2(tiny_run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 

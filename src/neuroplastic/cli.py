@@ -252,12 +252,11 @@ def _wikitext2_file(args) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     _check_evaluate_args(args)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from neuroplastic.evaluation.generation import resolve_device
+
+    device = str(resolve_device(args.device))  # a device this machine lacks: one sentence, exit 2
     model, tok, cfg, directory, info = _load_for_evaluate(args.checkpoint, device)
     if args.task in ("needle", "mqar"):
         return _evaluate_recall(args, model, _text_tokenizer(tok, info), device, directory)
