@@ -172,6 +172,43 @@ def bigram_loss(train: np.ndarray, val: tuple[np.ndarray, np.ndarray], vocab: in
     return float(-np.log(p[x.reshape(-1), y.reshape(-1)]).mean())
 
 
+def interleaved(runners: dict, train: np.ndarray, val, seconds: float, slice_steps: int, batch: int, seq: int,
+                eval_every: float, desc: str, echo=print) -> tuple[dict, dict]:
+    """Train every runner for ``seconds`` of its own step time, in interleaved slices of
+    ``slice_steps`` steps on the same random windows (so machine noise hits all alike);
+    held-out loss every ``eval_every`` training seconds and at the end."""
+    from tqdm.auto import tqdm
+
+    rngs = {n: np.random.default_rng(1) for n in runners}  # the same windows for every model
+    spent = dict.fromkeys(runners, 0.0)
+    tokens = dict.fromkeys(runners, 0)
+    next_eval = dict.fromkeys(runners, 0.0)
+    curves: dict[str, list[tuple[float, int, float]]] = {n: [] for n in runners}
+    bar = tqdm(total=len(runners) * seconds, unit="s", desc=desc)
+    while min(spent.values()) < seconds:
+        for name, r in runners.items():
+            if spent[name] >= seconds:
+                continue
+            if spent[name] >= next_eval[name]:
+                curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
+                next_eval[name] += eval_every
+            for _ in range(slice_steps):
+                x, y = windows(train, batch, seq, rngs[name])
+                t = time.perf_counter()
+                r.train_step(x, y)
+                dt = time.perf_counter() - t
+                spent[name] += dt
+                tokens[name] += x.size
+                bar.update(dt)
+                if spent[name] >= seconds:
+                    break
+    bar.close()
+    for name, r in runners.items():
+        curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
+        echo(f"{name}: held-out loss {curves[name][-1][2]:.4f} after {tokens[name]:,} tokens in {spent[name]:.0f} s")
+    return curves, tokens
+
+
 def learning(seconds: float, slice_steps: int, batch: int, seq: int, eval_every: float, scale: float,
              dim: int, echo=print) -> dict:
     corpus = load_corpus("tinyshakespeare")
@@ -187,35 +224,8 @@ def learning(seconds: float, slice_steps: int, batch: int, seq: int, eval_every:
         n: sum(p.numel() for p in (r.brain.readout_parameters() if isinstance(r, NeuroGenModel) else r.model.parameters()))
         for n, r in runners.items()
     }
-    rngs = {n: np.random.default_rng(1) for n in runners}  # the same windows for every model
-    spent = dict.fromkeys(runners, 0.0)
-    tokens = dict.fromkeys(runners, 0)
-    next_eval = dict.fromkeys(runners, 0.0)
-    curves: dict[str, list[tuple[float, int, float]]] = {n: [] for n in runners}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(runners) * seconds, unit="s", desc="learning (all models)")
-    while min(spent.values()) < seconds:
-        for name, r in runners.items():
-            if spent[name] >= seconds:
-                continue
-            if spent[name] >= next_eval[name]:
-                curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
-                next_eval[name] += eval_every
-            for _ in range(slice_steps):
-                x, y = windows(corpus.train, batch, seq, rngs[name])
-                t = time.perf_counter()
-                r.train_step(x, y)
-                dt = time.perf_counter() - t
-                spent[name] += dt
-                tokens[name] += x.size
-                bar.update(dt)
-                if spent[name] >= seconds:
-                    break
-    bar.close()
-    for name, r in runners.items():
-        curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
-        echo(f"{name}: held-out loss {curves[name][-1][2]:.4f} after {tokens[name]:,} tokens in {spent[name]:.0f} s")
+    curves, tokens = interleaved(runners, corpus.train, val, seconds, slice_steps, batch, seq, eval_every,
+                                 "learning (all models)", echo)
     return {
         "curves": curves, "params": params, "tokens": tokens, "seconds": seconds,
         "unigram": unigram_entropy(corpus.train, V), "bigram": bigram_loss(corpus.train, val, V),
@@ -245,35 +255,8 @@ def vocab_learning(seconds: float, slice_steps: int, batch: int, seq: int, eval_
     runners = {"full softmax": NeuroGenModel(vocab, dim, -1),
                "adaptive softmax": NeuroGenModel(vocab, dim, -1, softmax="adaptive")}
     runners["adaptive softmax"].set_token_frequencies(counts)
-    rngs = {n: np.random.default_rng(1) for n in runners}
-    spent = dict.fromkeys(runners, 0.0)
-    tokens = dict.fromkeys(runners, 0)
-    next_eval = dict.fromkeys(runners, 0.0)
-    curves: dict[str, list[tuple[float, int, float]]] = {n: [] for n in runners}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(runners) * seconds, unit="s", desc="full vs adaptive softmax")
-    while min(spent.values()) < seconds:
-        for name, r in runners.items():
-            if spent[name] >= seconds:
-                continue
-            if spent[name] >= next_eval[name]:
-                curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
-                next_eval[name] += eval_every
-            for _ in range(slice_steps):
-                x, y = windows(train_ids, batch, seq, rngs[name])
-                t = time.perf_counter()
-                r.train_step(x, y)
-                dt = time.perf_counter() - t
-                spent[name] += dt
-                tokens[name] += x.size
-                bar.update(dt)
-                if spent[name] >= seconds:
-                    break
-    bar.close()
-    for name, r in runners.items():
-        curves[name].append((spent[name], tokens[name], heldout_loss(r, val)))
-        echo(f"{name}: held-out loss {curves[name][-1][2]:.4f} after {tokens[name]:,} tokens in {spent[name]:.0f} s")
+    curves, tokens = interleaved(runners, train_ids, val, seconds, slice_steps, batch, seq, eval_every,
+                                 "full vs adaptive softmax", echo)
     return {"curves": curves, "tokens": tokens, "seconds": seconds, "vocab": vocab, "tokenizer_vocab": tok_vocab,
             "unigram": unigram_entropy(train_ids, vocab), "batch": batch, "seq": seq, "dim": dim,
             "train_tokens": int(len(train_ids)), "val_tokens": int(val[0].size)}

@@ -15,11 +15,8 @@ ADAPTIVE = dict(softmax="adaptive", adaptive_cutoffs=[8, 24], adaptive_div=2.0)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (the conftest fixture)."""
 
 
 def model(**kw) -> NeuroGenModel:

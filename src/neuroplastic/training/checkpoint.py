@@ -180,14 +180,18 @@ def _load_lora_weights(
             f"The LoRA adapters in {str(path)!r} do not fit this model ({what}); load them with "
             "the model.lora settings they were trained with."
         )
+    _check_shapes(path, tensors, expected, "the model.lora settings")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _check_shapes(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                  settings: str) -> None:
     for k, t in tensors.items():
         if tuple(t.shape) != tuple(expected[k].shape):
             raise UserError(
                 f"Checkpoint {str(path)!r} has {k} of shape {tuple(t.shape)} but the model "
-                f"expects {tuple(expected[k].shape)}; load it with the model.lora settings it "
-                "was trained with."
+                f"expects {tuple(expected[k].shape)}; load it with {settings} it was trained with."
             )
-    model.load_state_dict(tensors, strict=False)
 
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
@@ -207,13 +211,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
             f"Checkpoint {str(path)!r} does not fit this model ({what}); "
             "it was saved from a different architecture."
         )
-    for k, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise UserError(
-                f"Checkpoint {str(path)!r} has {k} of shape {tuple(t.shape)} but the model "
-                f"expects {tuple(expected[k].shape)}; load it with the model config it was "
-                "trained with."
-            )
+    _check_shapes(path, tensors, expected, "the model config")
     model.load_state_dict(tensors, strict=False)
 
 
