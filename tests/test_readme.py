@@ -56,10 +56,10 @@ def tiny(cmd: list[str]) -> list[str]:
         if cmd[2] == "needle-recall":
             out += ["train.progress=false", "train.tensorboard=false"]
     if cmd[:2] == ["neuroplastic", "evaluate"]:
-        if "--task" not in cmd:
+        if "--task" not in cmd or "wikitext2" in cmd:
             out += ["--batches", "1"]
         if "needle" in cmd:
-            out += ["--lengths", "64", "--trials", "1"]
+            out += ["--lengths", "128", "--trials", "1"]
         if "--limit" in cmd:
             out[out.index("--limit") + 1] = "2"
     if cmd[:2] == ["neuroplastic", "generate"]:

@@ -403,7 +403,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{key} expects a mapping of {tp.__name__} fields, got {value!r}.")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     return value
 
 
@@ -414,7 +414,7 @@ def _closest(key: str, candidates: list[str]) -> str:
     return "valid keys: " + ", ".join(candidates) + "."
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -505,7 +505,7 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     if not isinstance(values, dict):
         raise UserError("A recipe must be a YAML mapping with sections model, data, train.")
-    return _build(RunConfig, values)
+    return build_dataclass(RunConfig, values)
 
 
 def available_recipes() -> dict[str, Path]:

@@ -99,13 +99,6 @@ def _core(c: Concept) -> str:
     return f"{c.category} {c.rel} {c.gloss}"
 
 
-def _strip_article(phrase: str) -> str:
-    for a in ("a ", "an ", "the "):
-        if phrase.startswith(a):
-            return phrase[len(a) :]
-    return phrase
-
-
 # --------------------------------------------------------------------------- training templates
 
 Template = Callable[[Concept, random.Random, "SyntheticCurriculum"], str]

@@ -83,11 +83,11 @@ from neuroplastic.config import ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.transformer import (
     MLP,
-    _check_config,
-    _norm,
     apply_rope,
+    check_config,
     generate_loop,
     gpt2_init_,
+    make_norm,
     rope_angles,
 )
 from neuroplastic.ops.fast_weight import FEATURE_MAPS, fast_weight, feature_map
@@ -140,7 +140,7 @@ def _check_hebbian_config(cfg: ModelConfig) -> None:
             f"model.vocab_size must be positive to build the hebbian model, got "
             f"{cfg.vocab_size}; set it from the tokenizer before building the model."
         )
-    _check_config(cfg)
+    check_config(cfg)
     if cfg.pos != "rope":
         raise UserError(
             f"model.arch=hebbian uses RoPE positions (generation runs past block_size); "
@@ -374,9 +374,9 @@ class LocalAttentionMemory(nn.Module):
 class HebbianBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = _norm(cfg)
+        self.ln_1 = make_norm(cfg)
         self.mix = LocalAttentionMemory(cfg)
-        self.ln_2 = _norm(cfg)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, attn_mask, log_alpha, state, layer, mode):
@@ -410,7 +410,7 @@ class HebbianLM(nn.Module):
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 drop=nn.Dropout(cfg.dropout),
                 h=nn.ModuleList(HebbianBlock(cfg) for _ in range(cfg.n_layer)),
-                ln_f=_norm(cfg),
+                ln_f=make_norm(cfg),
             )
         )
         self.lm_head = None if cfg.tie_weights else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

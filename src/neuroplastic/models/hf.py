@@ -143,7 +143,7 @@ def _rewrap(original: Any, inner: nn.Module) -> Any:
     return inner
 
 
-def _is_peft(model: Any) -> bool:
+def is_peft(model: Any) -> bool:
     if importlib.util.find_spec("peft") is None:
         return False
     from peft import PeftModel
@@ -499,7 +499,7 @@ def load_causal_lm(
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant gradient checkpointing, with the KV cache off during training."""
     inner = _unwrap(model)
-    if _is_peft(inner):
+    if is_peft(inner):
         inner = inner.get_base_model()
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise UserError(
@@ -533,7 +533,7 @@ def _quiet_peft():
 def _cache_kwarg(model: nn.Module) -> str:
     """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (4.x and early 5.x)."""
-    inner = model.get_base_model() if _is_peft(model) else model
+    inner = model.get_base_model() if is_peft(model) else model
     try:
         params = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
@@ -587,7 +587,7 @@ def lora_target_names(model: nn.Module, target_modules: list[str] | str | None =
     Raises :class:`UserError` for a pattern that matches no layer.
     """
     inner = _unwrap(model)
-    if _is_peft(inner):
+    if is_peft(inner):
         inner = inner.get_base_model()
     layers = _adaptable_layers(inner)
     out_emb = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
@@ -674,7 +674,7 @@ def apply_lora(
     from peft import LoraConfig, get_peft_model
 
     inner = _unwrap(model)
-    if _is_peft(inner):
+    if is_peft(inner):
         raise UserError(
             "The model already has LoRA adapters; apply_lora once, or load_adapter on a fresh "
             "base model."
@@ -733,7 +733,7 @@ def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
 def save_adapter(model: Any, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write the LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     inner = _unwrap(model)
-    if not _is_peft(inner):
+    if not is_peft(inner):
         raise UserError(
             f"save_adapter needs a model with LoRA adapters (from apply_lora), got "
             f"{type(inner).__name__}; use export_merged or save_pretrained for a plain model."
@@ -783,7 +783,7 @@ def load_adapter(base_model: Any, directory: str | Path, *, is_trainable: bool =
 
     directory = Path(directory)
     inner = _unwrap(base_model)
-    if _is_peft(inner):
+    if is_peft(inner):
         raise UserError(
             "load_adapter needs a base model without adapters; load a fresh one with "
             "load_causal_lm."
@@ -825,7 +825,7 @@ def export_merged(
     adapters are gone afterwards).
     """
     inner = _unwrap(model)
-    if _is_peft(inner):
+    if is_peft(inner):
         src = inner if inplace else copy.deepcopy(inner)
         merged = src.merge_and_unload()
     else:

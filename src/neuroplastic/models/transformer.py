@@ -188,7 +188,7 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
-def _norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, eps=1e-5)
     return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
@@ -312,9 +312,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = _norm(cfg)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = _norm(cfg)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, kv_cache, layer, attn_mask):
@@ -326,7 +326,7 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-def _check_config(cfg: ModelConfig) -> None:
+def check_config(cfg: ModelConfig) -> None:
     if cfg.vocab_size <= 0:
         raise UserError(
             f"model.vocab_size must be positive to build a GPT, got {cfg.vocab_size}; "
@@ -364,7 +364,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        _check_config(cfg)
+        check_config(cfg)
         self.config = cfg
         self.head_dim = cfg.n_embd // cfg.n_head
         self.transformer = nn.ModuleDict(
@@ -372,7 +372,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 drop=nn.Dropout(cfg.dropout),
                 h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=_norm(cfg),
+                ln_f=make_norm(cfg),
             )
         )
         if cfg.pos == "learned":

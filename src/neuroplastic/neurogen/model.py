@@ -49,9 +49,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from neuroplastic.config import _build
+from neuroplastic.config import build_dataclass
 from neuroplastic.errors import UserError
-from neuroplastic.models import brain_kernels
 from neuroplastic.models.brain import MECHANISMS, MODULES, Activity, Brain, BrainConfig
 from neuroplastic.models.brain_rules import (
     Dopamine,
@@ -64,8 +63,8 @@ from neuroplastic.models.brain_rules import (
 from neuroplastic.plasticity.consolidation import ReplayBuffer
 from neuroplastic.plasticity.engine import RewardBaseline
 from neuroplastic.training.checkpoint import (
-    _load_safetensors,
     flatten_state,
+    load_safetensors,
     model_tensors,
     unflatten_state,
 )
@@ -89,7 +88,7 @@ def make_config(vocab_size: Any, embedding_dim: Any, **overrides: Any) -> BrainC
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise UserError(f"{name} must be an integer, got {value!r}.")
     values = {"vocab_size": int(vocab_size), "embedding_dim": int(embedding_dim), **overrides}
-    return _build(BrainConfig, values).validate()
+    return build_dataclass(BrainConfig, values).validate()
 
 
 def _pick_device(gpu_device: Any) -> torch.device:
@@ -539,7 +538,7 @@ class NeuroGenModel:
         """
         doc = self.read_metadata(path)
         try:
-            saved = _build(BrainConfig, dict(doc["config"])).validate()
+            saved = build_dataclass(BrainConfig, dict(doc["config"])).validate()
         except (KeyError, TypeError) as exc:
             raise UserError(f"{str(metadata_path(path))!r} has no valid brain configuration.") from exc
         if saved.structure() != self.cfg.structure():
@@ -549,7 +548,7 @@ class NeuroGenModel:
                 f"Checkpoint {str(path)!r} is a brain with {diff}={a[diff]} but this model has {diff}={b[diff]}; "
                 f"create NeuroGenModel with the checkpoint's size (or use NeuroGenModel.from_checkpoint)."
             )
-        tensors = _load_safetensors(Path(path))
+        tensors = load_safetensors(Path(path))
         learning_skeleton = doc.pop("learning", None)
         doc = unflatten_state(doc, {})
         if saved != self.cfg:
@@ -584,7 +583,3 @@ class NeuroGenModel:
     def __repr__(self) -> str:
         return (f"NeuroGenModel(vocab_size={self.vocab_size}, embedding_dim={self.embedding_dim}, "
                 f"neurons={self.brain.n_neurons:,}, synapses={self.brain.n_synapses:,}, device={self.device})")
-
-
-def kernel_available() -> bool:
-    return brain_kernels.AVAILABLE

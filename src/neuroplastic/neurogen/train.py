@@ -213,7 +213,7 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print,
     from neuroplastic.data import sources
     from neuroplastic.neurogen.model import NeuroGenModel
     from neuroplastic.training.metrics import MetricsLogger, plot_loss_curve
-    from neuroplastic.training.trainer import _StopRequest
+    from neuroplastic.training.trainer import StopRequest
 
     opts.validate()
     run_dir = Path(opts.out)
@@ -338,7 +338,7 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print,
     tokens_at_start = tokens
     interrupted = False
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while not opts.max_chunks or step < opts.max_chunks:
                 # consecutive chunks overlap by one token: the last target is the next input
                 chunk = ([carry] if carry is not None else []) + stream.take(B * L + (carry is None))

@@ -28,7 +28,7 @@ from torch import nn
 from neuroplastic.errors import UserError
 
 
-def _compile_patterns(patterns: str | Sequence[str]) -> list:
+def compile_patterns(patterns: str | Sequence[str]) -> list:
     if isinstance(patterns, str):
         patterns = [patterns]
     compiled = []
@@ -56,8 +56,8 @@ def select_parameters(
     ``"transformer.h.*.mlp.*.weight"``) or regular expressions prefixed with ``re:``
     (searched, not anchored). Tied parameters appear once.
     """
-    inc = _compile_patterns(patterns)
-    exc = _compile_patterns(exclude) if exclude else []
+    inc = compile_patterns(patterns)
+    exc = compile_patterns(exclude) if exclude else []
     out = []
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -67,16 +67,16 @@ def select_parameters(
             continue
         if p.dim() < min_dim:
             continue
-        if not any(_match(r, name) for r in inc):
+        if not any(pattern_match(r, name) for r in inc):
             continue
-        if any(_match(r, name) for r in exc):
+        if any(pattern_match(r, name) for r in exc):
             continue
         seen.add(id(p))
         out.append((name, p))
     return out
 
 
-def _match(regex, name: str) -> bool:
+def pattern_match(regex, name: str) -> bool:
     # fnmatch.translate anchors with \Z; plain regexes are searched
     return bool(regex.match(name) if regex.pattern.endswith(r"\Z") else regex.search(name))
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from neuroplastic.errors import UserError
-from neuroplastic.plasticity.base import Rule, _compile_patterns, _match
+from neuroplastic.plasticity.base import Rule, compile_patterns, pattern_match
 
 
 class Hebbian(Rule):
@@ -100,8 +100,8 @@ class Hebbian(Rule):
         self.close()
         self.model = model
         self.optimizer = optimizer
-        inc = _compile_patterns(self.patterns)
-        exc = _compile_patterns(self.exclude) if self.exclude else []
+        inc = compile_patterns(self.patterns)
+        exc = compile_patterns(self.exclude) if self.exclude else []
         names, modules, seen = [], [], set()
         for mname, mod in model.named_modules():
             if not isinstance(mod, nn.Linear) or id(mod) in seen:
@@ -109,9 +109,9 @@ class Hebbian(Rule):
             if self.trainable_only and not mod.weight.requires_grad:
                 continue
             wname = f"{mname}.weight" if mname else "weight"
-            if not any(_match(r, mname) or _match(r, wname) for r in inc):
+            if not any(pattern_match(r, mname) or pattern_match(r, wname) for r in inc):
                 continue
-            if any(_match(r, mname) or _match(r, wname) for r in exc):
+            if any(pattern_match(r, mname) or pattern_match(r, wname) for r in exc):
                 continue
             seen.add(id(mod))
             names.append(wname)

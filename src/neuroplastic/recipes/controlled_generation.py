@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neuroplastic.config import _build
+from neuroplastic.config import build_dataclass
 from neuroplastic.errors import UserError
 from neuroplastic.training.reward import pairs_for
 from neuroplastic.training.trainer import Callback
@@ -222,7 +222,7 @@ def build_reward(options: ControlOptions, tokenizer: Any = None):
 
 def options_of(cfg) -> ControlOptions:
     """The recipe's validated options from a run config (``cfg.options``)."""
-    return _build(ControlOptions, dict(cfg.options), "options").validate()
+    return build_dataclass(ControlOptions, dict(cfg.options), "options").validate()
 
 
 def reward_for(cfg, tokenizer: Any = None):

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuroplastic.config import _build
+from neuroplastic.config import build_dataclass
 from neuroplastic.data.cot import (
     COMPLEXITY_MEASURES,
     DEFAULT_INSTRUCTION,
@@ -368,7 +368,7 @@ def per_layer_module(per_param: dict[str, float]) -> dict[str, dict[str, float]]
 
 def callbacks(trainer) -> list[Callback]:
     """Build the recipe's callback and place it after the plasticity engine (module docs)."""
-    opts = _build(CotOptions, dict(trainer.cfg.options), "options").validate()
+    opts = build_dataclass(CotOptions, dict(trainer.cfg.options), "options").validate()
     cb = CotCallback(trainer, opts)
     trainer.callbacks.append(cb)
     return []

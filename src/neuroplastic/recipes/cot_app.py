@@ -107,10 +107,10 @@ def cot_config(
         if not any(r.get("type") == kind for r in rules):
             rules.append({"type": kind})
     cfg.plasticity.rules = rules
-    from neuroplastic.config import _build
+    from neuroplastic.config import build_dataclass
     from neuroplastic.recipes.cot import CotOptions
 
-    _build(CotOptions, dict(cfg.options), "options").validate()  # before any model is loaded
+    build_dataclass(CotOptions, dict(cfg.options), "options").validate()  # before any model is loaded
     return cfg.validate()
 
 
@@ -175,9 +175,9 @@ def train_cot(
     model = trainer.model
     export = None
     if not summary["interrupted"] and hasattr(model, "tokenizer") and hasattr(model, "hf_config"):
-        from neuroplastic.models.hf import _is_peft, export_merged, save_adapter
+        from neuroplastic.models.hf import export_merged, is_peft, save_adapter
 
-        if _is_peft(model.model):
+        if is_peft(model.model):
             export = str(save_adapter(model, run_dir / "adapter"))
         else:
             export = str(export_merged(model, run_dir / "model"))
@@ -204,13 +204,13 @@ def train_cot(
 
 
 def _options_of(path: Path):
-    from neuroplastic.config import _build
+    from neuroplastic.config import build_dataclass
     from neuroplastic.recipes.cot import CotOptions
 
     cfg = read_run_config(path)
     if cfg is None or cfg.recipe_module != "cot":
         return CotOptions(), None
-    return _build(CotOptions, dict(cfg.options), "options"), cfg
+    return build_dataclass(CotOptions, dict(cfg.options), "options"), cfg
 
 
 def evaluation_examples(

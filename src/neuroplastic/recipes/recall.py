@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from neuroplastic.config import RunConfig, _build, dump_config
+from neuroplastic.config import RunConfig, build_dataclass, dump_config
 from neuroplastic.data import recall_tasks
 from neuroplastic.errors import UserError
 
@@ -180,7 +180,7 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
     from neuroplastic.training import checkpoint as ckpt
     from neuroplastic.training.trainer import check_writable
 
-    opts = _build(RecallOptions, dict(cfg.options), "options").validate(cfg)
+    opts = build_dataclass(RecallOptions, dict(cfg.options), "options").validate(cfg)
     if cfg.data.tokenizer != "byte":
         raise UserError(
             f"The recall recipe trains on bytes (the answer weights are byte offsets); set "

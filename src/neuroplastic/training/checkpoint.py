@@ -196,7 +196,7 @@ def _check_shapes(path: Path, tensors: dict[str, torch.Tensor], expected: dict[s
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """Load ``model.safetensors`` into ``model``; shape or key mismatches -> UserError."""
-    tensors = _load_safetensors(path)
+    tensors = load_safetensors(path)
     meta = _safetensors_metadata(path)
     if meta.get("neuroplastic_kind") == LORA_KIND:
         _load_lora_weights(model, Path(path), tensors, meta)
@@ -239,7 +239,7 @@ def _fsync_dir(path: Path) -> None:
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Checkpoint file {str(path)!r} is missing; the checkpoint is incomplete.")
@@ -259,7 +259,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"Checkpoint file {str(path)!r} is missing; the checkpoint is incomplete.")
     try:
@@ -469,18 +469,18 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
         if directory.name == "model.safetensors":
             directory = directory.parent
         else:
-            _load_safetensors(directory)  # refuses pickles with a clear message
+            load_safetensors(directory)  # refuses pickles with a clear message
             raise UserError(
                 f"{str(directory)!r} is a file; point at a checkpoint directory "
                 "(e.g. runs/NAME/checkpoints/step_0000600)."
             )
     if not directory.is_dir():
         raise UserError(f"Checkpoint {str(directory)!r} does not exist.")
-    doc = _read_json(directory / STATE_FILE)
+    doc = read_json(directory / STATE_FILE)
     if not isinstance(doc, dict) or "state" not in doc:
         raise UserError(f"{str(directory / STATE_FILE)!r} is not a neuroplastic checkpoint state.")
-    tensors = _load_safetensors(directory / "state.safetensors")
-    opt_tensors = _load_safetensors(directory / "optimizer.safetensors")
+    tensors = load_safetensors(directory / "state.safetensors")
+    opt_tensors = load_safetensors(directory / "optimizer.safetensors")
     # Model weights are validated now so that a truncated file is reported up front.
     _check_safetensors_header(directory / "model.safetensors")
     config_path = directory / "config.yaml"
@@ -507,7 +507,7 @@ def _check_safetensors_header(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(_PICKLE_MAGIC):
-        _load_safetensors(path)
+        load_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

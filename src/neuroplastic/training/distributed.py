@@ -539,14 +539,3 @@ def replica_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def replicas_identical(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every rank holds bit-identical ``tensors`` (a collective; True for one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, replica_fingerprint(tensors))
-    return len(set(gathered)) == 1

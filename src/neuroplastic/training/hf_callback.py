@@ -76,9 +76,9 @@ from neuroplastic.plasticity.base import Rule
 from neuroplastic.plasticity.engine import PlasticityEngine
 from neuroplastic.plasticity.registry import build_rule
 from neuroplastic.training.checkpoint import (
-    _load_safetensors,
-    _read_json,
     flatten_state,
+    load_safetensors,
+    read_json,
     unflatten_state,
 )
 
@@ -148,12 +148,12 @@ def load_plasticity_state(
             f"Checkpoint {str(directory)!r} has no {PLASTICITY_JSON}; it was saved without "
             "NeuroplasticCallback, so the plasticity state cannot be restored."
         )
-    doc = _read_json(directory / PLASTICITY_JSON)
+    doc = read_json(directory / PLASTICITY_JSON)
     if not isinstance(doc, dict) or doc.get("kind") != _KIND or "state" not in doc:
         raise UserError(
             f"{str(directory / PLASTICITY_JSON)!r} is not a neuroplastic plasticity state file."
         )
-    tensors = _load_safetensors(directory / PLASTICITY_TENSORS)
+    tensors = load_safetensors(directory / PLASTICITY_TENSORS)
     try:
         state = unflatten_state(doc["state"], tensors)
     except KeyError as exc:

@@ -221,7 +221,6 @@ class StopRequest:
         return False
 
 
-_StopRequest = StopRequest  # the old name, still imported by neurogen
 
 
 def threading_is_main() -> bool:
