@@ -138,10 +138,12 @@ def test_every_readme_command_runs_in_order(tmp_path):
         if REAL in " ".join(cmd) and not model_cached():
             skipped.append(cmd)
             continue
-        if REAL in " ".join(cmd) and cmd[1] in ("cot", "train"):
-            cmd = cmd + (["--steps", "1", "--num_examples", "1"] if cmd[2] == "demo" else
-                         ["--max_steps", "1", "--batch_size", "1"] if cmd[2] == "train" else
-                         ["--num_examples", "1"] if cmd[2] == "evaluate" else [])
+        if cmd[1] == "cot":
+            cmd = cmd + {"demo": ["--steps", "1", "--num_examples", "1", "--max_new_tokens", "8"],
+                         "train": ["--max_steps", "1", "--batch_size", "1"],
+                         "evaluate": ["--num_examples", "1", "--max_new_tokens", "8"]}[cmd[2]]
+        if cmd[0] == "python" and "lm_eval_adapter" in " ".join(cmd):
+            cmd = cmd + ["--limit", "2"]
         if cmd[1:3] == ["train", "needle-recall"]:
             continue  # its loop has its own acceptance test (tests/test_recall_recipe.py)
         r = run(tiny(cmd), tmp_path, timeout=1800)
