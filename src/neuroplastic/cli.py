@@ -254,7 +254,7 @@ def _wikitext2_file(args) -> Path:
 def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _check_evaluate_args(args)
-    from neuroplastic.evaluation.generation import resolve_device
+    from neuroplastic.runtime import resolve_device
 
     device = str(resolve_device(args.device))  # a device this machine lacks: one sentence, exit 2
     model, tok, cfg, directory, info = _load_for_evaluate(args.checkpoint, device)
@@ -507,8 +507,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from neuroplastic.evaluation.generation import (
         check_finite_weights,
         check_sampling,
-        resolve_device,
     )
+    from neuroplastic.runtime import resolve_device
     from neuroplastic.training.inference import load_trained
 
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

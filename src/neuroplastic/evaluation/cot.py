@@ -43,6 +43,7 @@ from neuroplastic.data.cot import (
     pad_id_of,
 )
 from neuroplastic.evaluation.generation import TextCodec, generate_until
+from neuroplastic.runtime import model_device
 
 __all__ = [
     "answer_loglik",
@@ -81,13 +82,6 @@ def _hf_model(model: torch.nn.Module) -> Any | None:
         inner, "config") else None
 
 
-def _model_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def generate_batch(
     model: torch.nn.Module,
@@ -112,7 +106,7 @@ def generate_batch(
     if hf is None:
         raise TypeError("generate_batch needs a Hugging Face causal LM (HFCausalLM)")
     codec = TextCodec(tokenizer)
-    dev = _model_device(model, device)
+    dev = model_device(model, device)
     eos = [codec.eos_id] if codec.eos_id is not None else []
     cfg_eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
     for e in cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]:
@@ -175,7 +169,7 @@ def answer_loglik(
     ``#### N`` and the end token; minus the held-out loss) -- and ``final_ll`` -- the sum
     over the tokens of ``#### N`` given the prompt and the reference reasoning (the
     answer's log-likelihood; ``None`` when the tokenizer merges it with what precedes)."""
-    dev = _model_device(model, device)
+    dev = model_device(model, device)
     pad = pad_id_of(formatter.tokenizer)
     was_training = model.training
     model.eval()

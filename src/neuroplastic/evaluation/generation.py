@@ -23,7 +23,7 @@ import torch
 
 from neuroplastic.errors import UserError
 
-__all__ = ["TextCodec", "check_finite_weights", "check_sampling", "generate_until", "resolve_device"]
+__all__ = ["TextCodec", "check_finite_weights", "check_sampling", "generate_until"]
 
 
 def check_sampling(
@@ -41,27 +41,6 @@ def check_sampling(
         raise UserError(f"--num-samples must be >= 1, got {num_samples}.")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}.")
-
-
-def resolve_device(spec: str, option: str = "--device") -> torch.device:
-    """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda[:N]`` or ``mps``;
-    UserError naming ``option`` when the device does not exist on this machine."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{option} {spec!r} is not a device; use auto, cpu, cuda or cuda:N.") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{option} is {spec!r} but CUDA is not available on this machine; use {option} cpu (or auto).")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"{option} is {spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{option} is {spec!r} but MPS is not available on this machine; use {option} cpu (or auto).")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"{option} {spec!r} is not supported; use auto, cpu, cuda or cuda:N.")
-    return dev
 
 
 def check_finite_weights(model: torch.nn.Module, where: str) -> None:

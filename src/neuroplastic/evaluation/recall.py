@@ -46,6 +46,7 @@ from neuroplastic.data.recall_tasks import (
     needle_sentence,
 )
 from neuroplastic.errors import UserError
+from neuroplastic.runtime import model_device
 
 __all__ = [
     "evaluate_mqar",
@@ -103,15 +104,6 @@ def _window(model: Any) -> int | None:
         return None
     size = getattr(getattr(model, "config", None), "block_size", None)
     return int(size) if size else None
-
-
-def _resolve_device(model: torch.nn.Module, device: Any) -> torch.device:
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        return param.device if param is not None else torch.device("cpu")
-    dev = torch.device(device)
-    model.to(dev)
-    return dev
 
 
 class _Request:
@@ -261,7 +253,8 @@ def needle_grid(
     depths = [float(d) for d in depths]
     _check_count("trials", trials, 1)
     _check_count("batch_size", batch_size, 1)
-    dev = _resolve_device(model, device)
+    dev = model_device(model, device)
+    model.to(dev)
     window = _window(model)
 
     requests: list[_Request] = []
@@ -390,7 +383,8 @@ def evaluate_mqar(
     _check_model(model, tokenizer)
     _check_count("num_examples", num_examples, 1)
     _check_count("batch_size", batch_size, 1)
-    dev = _resolve_device(model, device)
+    dev = model_device(model, device)
+    model.to(dev)
     window = _window(model)
     rng = random.Random(f"neuroplastic-mqar-eval:{seed}")
     requests: list[_Request] = []

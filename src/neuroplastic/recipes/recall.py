@@ -218,9 +218,10 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
 
     from neuroplastic.data.tokenizers import build_tokenizer
     from neuroplastic.models import build_model
+    from neuroplastic.runtime import resolve_device
     from neuroplastic.training import checkpoint as ckpt
     from neuroplastic.training.metrics import MetricsLogger
-    from neuroplastic.training.trainer import StopRequest, build_optimizer, lr_at, resolve_device
+    from neuroplastic.training.trainer import StopRequest, build_optimizer, lr_at
 
     tc = cfg.train
     resume_from = None
@@ -237,7 +238,7 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
         if not resume_from.exists():
             raise UserError(f"Checkpoint {tc.resume!r} given in train.resume does not exist.")
 
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, option="train.device")
     tok = build_tokenizer("byte", lambda: iter(()), 0)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tok.vocab_size

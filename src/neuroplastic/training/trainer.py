@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -21,13 +20,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from neuroplastic.config import RunConfig, config_from_dict, dump_config
 from neuroplastic.data.batching import PackedBlocks, sequential_blocks
 from neuroplastic.errors import UserError
 from neuroplastic.evaluation.lm import lm_metrics
+from neuroplastic.runtime import (
+    amp_dtype,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.distributed import (
     Distributed,
@@ -66,70 +71,6 @@ class Callback:
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"].to(torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as exc:
-        raise UserError(f"train.device {spec!r} is not a device (use auto, cpu, cuda or cuda:N).") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device is {spec!r} but CUDA is not available; use train.device=cpu.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"train.device is {spec!r} but MPS is not available; use train.device=cpu.")
-    return dev
-
-
-def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
-    if spec == "none":
-        return None
-    if spec == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    if spec == "fp16" and device.type != "cuda":
-        raise UserError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or none on CPU.")
-    return torch.bfloat16 if spec == "bf16" else torch.float16
 
 
 def lr_at(step: int, cfg) -> float:
@@ -369,7 +310,7 @@ class Trainer:
                     "resume with the settings the checkpoint was trained with."
                 )
 
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, option="train.device")
         self.dist = setup_distributed(cfg.train.parallel, self.device)
         self.device = rank_device(self.device, self.dist)
         if not self.dist.is_main:
