@@ -609,3 +609,27 @@ def test_load_state_rejects_other_model():
     engine2 = PlasticityEngine(other, _rules(), torch.optim.Adam(other.parameters()))
     with pytest.raises(UserError):
         engine2.load_state_dict(state)
+
+
+def test_rule_interface_abilities_and_engine_dispatch():
+    from neuroplastic.plasticity.adaptive_lr import AdaptiveLR
+
+    assert EWC.implements("consolidate") and not Hebbian.implements("consolidate")
+    assert AdaptiveLR.implements("observe") and not EWC.implements("observe")
+    assert Hebbian.implements("last_update_norm") and not EWC.implements("last_update_norm")
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ewc, heb = EWC(params="*.weight"), Hebbian(params="0", lr=0.01)
+    cons = Consolidation(threshold=1e-3, replay_capacity=2)
+    alr = AdaptiveLR(sensitivity=1.0, ema_decay=0.5, max_mult=5.0)
+    engine = PlasticityEngine(model, [ewc, heb, cons, alr], optimizer=opt)
+    assert engine.consolidating() == [ewc]
+    assert engine.replay is cons.replay is not None
+    assert ewc.replay is None and ewc.last_update_norm is None
+    assert isinstance(heb.last_update_norm, float)
+    engine.observe(2.0)  # no-op for all but AdaptiveLR
+    engine.after_backward()
+    engine.observe(4.0)
+    engine.after_backward()
+    assert alr.multiplier == pytest.approx(2.0)
+    engine.close()

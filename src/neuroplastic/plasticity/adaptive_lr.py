@@ -4,7 +4,7 @@ The adaptive learning rate of the seed ``neuroplastic-cot`` system, on any optim
 
 Signal. Each step the rule gets a raw complexity value ``x`` from, in this order:
 
-1. ``set_complexity(value)`` or ``observe(loss)``, called by the trainer for this step
+1. ``set_complexity(value)`` or ``observe(loss)`` (``engine.observe``), called for this step
    *before* ``after_backward`` (``observe`` is the default signal: the batch loss;
    with ``use_loss=False`` it is ignored, so a recipe's own measure -- e.g. the number
    of reasoning steps in the batch -- given by ``set_complexity`` or the callable

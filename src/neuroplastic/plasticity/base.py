@@ -5,6 +5,7 @@ points the :class:`~neuroplastic.plasticity.engine.PlasticityEngine` calls each 
 
     loss = model(batch).loss + engine.penalty()   # penalty(): EWC and friends
     loss.backward()
+    engine.observe(loss)                           # observe(): the step's loss (AdaptiveLR)
     engine.after_backward()                        # after_backward(): read gradients
     optimizer.step()
     engine.after_step(reward=r)                    # after_step(advantage): plastic updates
@@ -13,13 +14,17 @@ points the :class:`~neuroplastic.plasticity.engine.PlasticityEngine` calls each 
 Rules never know a concrete model. They keep their buffers as lists of tensors aligned
 with ``self.params`` so that the hot path is a handful of ``torch._foreach_*`` calls,
 not a Python loop over single parameters.
+
+Optional abilities are part of the interface with no-op defaults: :meth:`Rule.observe`,
+:meth:`Rule.consolidate`, :attr:`Rule.replay` and
+:attr:`Rule.last_update_norm`; :meth:`Rule.implements` says whether a rule overrides one.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -91,6 +96,9 @@ class Rule:
     name = "rule"
     #: whether after_step uses the reward advantage (for engine bookkeeping and docs)
     uses_reward = False
+    #: a buffer of past batches for the trainer to interleave with new data
+    #: (a :class:`~neuroplastic.plasticity.consolidation.ReplayBuffer`), or ``None``
+    replay: Any = None
 
     def __init__(
         self,
@@ -149,6 +157,28 @@ class Rule:
 
     def stats(self) -> dict[str, float]:
         return {}
+
+    # ---- optional abilities (no-ops here)
+
+    def observe(self, loss: float | torch.Tensor) -> None:
+        """See the step's training loss (called before :meth:`after_backward`)."""
+
+    def consolidate(self, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        """End of a task or curriculum stage: consolidate on ``batches`` of it.
+
+        ``loss_fn(model, batch)`` returns the batch's loss. Callers skip building the
+        batches for rules where :meth:`implements` ``("consolidate")`` is false.
+        """
+
+    @property
+    def last_update_norm(self) -> float | None:
+        """Norm of the latest plastic update, or ``None`` for a rule that does not report one."""
+        return None
+
+    @classmethod
+    def implements(cls, ability: str) -> bool:
+        """Whether this rule overrides ``ability`` (a method or property of :class:`Rule`)."""
+        return getattr(cls, ability) is not getattr(Rule, ability)
 
     # ---- data parallelism
 

@@ -97,6 +97,20 @@ class PlasticityEngine:
                 total = p if total is None else total + p
         return total
 
+    def observe(self, loss: float | torch.Tensor) -> None:
+        """Show every rule the step's training loss (before :meth:`after_backward`)."""
+        for r in self.rules:
+            r.observe(loss)
+
+    def consolidating(self) -> list[Rule]:
+        """The rules that implement :meth:`~neuroplastic.plasticity.base.Rule.consolidate`."""
+        return [r for r in self.rules if r.implements("consolidate")]
+
+    @property
+    def replay(self) -> Any:
+        """The replay buffer of the first rule that keeps one, or ``None``."""
+        return next((r.replay for r in self.rules if r.replay is not None), None)
+
     def after_backward(self) -> None:
         for r in self.rules:
             r.after_backward()

@@ -227,7 +227,7 @@ class CotCallback(Callback):
                 record["complexity"] = metrics.get("loss")
         if self.engine is not None:
             for rule in self.engine.rules:
-                if hasattr(rule, "last_update_norm"):
+                if rule.last_update_norm is not None:
                     record[f"{rule.name}_update_norm"] = rule.last_update_norm
             if "penalty" in metrics:
                 record["ewc_penalty"] = metrics["penalty"]
@@ -254,7 +254,7 @@ class CotCallback(Callback):
     def _ewc_rules(self) -> list:
         if self.engine is None:
             return []
-        return [r for r in self.engine.rules if hasattr(r, "consolidate")]
+        return self.engine.consolidating()
 
     def _consolidate(self, trainer, task: str, step: int) -> None:
         rules = self._ewc_rules()
@@ -302,8 +302,12 @@ class CotCallback(Callback):
 
     def fisher(self) -> dict[str, Any] | None:
         """Mean Fisher per parameter and per layer of the first EWC rule that has one."""
+        from neuroplastic.plasticity.ewc import EWC
+
         for rule in self._ewc_rules():
-            fisher = getattr(rule, "fisher", None)
+            if not isinstance(rule, EWC):
+                continue
+            fisher = rule.fisher
             if rule.online and fisher is not None:
                 per_param = {n: float(f.float().mean()) for n, f in zip(rule.names, fisher)}
             elif not rule.online and fisher:

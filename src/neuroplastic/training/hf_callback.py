@@ -15,7 +15,7 @@ or, with a plain ``Trainer`` (no EWC penalty in the loss then)::
 
 Hook points, per optimizer step (after gradient accumulation and clipping):
 
-* before ``optimizer.step()``: rules with ``observe(loss)`` (AdaptiveLR) see the step's
+* before ``optimizer.step()``: ``engine.observe(loss)`` (AdaptiveLR uses it) sees the step's
   training loss (known with :class:`NeuroplasticTrainer` only), then
   ``engine.after_backward()`` reads the gradients. Recent transformers (late 4.4x and 5.x)
   call ``on_pre_optimizer_step`` there; with older versions the callback wraps the Trainer's
@@ -254,10 +254,7 @@ class NeuroplasticCallback(TrainerCallback):
             return
         self._close_step_loss()
         if self._last_loss is not None:
-            for rule in self.engine.rules:
-                observe = getattr(rule, "observe", None)
-                if observe is not None:
-                    observe(self.last_loss)
+            self.engine.observe(self.last_loss)
         self.engine.after_backward()
 
     def after_optimizer_step(self, state: Any) -> float | None:

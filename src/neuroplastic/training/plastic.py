@@ -13,11 +13,11 @@ class EngineCallback(Callback):
     """Calls the engine's hooks at the trainer's hook points.
 
     - ``penalty``: added to the loss (EWC and friends).
-    - ``after_backward``: rules with ``observe(loss)`` (AdaptiveLR) first see the step's
-      loss, then every rule reads the (clipped) gradients.
+    - ``after_backward``: every rule first observes the step's loss (AdaptiveLR uses
+      it), then reads the (clipped) gradients.
     - ``after_step``: plastic updates, modulated by ``trainer.reward`` (set this step by
       a reward callback, otherwise ``None``: reward-modulated rules do not update).
-    - ``on_stage_change``: EWC-like rules with ``consolidate(batches, loss_fn)``
+    - ``on_stage_change``: rules that implement ``consolidate(batches, loss_fn)`` (EWC)
       consolidate on the stage just finished.
     """
 
@@ -31,10 +31,7 @@ class EngineCallback(Callback):
         return self.engine.penalty()
 
     def after_backward(self, trainer) -> None:
-        for rule in self.engine.rules:
-            observe = getattr(rule, "observe", None)
-            if observe is not None:
-                observe(trainer.last_loss)
+        self.engine.observe(trainer.last_loss)
         self.engine.after_backward()
 
     def after_step(self, trainer, metrics: dict[str, Any]) -> None:
@@ -43,7 +40,7 @@ class EngineCallback(Callback):
             metrics["advantage"] = adv
 
     def on_stage_change(self, trainer, old: int, new: int) -> None:
-        rules = [r for r in self.engine.rules if hasattr(r, "consolidate")]
+        rules = self.engine.consolidating()
         if not rules or trainer.curriculum is None:
             return
         stage = trainer.curriculum.stages[old]

@@ -869,9 +869,7 @@ class Trainer:
     @property
     def replay(self):
         """The replay buffer of a rule that keeps one (Consolidation with replay_capacity)."""
-        if self.engine is None:
-            return None
-        return next((r.replay for r in self.engine.rules if getattr(r, "replay", None) is not None), None)
+        return None if self.engine is None else self.engine.replay
 
     def _replay_step(self) -> float | None:
         """Every ``plasticity.replay_every`` steps, one past batch as an extra micro-batch."""
