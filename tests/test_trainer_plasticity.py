@@ -98,3 +98,23 @@ def test_replay_batches_are_interleaved_and_resume_exactly(tmp_path):
     assert combined == [h["loss"] for h in straight.history]
     for a, b in zip(straight.model.parameters(), part2.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_logged_lr_is_the_lr_the_optimizer_used_with_adaptive_lr(tmp_path):
+    """AdaptiveLR's multiplier is applied by the trainer: the logged lr is the step's lr."""
+    cfg = _cfg(tmp_path / "a", **{
+        "train.max_steps": 6, "train.warmup_steps": 0, "train.lr": 0.01, "train.min_lr": 0.01,
+        "curriculum.stages": "[definitions]", "reward.interval": 0,
+        "plasticity.rules": "[{type: adaptive_lr, sensitivity: 20.0, ema_decay: 0.5, max_mult: 3.0}]"})
+    trainer = Trainer(cfg).setup()
+    used = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, *_: used.append([g["lr"] for g in opt.param_groups]))
+    trainer.train()
+    rows = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rows) == len(used) == 6
+    assert [[r["lr"]] * len(u) for r, u in zip(rows, used)] == used
+    mults = [r["adaptive_lr/lr_multiplier"] for r in rows]
+    assert any(m != 1.0 for m in mults)
+    assert all(r["lr"] == pytest.approx(0.01 * m) for r, m in zip(rows, mults))
+    assert all(g["lr"] == 0.01 for g in trainer.optimizer.param_groups)  # restored after the step

@@ -37,6 +37,10 @@ Protocol (multiplicative on top of any schedule, never compounded):
   one, and so does the optimizer state saved in a checkpoint. A group whose lr was
   changed by someone else after ``after_backward`` is left alone.
 
+A loop that sets the lr itself each step (the :class:`~neuroplastic.training.trainer.Trainer`)
+sets ``scheduled lr * engine.lr_multiplier()`` after ``after_backward``: the same value, which
+it also logs as the lr used.
+
 If the optimizer step and ``after_step`` were both missed, the next ``after_backward``
 recognises the lr it set itself and starts again from the stored base. The rule needs the optimizer (bind it with
 ``PlasticityEngine(..., optimizer=opt)``); it selects no parameters of its own
@@ -137,6 +141,10 @@ class AdaptiveLR(Rule):
     def set_complexity(self, value: float | torch.Tensor) -> None:
         """Record this step's raw complexity value (call before ``after_backward``)."""
         self._pending = float(value)
+
+    def lr_multiplier(self) -> float:
+        """This step's multiplier (set by :meth:`after_backward`)."""
+        return self.multiplier
 
     def multiplier_for(self, c: float) -> float:
         """The lr multiplier for a relative complexity ``c``."""

@@ -16,7 +16,7 @@ with ``self.params`` so that the hot path is a handful of ``torch._foreach_*`` c
 not a Python loop over single parameters.
 
 Optional abilities are part of the interface with no-op defaults: :meth:`Rule.observe`,
-:meth:`Rule.consolidate`, :attr:`Rule.replay` and
+:meth:`Rule.consolidate`, :meth:`Rule.lr_multiplier`, :attr:`Rule.replay` and
 :attr:`Rule.last_update_norm`; :meth:`Rule.implements` says whether a rule overrides one.
 """
 
@@ -169,6 +169,10 @@ class Rule:
         ``loss_fn(model, batch)`` returns the batch's loss. Callers skip building the
         batches for rules where :meth:`implements` ``("consolidate")`` is false.
         """
+
+    def lr_multiplier(self) -> float:
+        """Factor on the scheduled learning rate this step (read after :meth:`after_backward`)."""
+        return 1.0
 
     @property
     def last_update_norm(self) -> float | None:

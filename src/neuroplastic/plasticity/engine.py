@@ -111,6 +111,13 @@ class PlasticityEngine:
         """The replay buffer of the first rule that keeps one, or ``None``."""
         return next((r.replay for r in self.rules if r.replay is not None), None)
 
+    def lr_multiplier(self) -> float:
+        """Product of the rules' learning-rate multipliers for this step (AdaptiveLR's)."""
+        mult = 1.0
+        for r in self.rules:
+            mult *= r.lr_multiplier()
+        return mult
+
     def after_backward(self) -> None:
         for r in self.rules:
             r.after_backward()

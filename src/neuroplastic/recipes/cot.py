@@ -222,7 +222,7 @@ class CotCallback(Callback):
         if self.alr:
             rule = self.alr[0]
             record["lr_multiplier"] = rule.multiplier
-            record["lr"] = metrics.get("lr", 0.0) * rule.multiplier
+            record["lr"] = metrics.get("lr", 0.0)  # the trainer's lr: already times the multiplier
             if self.opt.complexity == "loss":
                 record["complexity"] = metrics.get("loss")
         if self.engine is not None:

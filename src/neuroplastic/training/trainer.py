@@ -813,6 +813,10 @@ class Trainer:
             record["grad_norm"] = float(grad_norm)
         for cb in self.callbacks:
             cb.after_backward(self)
+        if self.engine is not None:  # the lr used (and logged): scheduled x AdaptiveLR's multiplier
+            record["lr"] = lr * self.engine.lr_multiplier()
+            for group in self.optimizer.param_groups:
+                group["lr"] = record["lr"]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
