@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from neuroplastic.data import registry
-from neuroplastic.data.sources import WORDNET_LINES_PER_DOC, iter_documents, load_documents
+from neuroplastic.data.sources import (
+    WORDNET_LINES_PER_DOC,
+    iter_documents,
+    iter_jsonl,
+    load_documents,
+    read_jsonl,
+)
 from neuroplastic.errors import UserError
 
 
@@ -157,6 +163,16 @@ def test_bad_jsonl_lines(tmp_path):
     s = write_jsonl(tmp_path / "num.jsonl", [{"text": 3}])
     with pytest.raises(UserError, match=r"num\.jsonl line 1: field 'text' is a int"):
         load_documents(str(s))
+
+
+def test_read_jsonl_strict_and_skipping_damaged_lines(tmp_path):
+    p = write_jsonl(tmp_path / "log.jsonl", ["\ufeff" + json.dumps({"a": 1}), "", "[1]", {"b": 2}, '{"c": 3, "cut'])
+    with pytest.raises(UserError, match=r"log\.jsonl line 3 is not a JSON object; mend it"):
+        read_jsonl(p, fix="mend it")
+    assert read_jsonl(p, skip_damaged=True) == [{"a": 1}, {"b": 2}]
+    assert list(iter_jsonl(p, skip_damaged=True)) == [(1, {"a": 1}), (4, {"b": 2})]
+    with pytest.raises(UserError, match=r"log\.jsonl line 5 is not valid JSON"):
+        read_jsonl(write_jsonl(tmp_path / "log.jsonl", [{"a": 1}, {"b": 2}, {}, {}, '{"c": 3, "cut']))
 
 
 def test_error_messages_are_one_sentence(tmp_path):

@@ -32,7 +32,6 @@ current task can be switched, e.g. task A then task B), resumable from
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroplastic.data.sources import iter_jsonl
 from neuroplastic.errors import UserError
 
 __all__ = [
@@ -248,19 +248,8 @@ def synthetic_arithmetic(n: int, seed: int = 0, family: str = "arith") -> list[C
 
 def _read_jsonl(path: Path, question_field: str, answer_field: str, task: str) -> list[CotExample]:
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"Cannot read {str(path)!r} ({exc}); give a UTF-8 .jsonl file.") from exc
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"{str(path)!r} line {n} is not valid JSON ({exc}).") from exc
-        if not isinstance(record, dict):
-            raise UserError(f"{str(path)!r} line {n} is not a JSON object with question and answer.")
+    lines = iter_jsonl(path, fix=f"each line must be an object with {question_field!r} and {answer_field!r}")
+    for n, record in lines:
         q, a = record.get(question_field), record.get(answer_field)
         if not isinstance(q, str) or not isinstance(a, str) or not q.strip() or not a.strip():
             raise UserError(

@@ -43,7 +43,10 @@ from typing import Any
 from neuroplastic.data import registry
 from neuroplastic.errors import UserError
 
-__all__ = ["TEXT_SUFFIXES", "WORDNET_LINES_PER_DOC", "DataWarning", "iter_documents", "load_documents", "warn_data"]
+__all__ = [
+    "TEXT_SUFFIXES", "WORDNET_LINES_PER_DOC", "DataWarning", "iter_documents", "iter_jsonl", "load_documents",
+    "read_jsonl", "warn_data",
+]
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 WORDNET_LINES_PER_DOC = 64
@@ -215,6 +218,38 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             _warn_replaced(path, bad)
 
 
+def iter_jsonl(
+    path: str | Path, *, fix: str = "fix or remove that line", skip_damaged: bool = False
+) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for each line of a JSON Lines file, streamed.
+
+    Blank lines and a leading BOM are ignored; undecodable bytes become U+FFFD (one warning).
+    A line that is not a JSON object raises :class:`UserError` naming the file and line and
+    ending with ``fix``; with ``skip_damaged`` it is skipped (a log line cut by a crash).
+    """
+    path = Path(path)
+    for n, line in _lines(path):
+        line = line.strip().removeprefix("\ufeff")
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if skip_damaged:
+                continue
+            raise UserError(f"{path} line {n} is not valid JSON ({e}); {fix}") from e
+        if not isinstance(record, dict):
+            if skip_damaged:
+                continue
+            raise UserError(f"{path} line {n} is not a JSON object; {fix}")
+        yield n, record
+
+
+def read_jsonl(path: str | Path, *, fix: str = "fix or remove that line", skip_damaged: bool = False) -> list[dict]:
+    """The records of :func:`iter_jsonl` as a list."""
+    return [record for _, record in iter_jsonl(path, fix=fix, skip_damaged=skip_damaged)]
+
+
 def _field_text(record: dict, field: str, where: str) -> str | None:
     if field in record or "+" not in field:
         if field not in record:
@@ -236,16 +271,7 @@ def _as_text(value: Any, field: str, where: str) -> str | None:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    for n, line in _lines(path):
-        line = line.strip().removeprefix("\ufeff")
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path} line {n} is not valid JSON ({e}); fix or remove that line") from e
-        if not isinstance(record, dict):
-            raise UserError(f"{path} line {n} is not a JSON object; each line must be an object like {{\"{field}\": \"...\"}}")
+    for n, record in iter_jsonl(path, fix=f"each line must be an object like {{\"{field}\": \"...\"}}"):
         text = _field_text(record, field, f"{path} line {n}")
         if text and text.strip():
             yield text
@@ -306,16 +332,8 @@ def _iter_entry(
 
 
 def _records(path: Path) -> Iterator[dict]:
-    for n, line in _lines(path):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path} line {n} is not valid JSON ({e}); the file is damaged, so fetch it again") from e
-        if isinstance(record, dict):
-            yield record
+    for _, record in iter_jsonl(path, fix="the file is damaged, so fetch it again"):
+        yield record
 
 
 def _iter_stories(path: Path) -> Iterator[str]:

@@ -22,7 +22,6 @@ Plots (PNG, matplotlib Agg), each from the ``metrics.jsonl`` of runs trained by 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -42,6 +41,7 @@ from neuroplastic.data.cot import (
     extract_prediction,
     pad_id_of,
 )
+from neuroplastic.data.sources import read_jsonl
 from neuroplastic.evaluation.generation import TextCodec, generate_until
 from neuroplastic.runtime import model_device
 
@@ -330,27 +330,14 @@ def _plt():
     return plt
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _records(run: str | Path | list[dict], kind: str) -> list[dict]:
     """Records of one kind from a run directory's metrics.jsonl (or a list of records)."""
     if isinstance(run, list):
         rows = run
     else:
         path = Path(run)
-        rows = _read_jsonl(path / "metrics.jsonl" if path.is_dir() else path)
+        path = path / "metrics.jsonl" if path.is_dir() else path
+        rows = read_jsonl(path, skip_damaged=True) if path.is_file() else []  # skip a line cut by a crash
     return [r for r in rows if r.get("kind") == kind]
 
 

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from neuroplastic.data.sources import read_jsonl
+
 
 class MetricsLogger:
     """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
@@ -49,19 +51,8 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    out = []
     path = Path(path)
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return out
+    return read_jsonl(path, skip_damaged=True) if path.exists() else []  # skip a line cut by a crash
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path | None:
