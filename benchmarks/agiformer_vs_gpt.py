@@ -96,9 +96,9 @@ def main(argv=None) -> int:
     print(header)
     print(table)
     if args.write_docs:
-        from plasticity_overhead import _write_section
+        from _docs import write_section
 
-        _write_section("agiformer-vs-gpt",
+        write_section(ROOT / "docs" / "BENCHMARKS.md", "agiformer-vs-gpt",
                        "## agiformer vs same-size GPT at equal wall-clock (benchmarks/agiformer_vs_gpt.py)\n\n"
                        f"Command: `{cmd.strip()}`\n\n{header}\n\n{table}\n")
     return 0

@@ -54,6 +54,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _docs  # noqa: E402
 
 from neuroplastic.errors import UserError  # noqa: E402
 
@@ -768,23 +771,7 @@ def _opt(cfg: BenchConfig, name: str) -> Any:
 
 def write_part(part: str, body: str, doc: Path = DOCS, intro: str = "") -> None:
     """Replace (or add) ``part`` inside this benchmark's section of ``doc``."""
-    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- begin:{KEY} -->", f"<!-- end:{KEY} -->"
-    pb, pe = f"<!-- begin:{KEY}/{part} -->", f"<!-- end:{KEY}/{part} -->"
-    block = f"{pb}\n{body}{pe}\n"
-    if begin not in text or end not in text:
-        text = text.rstrip("\n") + f"\n\n{begin}\n{intro}{end}\n"
-    a = text.index(begin)
-    b = text.index(end)
-    section = text[a:b]
-    if pb in section and pe in section:
-        i, j = section.index(pb), section.index(pe) + len(pe) + 1
-        section = section[:i] + block + section[j:]
-    else:
-        section = section + block
-    text = text[:a] + section + text[b:]
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text, encoding="utf-8")
+    _docs.write_part(doc, KEY, part, body, intro=intro)
 
 
 INTRO = (

@@ -55,6 +55,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _docs import write_section  # noqa: E402
 
 from neuroplastic.evaluation.ablation import MetricSummary, mean_ci  # noqa: E402
 from neuroplastic.recipes.cot_app import (  # noqa: E402
@@ -94,20 +97,6 @@ def fmt(m: float, h: float = math.nan, digits: int = 4) -> str:
     if m is None or not math.isfinite(m):
         return "n/a"
     return f"{m:.{digits}f} ± {h:.{digits}f}" if math.isfinite(h) else f"{m:.{digits}f}"
-
-
-def write_section(body: str, docs: Path = DOCS, key: str = KEY) -> None:
-    text = docs.read_text(encoding="utf-8") if docs.exists() else "# neuroplastic-cot\n"
-    begin, end = f"<!-- begin:{key} -->", f"<!-- end:{key} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    if begin in text and end in text:
-        a, b = text.index(begin), text.index(end) + len(end)
-        if text[b : b + 1] == "\n":
-            b += 1
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    docs.write_text(text, encoding="utf-8")
 
 
 # =========================================================================== evaluation
@@ -307,7 +296,8 @@ def publish(results: dict, out: Path, docs: Path) -> None:
     has_png = png.is_file()
     if has_png:
         shutil.copyfile(png, docs.parent / "cot_real_forgetting.png")
-    write_section(markdown(results, "cot_real_forgetting.png" if has_png else None), docs)
+    write_section(docs, KEY, markdown(results, "cot_real_forgetting.png" if has_png else None),
+                  title="# neuroplastic-cot")
 
 
 # =========================================================================== runs

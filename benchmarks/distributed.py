@@ -203,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     png = _plot(results, args, DOCS_PNG if args.write_docs else None)
     if args.write_docs:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from plasticity_overhead import _write_section
+        from _docs import write_section
 
-        _write_section(
+        write_section(
+            ROOT / "docs" / "BENCHMARKS.md",
             "distributed",
             "## Data-parallel scaling (benchmarks/distributed.py)\n\n"
             f"Command: `{cmd.strip()}`\n\n{header}\n\n{table}\n\n"

@@ -306,21 +306,6 @@ def plot(lengths, times, mem, path, title):
     plt.close(fig)
 
 
-def write_section(body: str) -> None:
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- begin:{KEY} -->", f"<!-- end:{KEY} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    if begin in text and end in text:
-        a = text.index(begin)
-        b = text.index(end) + len(end)
-        if text[b : b + 1] == "\n":
-            b += 1
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text, encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -602,7 +587,9 @@ def main(argv=None) -> int:
             f"Targets (issue 5):\n\n{verdicts}\n\n"
             "![fast-weight time and memory vs T](fast_weight.png)\n"
         )
-        write_section(body)
+        from _docs import write_section
+
+        write_section(DOCS, KEY, body)
         print(f"wrote {DOCS.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}", file=sys.stderr)
     return 0
 

@@ -469,19 +469,19 @@ def write_parts(new: dict[str, str]) -> None:
     """Update the parts that ran inside the ``neurogen`` section, keep the others."""
     import re
 
-    from plasticity_overhead import _write_section
+    from _docs import read_section, write_section
 
-    text = (ROOT / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    doc = ROOT / "docs" / "BENCHMARKS.md"
+    current = read_section(doc, "neurogen")
     old = {}
-    m = re.search(r"<!-- begin:neurogen -->\n(.*?)<!-- end:neurogen -->", text, re.S)
-    if m:
-        old = dict(re.findall(r"<!-- part:(\w+) -->\n(.*?)<!-- /part:\1 -->\n", m.group(1), re.S))
+    if current is not None:
+        old = dict(re.findall(r"<!-- part:(\w+) -->\n(.*?)<!-- /part:\1 -->\n", current, re.S))
     old.update(new)
     body = "## NeuroGen brain (benchmarks/neurogen.py)\n\n" + (
         "Each part below was measured with the command it shows, on this 2-core CPU shared with other "
         "engineers' jobs (load averages at start and end are given).\n\n"
     ) + "".join(f"<!-- part:{k} -->\n{old[k]}<!-- /part:{k} -->\n" for k in PART_ORDER if k in old)
-    _write_section("neurogen", body)
+    write_section(doc, "neurogen", body)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,10 @@ def main(argv=None) -> int:
     print(header)
     print(table)
     if args.write_docs:
-        _write_section(
+        from _docs import write_section
+
+        write_section(
+            ROOT / "docs" / "BENCHMARKS.md",
             "plasticity-overhead",
             "## Plasticity rule overhead (benchmarks/plasticity_overhead.py)\n\n"
             f"Command: `{cmd.strip()}`\n\n{header}\n\n{table}\n\n"
@@ -145,23 +148,6 @@ def _verdict(times: dict[str, list[float]]) -> str:
         return "not measured in this run."
     r = statistics.median(times["traces+low-rank"]) / statistics.median(times["plain"])
     return f"{'met' if r <= 1.10 else 'NOT met'} ({r:.3f}x)."
-
-
-def _write_section(key: str, body: str, path: Path | None = None) -> None:
-    """Replace (or append) the ``<!-- begin:key -->`` ... ``<!-- end:key -->`` block of
-    ``path`` (default docs/BENCHMARKS.md); every benchmark writes its section with this."""
-    path = ROOT / "docs" / "BENCHMARKS.md" if path is None else Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- begin:{key} -->", f"<!-- end:{key} -->"
-    block = f"{begin}\n{body}{end}\n"
-    if begin in text and end in text:
-        a = text.index(begin)
-        b = text.index(end) + len(end) + 1
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

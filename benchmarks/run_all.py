@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"\n== {name}: {status} in {outcome.seconds:.0f} s: {outcome.command}\n{outcome.tail.rstrip()}")
     bar.close()
     if write_docs:
-        from plasticity_overhead import _write_section
+        from _docs import write_section
 
-        _write_section("run-all", section(outcomes, argv, args.quick), args.docs)
+        write_section(args.docs, "run-all", section(outcomes, argv, args.quick))
         print(f"wrote {args.docs}")
     failed = [o.name for o in outcomes if o.returncode != 0]
     if failed:

@@ -263,10 +263,11 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|", *rows])
     print(table)
     if args.write_docs and not args.tiny:
-        from plasticity_overhead import _write_section
+        from _docs import write_section
 
         cmd = "python benchmarks/vs_nanogpt.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        _write_section(
+        write_section(
+            ROOT / "docs" / "BENCHMARKS.md",
             f"vs-nanogpt-{args.device}",
             f"### vs nanoGPT, {args.device.upper()} (benchmarks/vs_nanogpt.py)\n\n"
             f"Command: `{cmd.strip()}`\n\n{header} Configs: {cfg_txt}.\n\n{table}\n")

@@ -86,3 +86,21 @@ def test_bad_arguments_exit_2(bench_dir, capsys):
     assert run_all.main(["--list", "--bench-dir", str(bench_dir)]) == 0
     listed = capsys.readouterr().out
     assert "alpha" in listed and "beta" in listed and "_helper" not in listed and "run_all" not in listed
+
+
+def test_docs_sections_and_parts_replace_in_place(tmp_path):
+    import _docs
+
+    doc = tmp_path / "docs" / "B.md"
+    _docs.write_section(doc, "a", "first\n")
+    _docs.write_section(doc, "b", "other\n\n")
+    assert doc.read_text() == "# Benchmarks\n\n<!-- begin:a -->\nfirst\n<!-- end:a -->\n\n<!-- begin:b -->\nother\n<!-- end:b -->\n"
+    _docs.write_section(doc, "a", "second\n")
+    assert _docs.read_section(doc, "a") == "second\n" and _docs.read_section(doc, "c") is None
+    assert doc.read_text().count("<!-- begin:a -->") == 1 and "other" in doc.read_text()
+    _docs.write_part(doc, "p", "x", "x1\n", intro="## P\n\n")
+    _docs.write_part(doc, "p", "y", "y1\n")
+    _docs.write_part(doc, "p", "x", "x2\n")
+    assert _docs.read_section(doc, "p") == (
+        "## P\n\n<!-- begin:p/x -->\nx2\n<!-- end:p/x -->\n<!-- begin:p/y -->\ny1\n<!-- end:p/y -->\n")
+    assert "_docs" not in run_all.discover(ROOT / "benchmarks")
