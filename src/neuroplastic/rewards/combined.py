@@ -344,13 +344,7 @@ class MultiObjectiveReward:
             raise UserError("The reward got no predictions; pass at least one generated text.")
         refs: list[str | None]
         if references is None:
-            if self.needs_reference:
-                need = [t.name for t in self._terms if t.needs_reference]
-                raise UserError(
-                    f"The reward terms {need} need reference texts; pass references "
-                    "or remove those terms from the weights."
-                )
-            refs = [None] * n
+            refs = _unneeded([t.name for t in self._terms if t.needs_reference], "reference texts", "references", n)
         else:
             refs = list(references)
             if len(refs) != n:
@@ -360,13 +354,8 @@ class MultiObjectiveReward:
                 )
         ppls: list[float | None]
         if ppl is None:
-            if self.needs_ppl:
-                need = [t.name for t in self._terms if t.needs_ppl]
-                raise UserError(
-                    f"The reward terms {need} need perplexities; pass ppl= (one per "
-                    "prediction or one for all) or remove those terms from the weights."
-                )
-            ppls = [None] * n
+            ppls = _unneeded([t.name for t in self._terms if t.needs_ppl], "perplexities",
+                             "ppl= (one per prediction or one for all)", n)
         elif isinstance(ppl, int | float):
             ppls = [float(ppl)] * n
         else:
@@ -411,3 +400,10 @@ class MultiObjectiveReward:
             item_terms=item_terms,
             weights=dict(self.weights),
         )
+
+
+def _unneeded(need: list[str], what: str, how: str, n: int) -> list[None]:
+    """``n`` Nones for an input not given; a clear error if the terms ``need`` it."""
+    if need:
+        raise UserError(f"The reward terms {need} need {what}; pass {how} or remove those terms from the weights.")
+    return [None] * n
