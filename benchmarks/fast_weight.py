@@ -176,20 +176,10 @@ def measure_memory(form, B, H, T, d, chunk, device, threads) -> int | None:
 
 
 def machine_info(device, threads) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
+    from _machine import cpu_cores, cpu_model
+
     info = {
-        "cpu": f"{cpu} ({cores} cores, {threads} torch thread{'s' if threads > 1 else ''})",
+        "cpu": f"{cpu_model()} ({cpu_cores()} cores, {threads} torch thread{'s' if threads > 1 else ''})",
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

@@ -114,23 +114,12 @@ def run_one(name: str, cmd: list[str], log_dir: Path | None) -> Outcome:
 
 def machine_line() -> str:
     import torch
+    from _machine import cpu_cores, cpu_model
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = "none"
     if torch.cuda.is_available():
         gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    return (f"cpu: {cpu} ({cores} cores); gpu: {gpu}; torch {torch.__version__}; "
+    return (f"cpu: {cpu_model()} ({cpu_cores()} cores); gpu: {gpu}; torch {torch.__version__}; "
             f"python {platform.python_version()}; {platform.system()} {platform.release()}")
 
 

@@ -98,23 +98,11 @@ PRESETS: dict[str, Preset] = {
 # --------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def machine_info(device: torch.device) -> dict[str, str]:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
+    from _machine import cpu_cores, cpu_model
+
     info = {
-        "cpu": f"{cpu_model()} ({cores} cores, {torch.get_num_threads()} torch threads)",
+        "cpu": f"{cpu_model()} ({cpu_cores()} cores, {torch.get_num_threads()} torch threads)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
