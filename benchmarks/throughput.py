@@ -30,7 +30,6 @@ import datetime as _dt
 import gc
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -483,24 +482,6 @@ def docs_section(
     return "\n".join(parts)
 
 
-def write_docs(section: str, path: Path = DOCS) -> None:
-    """Replace this benchmark's section in ``path`` (or append it), keeping the rest."""
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-    else:
-        text = (
-            "# Benchmarks\n\n"
-            "Results of the scripts in `benchmarks/`, each with the command that produced it.\n"
-        )
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text, count=1)
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip() + "\n", encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -730,8 +711,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         if plot_path is not None:
             p = Path(plot_path).resolve()
             plot_rel = os.path.relpath(p, DOCS.parent)
-        write_docs(
-            docs_section(command, info, peak_text, device, amp, setup, table, ratios, plot_rel)
+        from _docs import write_section
+
+        write_section(
+            DOCS, "throughput",
+            docs_section(command, info, peak_text, device, amp, setup, table, ratios, plot_rel),
+            title="# Benchmarks\n\nResults of the scripts in `benchmarks/`, each with the command that produced it.",
         )
         print(f"wrote {DOCS}")
     return 0
