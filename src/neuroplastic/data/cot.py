@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from neuroplastic.data.sources import iter_jsonl
+from neuroplastic.data.tokenizers import as_tokenizer
 from neuroplastic.errors import UserError
 
 __all__ = [
@@ -57,13 +58,11 @@ __all__ = [
     "collate",
     "complexity",
     "encode_examples",
-    "encode_text",
     "eval_batches",
     "extract_prediction",
     "final_answer",
     "load_cot_examples",
     "normalize_number",
-    "pad_id_of",
     "split_examples",
     "synthetic_arithmetic",
 ]
@@ -345,32 +344,12 @@ class EncodedExample:
         return [-100] * self.n_prompt + self.ids[self.n_prompt :]
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    if hasattr(tokenizer, "eos_id"):  # one of ours
-        return list(tokenizer.encode(text))
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def eos_id_of(tokenizer: Any) -> int | None:
-    if hasattr(tokenizer, "eos_id"):
-        return int(tokenizer.eos_id)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return None if eos is None else int(eos)
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "pad_id", "eos_token_id", "eos_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 class CotFormatter:
     """Turns examples into prompts and ``prompt + answer`` token ids (see module docs).
 
     ``chat``: ``"auto"`` (the chat template when the tokenizer has one), ``True``
-    (required) or ``False`` (always the plain format).
+    (required) or ``False`` (always the plain format). ``codec`` is the tokenizer behind
+    our interface (:func:`~neuroplastic.data.tokenizers.as_tokenizer`).
     """
 
     def __init__(
@@ -389,7 +368,8 @@ class CotFormatter:
         if chat is True and not has_template:
             raise UserError("The tokenizer has no chat template; use the plain prompt format (chat: false).")
         self.chat = has_template if chat == "auto" else bool(chat)
-        self.eos_id = eos_id_of(tokenizer)
+        self.codec = as_tokenizer(tokenizer)
+        self.eos_id = self.codec.eos_id
 
     def _messages(self, question: str) -> list[dict[str, str]]:
         user = f"{question}\n{self.instruction}" if self.instruction else question
@@ -426,8 +406,8 @@ class CotFormatter:
     def encode(self, example: CotExample, max_len: int, measure: str = "steps", index: int = 0) -> EncodedExample | None:
         """Prompt + answer ids (ending in eos), cut to ``max_len``; ``None`` if no answer
         token fits."""
-        p_ids = encode_text(self.tokenizer, self.prompt(example.question))
-        a_ids = encode_text(self.tokenizer, self.answer_text(example.question, example.answer))
+        p_ids = self.codec.encode(self.prompt(example.question))
+        a_ids = self.codec.encode(self.answer_text(example.question, example.answer))
         if self.eos_id is not None and (not a_ids or a_ids[-1] != self.eos_id):
             if not self.chat or self.eos_id not in a_ids:
                 a_ids.append(self.eos_id)

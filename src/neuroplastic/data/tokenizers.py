@@ -39,6 +39,8 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "Tokenizer",
+    "TransformersTokenizer",
+    "as_tokenizer",
     "build_tokenizer",
     "bytes_to_unicode",
     "load_tokenizer",
@@ -112,6 +114,11 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many documents; same result as ``[self.encode(t) for t in texts]``."""
         return [self.encode(t) for t in texts]
+
+    @property
+    def prefix_id(self) -> int:
+        """The token that stands in for an empty context: ``eos_id`` (no bos here)."""
+        return self.eos_id
 
     def save(self, directory: str | Path) -> None:
         raise NotImplementedError
@@ -424,6 +431,48 @@ class HFTokenizer(_TokenizersBackend):
             if src.is_file() and src.resolve() != (directory / name).resolve():
                 shutil.copyfile(src, directory / name)  # keep the original (chat template, ...)
         self._write_meta(directory, eos_id=self.eos_id, pad_id=self.pad_id)
+
+
+class TransformersTokenizer:
+    """A ``transformers`` tokenizer behind our tokenizer interface
+    (:class:`~neuroplastic.models.api.TokenizerAdapter`): ``encode`` adds no special
+    tokens, ``decode`` drops them (and every ``eos_id``); ``pad_id`` is the pad token, else
+    eos, else bos, else 0; ``prefix_id`` bos, else eos, else 0. The wrapped tokenizer is
+    ``.tokenizer``."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        eos = getattr(tokenizer, "eos_token_id", None)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.eos_id = None if eos is None else int(eos)
+        self.pad_id = next((int(i) for i in (pad, eos, bos) if i is not None), 0)
+        self.prefix_id = next((int(i) for i in (bos, eos) if i is not None), 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids if self.eos_id is None or int(i) != self.eos_id]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"TransformersTokenizer({type(self.tokenizer).__name__}, eos_id={self.eos_id})"
+
+
+def as_tokenizer(tokenizer: Any) -> Tokenizer | TransformersTokenizer:
+    """``tokenizer`` behind our interface: one of ours (or one already wrapped) as it is,
+    anything else (a ``transformers`` tokenizer) in a :class:`TransformersTokenizer`."""
+    if isinstance(tokenizer, Tokenizer | TransformersTokenizer):
+        return tokenizer
+    return TransformersTokenizer(tokenizer)
 
 
 def _token_content(value: Any) -> str | None:

@@ -37,12 +37,11 @@ from neuroplastic.data.cot import (
     CotFormatter,
     answers_match,
     collate,
-    encode_text,
     extract_prediction,
-    pad_id_of,
 )
 from neuroplastic.data.sources import read_jsonl
-from neuroplastic.evaluation.generation import TextCodec, generate_until
+from neuroplastic.data.tokenizers import as_tokenizer
+from neuroplastic.evaluation.generation import generate_until
 from neuroplastic.runtime import model_device
 
 __all__ = [
@@ -105,7 +104,7 @@ def generate_batch(
     hf = _hf_model(model)
     if hf is None:
         raise TypeError("generate_batch needs a Hugging Face causal LM (HFCausalLM)")
-    codec = TextCodec(tokenizer)
+    codec = as_tokenizer(tokenizer)
     dev = model_device(model, device)
     eos = [codec.eos_id] if codec.eos_id is not None else []
     cfg_eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
@@ -145,10 +144,10 @@ def _final_span(formatter: CotFormatter, ex: CotExample) -> tuple[int, int] | No
     if not matches:
         return None
     m = matches[-1]
-    tok = formatter.tokenizer
-    full = encode_text(tok, text)
-    before = encode_text(tok, text[: m.start()])
-    upto = encode_text(tok, text[: m.end()])
+    tok = formatter.codec
+    full = tok.encode(text)
+    before = tok.encode(text[: m.start()])
+    upto = tok.encode(text[: m.end()])
     if full[: len(upto)] != upto or upto[: len(before)] != before or len(upto) <= len(before):
         return None  # the tokenizer merges across the boundary: no clean span
     return len(before), len(upto)
@@ -170,7 +169,7 @@ def answer_loglik(
     over the tokens of ``#### N`` given the prompt and the reference reasoning (the
     answer's log-likelihood; ``None`` when the tokenizer merges it with what precedes)."""
     dev = model_device(model, device)
-    pad = pad_id_of(formatter.tokenizer)
+    pad = formatter.codec.pad_id
     was_training = model.training
     model.eval()
     out: list[dict[str, float | None]] = []
@@ -237,7 +236,7 @@ def evaluate_cot(
     also the reference's log-likelihood (:func:`answer_loglik`; ``mean_solution_ll``,
     ``mean_final_ll``), which moves before exact match does."""
     formatter = formatter or CotFormatter(tokenizer)
-    codec = TextCodec(tokenizer)
+    codec = as_tokenizer(tokenizer)
     gen = None
     if temperature > 0:
         dev = device or next(model.parameters()).device

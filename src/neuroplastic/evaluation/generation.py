@@ -8,9 +8,8 @@ the text is checked after each; the result is cut before the first stop string. 
 re-read the prompt (one forward pass each), which is cheap next to token-by-token
 decoding. ``temperature=0`` is greedy.
 
-Tokenizers are ours (``encode``/``decode``/``eos_id``) or ``transformers`` ones
-(``encode(add_special_tokens=False)``, ``decode(skip_special_tokens=True)``,
-``eos_token_id``).
+Tokenizers are ours or ``transformers`` ones (through
+:func:`~neuroplastic.data.tokenizers.as_tokenizer`).
 """
 
 from __future__ import annotations
@@ -21,9 +20,11 @@ from typing import Any
 
 import torch
 
+from neuroplastic.data.tokenizers import as_tokenizer
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import CausalLM
 
-__all__ = ["TextCodec", "check_finite_weights", "check_sampling", "generate_until"]
+__all__ = ["check_finite_weights", "check_sampling", "generate_until"]
 
 
 def check_sampling(
@@ -63,43 +64,6 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
         )
 
 
-class TextCodec:
-    """encode / decode / eos for our tokenizers and ``transformers`` tokenizers alike."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.own = hasattr(tokenizer, "eos_id") and not hasattr(tokenizer, "eos_token_id")
-        if self.own:
-            self.eos_id = int(tokenizer.eos_id)
-        else:
-            eos = getattr(tokenizer, "eos_token_id", None)
-            self.eos_id = None if eos is None else int(eos)
-
-    def encode(self, text: str) -> list[int]:
-        if self.own:
-            return list(self.tokenizer.encode(text))
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids if self.eos_id is None or int(i) != self.eos_id]
-        if self.own:
-            return self.tokenizer.decode(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    @property
-    def prefix_id(self) -> int:
-        """A token to start from when the prompt is empty (bos, else eos)."""
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        if isinstance(bos, int):
-            return bos
-        return self.eos_id if self.eos_id is not None else 0
-
-
-def _window(model: torch.nn.Module) -> int | None:
-    value = getattr(getattr(model, "config", None), "block_size", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
 def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     hits = [text.find(s) for s in stops if s and s in text]
     if not hits:
@@ -124,14 +88,14 @@ def generate_until(
 ) -> str:
     """The text generated after ``prompt`` (a string or token ids), cut before the first
     string of ``until``; stops at end-of-text or after ``max_new_tokens`` tokens."""
-    codec = tokenizer if isinstance(tokenizer, TextCodec) else TextCodec(tokenizer)
+    codec = as_tokenizer(tokenizer)
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else "cpu"
     ids = codec.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     if not ids:
         ids = [codec.prefix_id]
-    window = _window(model)
+    window = model.context_length if isinstance(model, CausalLM) else None
     new: list[int] = []
     text = ""
     while len(new) < max_new_tokens:

@@ -10,6 +10,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from neuroplastic.models.api import CausalLM
+from neuroplastic.models.hf import hf_context_length
+
 
 @torch.no_grad()
 def lm_metrics(
@@ -69,19 +72,15 @@ _BYTES_PER_LOGIT = 12
 
 
 def model_context(model: torch.nn.Module, tokenizer: object = None) -> int | None:
-    """The context length ``model`` was built for: our models' ``config.block_size``; a
-    Hugging Face model's ``n_positions`` / ``max_position_embeddings`` (else the
-    tokenizer's ``model_max_length``); None when nothing says."""
-    cfg = getattr(model, "config", None)
-    hf = getattr(model, "hf_config", None)
-    for c, keys in (
-        (hf, ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")),
-        (cfg, ("block_size", "n_positions", "max_position_embeddings", "n_ctx", "seq_length")),
-    ):
-        for key in keys:
-            value = getattr(c, key, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
+    """The context length ``model`` was built for: a
+    :class:`~neuroplastic.models.api.CausalLM`'s ``context_length``; for a bare Hugging
+    Face model its config's (:func:`~neuroplastic.models.hf.hf_context_length`), else the
+    tokenizer's ``model_max_length``; None when nothing says."""
+    if isinstance(model, CausalLM):
+        return model.context_length
+    value = hf_context_length(getattr(model, "config", None))
+    if value is not None:
+        return value
     value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < 1_000_000:
         return value

@@ -68,8 +68,9 @@ except ImportError as exc:  # pragma: no cover
         "pip install 'neuroplastic[eval]'."
     ) from exc
 
+from neuroplastic.data.tokenizers import as_tokenizer
 from neuroplastic.errors import UserError
-from neuroplastic.evaluation.generation import TextCodec, generate_until
+from neuroplastic.evaluation.generation import generate_until
 from neuroplastic.evaluation.multiple_choice import make_scorer
 
 __all__ = ["NeuroplasticLM", "main", "task_manager"]
@@ -137,7 +138,7 @@ class NeuroplasticLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.scorer = make_scorer(self.model, tokenizer, device, self.batch_size,
                                   **({"max_length": int(max_length)} if max_length else {}))
-        self.codec = TextCodec(tokenizer)
+        self.codec = as_tokenizer(tokenizer)
 
     # ------------------------------------------------------------------ requests
 

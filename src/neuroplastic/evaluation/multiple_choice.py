@@ -83,7 +83,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from neuroplastic.data.tokenizers import as_tokenizer
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import CausalLM
+from neuroplastic.models.hf import hf_context_length
 
 __all__ = [
     "TASKS",
@@ -270,12 +273,6 @@ class LogLikelihoodScorer:
         return self.device if self.device is not None else torch.device("cpu")
 
 
-def _is_own_tokenizer(tokenizer: Any) -> bool:
-    from neuroplastic.data.tokenizers import Tokenizer
-
-    return isinstance(tokenizer, Tokenizer)
-
-
 class _ModelScorer(LogLikelihoodScorer):
     """Shared set-up: tokenizer (ours or a ``transformers`` one), model device and eval mode."""
 
@@ -294,16 +291,9 @@ class _ModelScorer(LogLikelihoodScorer):
         super().__init__(device=device, batch_size=batch_size, progress=progress)
         self.model = model
         self.tokenizer = tokenizer
-        self._own = _is_own_tokenizer(tokenizer)
-        if self._own:
-            self.prefix_id = tokenizer.eos_id
-            self.pad_id = tokenizer.pad_id
-        else:
-            bos = getattr(tokenizer, "bos_token_id", None)
-            eos = getattr(tokenizer, "eos_token_id", None)
-            pad = getattr(tokenizer, "pad_token_id", None)
-            self.prefix_id = bos if bos is not None else eos
-            self.pad_id = next((i for i in (pad, eos, bos) if i is not None), 0)
+        self.codec = as_tokenizer(tokenizer)
+        self.prefix_id = self.codec.prefix_id
+        self.pad_id = self.codec.pad_id
         window = max_length if max_length is not None else self._model_window()
         if window is None or int(window) < 1:
             raise UserError(
@@ -315,14 +305,10 @@ class _ModelScorer(LogLikelihoodScorer):
         return None
 
     def encode(self, text: str) -> list[int]:
-        if self._own:
-            return self.tokenizer.encode(text)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.codec.encode(text)
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
-        if self._own:
-            return self.tokenizer.encode_batch(list(texts))
-        return [self.encode(t) for t in texts]
+        return self.codec.encode_batch(list(texts))
 
     def loglikelihood_tokens(self, requests):
         was_training = self.model.training
@@ -358,11 +344,9 @@ class HFScorer(_ModelScorer):
     """
 
     def _model_window(self) -> int | None:
-        cfg = getattr(self.model, "config", None)
-        for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
+        value = hf_context_length(getattr(self.model, "config", None))
+        if value is not None:
+            return value
         value = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(value, int) and 0 < value < 1_000_000:
             return value
@@ -379,10 +363,9 @@ def make_scorer(
     batch_size: int = 16,
     **kwargs: Any,
 ) -> LogLikelihoodScorer:
-    """:class:`GPTScorer` for our models (``config.block_size``), else :class:`HFScorer`."""
-    from neuroplastic.models import GPT
-
-    if isinstance(model, GPT) or hasattr(getattr(model, "config", None), "block_size"):
+    """:class:`GPTScorer` for our models (a :class:`~neuroplastic.models.api.CausalLM`),
+    else :class:`HFScorer` (a bare ``transformers`` model)."""
+    if isinstance(model, CausalLM):
         return GPTScorer(model, tokenizer, device, batch_size, **kwargs)
     return HFScorer(model, tokenizer, device, batch_size, **kwargs)
 

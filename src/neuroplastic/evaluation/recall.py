@@ -13,9 +13,9 @@ tokens long (the extra token shows whether the answer stopped where it should):
   their *right* answers (teacher forcing), then ``" key?"``.
 
 Context window. A model that sets ``supports_long_context = True`` (the Hebbian LM, whose
-``generate`` carries a recurrent state) gets the whole prompt. Any other model with
-``model.config.block_size`` cannot see beyond that window, so a longer prompt is cut from
-the left to ``block_size - (max_new_tokens - 1)`` tokens -- the prompt and the answer then
+``generate`` carries a recurrent state) gets the whole prompt. Any other model cannot see
+beyond its ``context_length``, so a longer prompt is cut from the left to
+``context_length - (max_new_tokens - 1)`` tokens -- the prompt and the answer then
 fit the window, which is what the GPT's ``generate`` would crop to anyway. Such examples
 are recorded as ``truncated``, with ``needle_visible`` telling whether the needle sentence
 survived the cut; a GPT honestly fails when the needle falls out of its context.
@@ -46,6 +46,7 @@ from neuroplastic.data.recall_tasks import (
     needle_sentence,
 )
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import CausalLM
 from neuroplastic.runtime import model_device
 
 __all__ = [
@@ -81,10 +82,10 @@ def parse_word(continuation: str) -> str:
 
 
 def _check_model(model: Any, tokenizer: Any) -> None:
-    if not callable(getattr(model, "generate", None)):
+    if not isinstance(model, CausalLM):
         raise UserError(
-            f"{type(model).__name__} has no generate(); recall evaluation needs a model with "
-            "our generate(idx, max_new_tokens, temperature, eos_id) API."
+            f"{type(model).__name__} is not one of our causal LMs; recall evaluation needs a "
+            "model with our generate(idx, max_new_tokens, temperature, eos_id) API."
         )
     for name in ("encode", "decode"):
         if not callable(getattr(tokenizer, name, None)):
@@ -92,18 +93,6 @@ def _check_model(model: Any, tokenizer: Any) -> None:
                 f"the tokenizer {type(tokenizer).__name__} has no {name}(); give one of "
                 "neuroplastic's tokenizers."
             )
-
-
-def _long_context(model: Any) -> bool:
-    return bool(getattr(model, "supports_long_context", False))
-
-
-def _window(model: Any) -> int | None:
-    """How many prompt + answer tokens the model sees, or None for no limit."""
-    if _long_context(model):
-        return None
-    size = getattr(getattr(model, "config", None), "block_size", None)
-    return int(size) if size else None
 
 
 class _Request:
@@ -255,7 +244,7 @@ def needle_grid(
     _check_count("batch_size", batch_size, 1)
     dev = model_device(model, device)
     model.to(dev)
-    window = _window(model)
+    window = None if model.supports_long_context else model.context_length
 
     requests: list[_Request] = []
     for n in lengths:
@@ -308,7 +297,7 @@ def needle_grid(
         "truncated": trunc,
         "cells": cells,
         "records": records,
-        "long_context": _long_context(model),
+        "long_context": model.supports_long_context,
         "window": window,
     }
 
@@ -385,7 +374,7 @@ def evaluate_mqar(
     _check_count("batch_size", batch_size, 1)
     dev = model_device(model, device)
     model.to(dev)
-    window = _window(model)
+    window = None if model.supports_long_context else model.context_length
     rng = random.Random(f"neuroplastic-mqar-eval:{seed}")
     requests: list[_Request] = []
     for e in range(num_examples):
@@ -418,7 +407,7 @@ def evaluate_mqar(
         "seed": seed,
         "truncated": sum(r["truncated"] for r in records) / len(records),
         "records": records,
-        "long_context": _long_context(model),
+        "long_context": model.supports_long_context,
         "window": window,
     }
 

@@ -40,7 +40,7 @@ def reward_components(
     model.eval()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    block = model.config.block_size
+    block = model.context_length
     preds, refs, n_new = [], [], []
     for prompt, ref in tqdm(pairs, desc="generating", unit="prompt", leave=False,
                             disable=len(pairs) < 8):

@@ -81,6 +81,7 @@ import torch.nn.functional as F
 
 from neuroplastic.config import ModelConfig
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import LanguageModel
 from neuroplastic.models.transformer import (
     MLP,
     apply_rope,
@@ -388,7 +389,7 @@ class HebbianBlock(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-class HebbianLM(nn.Module):
+class HebbianLM(LanguageModel):
     """Byte-level LM with local attention and Hebbian fast-weight memory (module docstring).
 
     ``logits, loss = model(idx, targets)`` as for GPT. ``model(idx, state=s)`` continues
@@ -396,7 +397,7 @@ class HebbianLM(nn.Module):
     (``"chunked"`` or ``"recurrent"``; default: chunked, recurrent for a single token).
     """
 
-    #: the recurrent memory carries context past block_size (read by the recall evaluators)
+    #: the recurrent memory carries context past block_size (generate does not crop)
     supports_long_context = True
 
     def __init__(self, cfg: ModelConfig):

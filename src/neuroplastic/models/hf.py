@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import LanguageModel
 from neuroplastic.models.transformer import generate_loop
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "apply_lora",
     "check_adapter_base",
     "export_merged",
+    "hf_context_length",
     "load_adapter",
     "load_causal_lm",
     "local_model_dir",
@@ -853,6 +855,19 @@ class HFModelInfo:
     arch: str = "hf"
 
 
+_CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+
+
+def hf_context_length(config: Any) -> int | None:
+    """The context length a ``transformers`` model config names (``n_positions`` /
+    ``max_position_embeddings`` / ``n_ctx`` / ``seq_length``), None when none does."""
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _cfg_int(cfg: Any, keys: tuple[str, ...], default: int) -> int:
     for key in keys:
         value = getattr(cfg, key, None)
@@ -861,7 +876,7 @@ def _cfg_int(cfg: Any, keys: tuple[str, ...], default: int) -> int:
     return default
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(LanguageModel):
     """A Hugging Face causal LM (plain or peft) behind our GPT's interface.
 
     * ``logits, loss = model(idx, targets)``: ``targets`` are already the next tokens,
@@ -869,7 +884,8 @@ class HFCausalLM(nn.Module):
       model shifts itself); ``loss`` is the mean cross-entropy over targets that are not
       ``-100`` (``None`` without targets).
     * :meth:`generate` has the semantics of :meth:`GPT.generate`.
-    * ``config.block_size`` is the model's ``n_positions`` / ``max_position_embeddings``.
+    * ``config.block_size`` (``context_length``) is :func:`hf_context_length` of the
+      model's config, 2048 when it names none.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None):
@@ -884,9 +900,7 @@ class HFCausalLM(nn.Module):
         cfg = model.config
         emb = model.get_input_embeddings()
         self.config = HFModelInfo(
-            block_size=_cfg_int(
-                cfg, ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"), 2048
-            ),
+            block_size=hf_context_length(cfg) or 2048,
             vocab_size=int(emb.num_embeddings),
             n_layer=_cfg_int(cfg, ("n_layer", "num_hidden_layers", "num_layers"), 0),
             n_head=_cfg_int(cfg, ("n_head", "num_attention_heads"), 0),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from neuroplastic.config import ModelConfig
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import LanguageModel
 
 __all__ = ["GPT", "KVCache", "apply_rope", "rope_angles"]
 
@@ -354,7 +355,7 @@ def check_config(cfg: ModelConfig) -> None:
         raise UserError(f"model.mlp_ratio must be positive, got {cfg.mlp_ratio}.")
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     """Decoder-only transformer language model.
 
     ``logits, loss = model(idx, targets)``: ``idx`` and ``targets`` are ``(B, T)`` token

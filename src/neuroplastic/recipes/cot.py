@@ -59,7 +59,6 @@ from neuroplastic.data.cot import (
     encode_examples,
     eval_batches,
     load_cot_examples,
-    pad_id_of,
     split_examples,
 )
 from neuroplastic.errors import UserError
@@ -148,7 +147,7 @@ class CotCallback(Callback):
             tok, instruction=options.instruction, system=options.system or None,
             chat=options.chat_mode,
         )
-        self.pad_id = pad_id_of(tok)
+        self.pad_id = self.formatter.codec.pad_id
         max_len = cfg.block_size + 1  # inputs and targets are block_size long
         self.train_sets, self.val_sets = {}, {}
         self.examples = {}
