@@ -171,7 +171,7 @@ def test_batched_evaluation_outputs_and_docs_from(tmp_path, capsys):
     """--eval-mode batched (the GPU path): the CLI's held-out prompts, batched greedy generation
     equal to one-at-a-time, rows printed per seed, results.md with generations side by side."""
     from neuroplastic.cli import _reward_pairs
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     cfg = _micro(tmp_path / "b", eval_mode="batched", eval_limit=4, show=3)
     res = bench.run_benchmark(cfg)

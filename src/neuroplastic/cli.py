@@ -196,7 +196,7 @@ def _load_for_evaluate(path: str, device: str):
     """``(model, tokenizer, cfg, directory, info)``: one of our checkpoints / run dirs
     (``cfg`` its RunConfig), else any model :func:`load_any_model` reads (a Hugging Face
     directory, a LoRA adapter, a cot output; ``cfg`` None)."""
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     p = Path(path).expanduser()
     hf_like = p.is_dir() and any(
@@ -207,7 +207,7 @@ def _load_for_evaluate(path: str, device: str):
     if p.exists() and not hf_like:
         model, tok, cfg, directory = load_trained(p, device=device)
         return model, tok, cfg, directory, {"kind": "neuroplastic checkpoint"}
-    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.models.loading import load_any_model
 
     model, tok, info = load_any_model(path, device=device)
     return model, tok, None, Path(info.get("hf_dir") or info.get("model_path") or path), info
@@ -426,8 +426,8 @@ def _evaluate_rewards(args, model, tok, cfg, device, directory) -> int:
 
     from neuroplastic.evaluation.rewards_eval import plot_components, reward_components
     from neuroplastic.models import build_model
+    from neuroplastic.models.loading import load_trained
     from neuroplastic.rewards import MultiObjectiveReward
-    from neuroplastic.training.inference import load_trained
 
     if cfg.recipe_module == "controlled_generation":  # the reward the run trained with
         from neuroplastic.recipes.controlled_generation import reward_for
@@ -508,8 +508,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_finite_weights,
         check_sampling,
     )
+    from neuroplastic.models.loading import load_trained
     from neuroplastic.runtime import resolve_device
-    from neuroplastic.training.inference import load_trained
 
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
