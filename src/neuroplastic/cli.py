@@ -328,7 +328,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dataclasses import asdict
+
     from neuroplastic.evaluation.tasks import TASKS as EVAL_TASKS
+    from neuroplastic.evaluation.tasks import EvalOptions
 
     p = _Parser(
         prog="neuroplastic",
@@ -362,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="lm: text source (file, dir, jsonl, registry name; default: the "
                    "run's validation split); wikitext2: the file (default: wikitext2/"
                    "wiki.valid.tokens in the data dirs); tasks: the task's file or directory")
-    e.add_argument("--field", default="text", help="jsonl field holding the text")
+    e.add_argument("--field", help="jsonl field holding the text")
     e.add_argument("--data-dir", help="directory searched first for named corpora")
     e.add_argument("--context", type=int, default=None,
                    help="lm, wikitext2: window in tokens (default: the model's context, lowered "
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens with WINDOW - STRIDE tokens of context")
     e.add_argument("--batches", type=int, default=None,
                    help="lm: at most this many batches of windows (default 50; wikitext2: all)")
-    e.add_argument("--batch-size", type=int, default=16, help="windows / rows per forward pass")
+    e.add_argument("--batch-size", type=int, help="windows / rows per forward pass")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--task", default="lm", choices=list(EVAL_TASKS),
@@ -383,18 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "gets its first items)")
     e.add_argument("--limit-per-subject", type=int, default=None,
                    help="MMLU: at most this many items per subject (what lm-eval's --limit means)")
-    e.add_argument("--shots", type=int, default=0,
+    e.add_argument("--shots", type=int,
                    help="few-shot examples per item; a prompt too long for the model's context "
                    "keeps the shots that fit (reported)")
     e.add_argument("--per-subject", action="store_true", help="print per-subject accuracy")
-    e.add_argument("--lengths", default="512,1024,2048,4096", help="needle: haystack sizes (bytes)")
-    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: needle depths in [0, 1]")
-    e.add_argument("--trials", type=int, default=5, help="needle: trials per cell")
+    e.add_argument("--lengths", help="needle: haystack sizes (bytes)")
+    e.add_argument("--depths", help="needle: needle depths in [0, 1]")
+    e.add_argument("--trials", type=int, help="needle: trials per cell")
     e.add_argument("--compare", nargs="*", help="rewards: other runs/checkpoints as extra columns "
                    "(e.g. a CE-only fine-tune of the same budget)")
-    e.add_argument("--max-new-tokens", type=int, default=30, help="rewards: generated tokens")
+    e.add_argument("--max-new-tokens", type=int, help="rewards: generated tokens")
     e.add_argument("--output", help="write all results incl. per-item records to this JSON file")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, **asdict(EvalOptions()))  # the option defaults
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="checkpoint directory or run directory")
