@@ -315,8 +315,8 @@ def evaluate_batched(cfg: BenchConfig, reward_run: Path, ce_run: Path) -> dict[s
     """Columns before / after / CE run as ``neuroplastic evaluate --task rewards --compare``
     gives them, generated in batches in this process (fast on a GPU)."""
     from neuroplastic.models import build_model
+    from neuroplastic.models.loading import load_trained
     from neuroplastic.recipes.controlled_generation import reward_for
-    from neuroplastic.training.inference import load_trained
 
     dev = _device(cfg)
     model, tok, run_cfg, _ = load_trained(reward_run, device=dev)

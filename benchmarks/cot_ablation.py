@@ -117,7 +117,7 @@ def evaluate(path, base, examples, args, device) -> dict:
     """Exact match + log-likelihoods of a model dir or a run dir (its adapter on ``base``)."""
     from neuroplastic.data.cot import CotFormatter
     from neuroplastic.evaluation.cot import evaluate_cot
-    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.models.loading import load_any_model
 
     model, tok, _ = load_any_model(path, base, device)
     if hasattr(model.model, "merge_and_unload"):  # a LoRA adapter: merged, generation is faster

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 from safetensors.torch import save_file  # noqa: E402
 
 from neuroplastic.config import load_config  # noqa: E402
-from neuroplastic.training.checkpoint import flatten_state  # noqa: E402
+from neuroplastic.models.checkpoint_io import flatten_state  # noqa: E402
 from neuroplastic.training.distributed import replica_fingerprint  # noqa: E402
 from neuroplastic.training.trainer import Trainer  # noqa: E402
 
@@ -71,7 +71,7 @@ def run(entry: dict, out: Path) -> None:
     }
     (out / f"{entry['name']}.rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     if rank == 0:
-        from neuroplastic.training.checkpoint import model_tensors
+        from neuroplastic.models.checkpoint_io import model_tensors
 
         view = trainer.dist.checkpoint_state(trainer.model, trainer.optimizer)
         save_file(model_tensors(view[0]), str(out / f"{entry['name']}.safetensors"))

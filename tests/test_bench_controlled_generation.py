@@ -153,13 +153,13 @@ def test_pair_splits_partition_by_concept():
 
 
 def test_reward_training_never_sees_the_evaluation_prompts():
-    from neuroplastic.cli import _reward_pairs
+    from neuroplastic.evaluation.rewards_eval import reward_pairs
     from neuroplastic.training.reward import pairs_for
 
     cfg = load_config("controlled-generation")
     trainer = SimpleNamespace(cfg=cfg)
     trained = {p for s in STAGES for p in pairs_for(trainer, s)}
-    evaluated = _reward_pairs(cfg, None, Path("."), 60, seed=0)
+    evaluated = reward_pairs(cfg, None, Path("."), 60, seed=0)
     assert len(evaluated) == 60
     assert not trained & set(evaluated)
     heldout = {p for s in STAGES for p in SyntheticCurriculum().pairs(s, "heldout")}
@@ -170,8 +170,8 @@ def test_reward_training_never_sees_the_evaluation_prompts():
 def test_batched_evaluation_outputs_and_docs_from(tmp_path, capsys):
     """--eval-mode batched (the GPU path): the CLI's held-out prompts, batched greedy generation
     equal to one-at-a-time, rows printed per seed, results.md with generations side by side."""
-    from neuroplastic.cli import _reward_pairs
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.evaluation.rewards_eval import reward_pairs
+    from neuroplastic.models.loading import load_trained
 
     cfg = _micro(tmp_path / "b", eval_mode="batched", eval_limit=4, show=3)
     res = bench.run_benchmark(cfg)
@@ -184,7 +184,7 @@ def test_batched_evaluation_outputs_and_docs_from(tmp_path, capsys):
     run = Path(res["arms"]["reward"][0]["run"])
     model, tok, run_cfg, _ = load_trained(run)
     pairs = bench.held_out_pairs(run_cfg, 4)
-    assert pairs == _reward_pairs(run_cfg, tok, run, 4, seed=0)
+    assert pairs == reward_pairs(run_cfg, tok, run, 4, seed=0)
     prompts = [p for p, _ in pairs]
     batched = bench.greedy_batch(model, tok, prompts, 6, "cpu")
     single = [bench.greedy_batch(model, tok, [p], 6, "cpu")[0] for p in prompts]

@@ -8,8 +8,9 @@ import torch
 
 from neuroplastic.config import load_config
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
+from neuroplastic.models.loading import load_trained
 from neuroplastic.training import checkpoint as ckpt
-from neuroplastic.training.inference import load_trained
 from neuroplastic.training.trainer import Trainer
 from tests.conftest import run_cli, tiny_overrides
 
@@ -26,9 +27,9 @@ def test_flatten_roundtrip():
     state = {"a": torch.arange(3), "b": [1, 2.5, None, "x", (torch.ones(2), 3)],
              7: {"nested": torch.zeros(1)}, "nan": float("nan"), "inf": float("-inf")}
     tensors = {}
-    skel = ckpt.flatten_state(state, tensors)
+    skel = checkpoint_io.flatten_state(state, tensors)
     import json
-    back = ckpt.unflatten_state(json.loads(json.dumps(skel)), tensors)
+    back = checkpoint_io.unflatten_state(json.loads(json.dumps(skel)), tensors)
     assert torch.equal(back["a"], state["a"]) and back["b"][:4] == [1, 2.5, None, "x"]
     assert isinstance(back["b"][4], tuple) and torch.equal(back["b"][4][0], torch.ones(2))
     assert torch.equal(back[7]["nested"], torch.zeros(1))
@@ -37,7 +38,7 @@ def test_flatten_roundtrip():
 
 def test_crash_during_save_keeps_previous(trained):
     t = trained
-    good = ckpt.latest_checkpoint(t.ckpt_dir)
+    good = checkpoint_io.latest_checkpoint(t.ckpt_dir)
     t.train(stop_at=6)
 
     def boom(tmp):
@@ -48,7 +49,7 @@ def test_crash_during_save_keeps_previous(trained):
         ckpt.save_checkpoint(t.ckpt_dir / ckpt.checkpoint_name(8), model=t.model, state=t.state(),
                              optimizer_state=t.optimizer.state_dict(), tokenizer=t.tokenizer,
                              before_rename=boom)
-    latest = ckpt.latest_checkpoint(t.ckpt_dir)
+    latest = checkpoint_io.latest_checkpoint(t.ckpt_dir)
     assert latest is not None and latest.name in (good.name, ckpt.checkpoint_name(6))
     assert not list(t.ckpt_dir.glob(".tmp-*"))
     model, tok, cfg, path = load_trained(latest)
@@ -56,7 +57,7 @@ def test_crash_during_save_keeps_previous(trained):
 
 
 def test_truncated_and_foreign_files_are_clear_errors(trained):
-    path = ckpt.latest_checkpoint(trained.ckpt_dir)
+    path = checkpoint_io.latest_checkpoint(trained.ckpt_dir)
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
@@ -80,7 +81,7 @@ class _Evil:
 
 def test_pickle_payload_is_refused_without_executing(trained, tmp_path):
     marker = tmp_path / "pwned"
-    path = ckpt.latest_checkpoint(trained.ckpt_dir)
+    path = checkpoint_io.latest_checkpoint(trained.ckpt_dir)
     payload = pickle.dumps({"w": _Evil(marker)}, protocol=4)
     (path / "model.safetensors").write_bytes(payload)
     with pytest.raises(UserError, match="refuses"):
@@ -102,6 +103,6 @@ def test_shape_mismatch_is_clear(trained, tmp_path):
     cfg = load_config("tiny", ["model.n_embd=64", "model.n_layer=2", "model.block_size=32"])
     cfg.model.vocab_size = trained.tokenizer.vocab_size
     other = build_model(cfg.model)
-    path = ckpt.latest_checkpoint(trained.ckpt_dir)
+    path = checkpoint_io.latest_checkpoint(trained.ckpt_dir)
     with pytest.raises(UserError, match="shape"):
-        ckpt.load_model_weights(other, path / "model.safetensors")
+        checkpoint_io.load_model_weights(other, path / "model.safetensors")

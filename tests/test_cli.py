@@ -127,11 +127,11 @@ def _start_training(tmp_path, text_file, out, **extra):
 def _wait_for_checkpoint(out, timeout=120):
     import time
 
-    from neuroplastic.training import checkpoint as ckpt
+    from neuroplastic.models import checkpoint_io
 
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if ckpt.latest_checkpoint(out / "checkpoints") is not None:
+        if checkpoint_io.latest_checkpoint(out / "checkpoints") is not None:
             return
         time.sleep(0.2)
     raise AssertionError("no checkpoint appeared")
@@ -140,6 +140,7 @@ def _wait_for_checkpoint(out, timeout=120):
 def test_ctrl_c_saves_and_resume_continues(tmp_path, text_file):
     import signal
 
+    from neuroplastic.models import checkpoint_io
     from neuroplastic.training import checkpoint as ckpt
 
     out = tmp_path / "run"
@@ -149,18 +150,18 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, text_file):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]  # saved, then 128 + SIGINT
     assert "Traceback" not in stderr
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    latest = checkpoint_io.latest_checkpoint(out / "checkpoints")
     stopped_at = int(latest.name.split("_")[1])
     assert stopped_at >= 20 and "Stopped at step" in stderr + stdout
     r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{
         "train.max_steps": stopped_at + 3, "train.eval_interval": 0}), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming from {latest}" in r.stdout
-    assert ckpt.latest_checkpoint(out / "checkpoints").name == ckpt.checkpoint_name(stopped_at + 3)
+    assert checkpoint_io.latest_checkpoint(out / "checkpoints").name == ckpt.checkpoint_name(stopped_at + 3)
 
 
 def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path, text_file):
-    from neuroplastic.training import checkpoint as ckpt
+    from neuroplastic.models import checkpoint_io
 
     out = tmp_path / "run"
     proc = _start_training(tmp_path, text_file, out, **{"train.ckpt_interval": 5})
@@ -170,7 +171,7 @@ def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path, text_file):
     time.sleep(1.0)
     proc.kill()
     proc.communicate(timeout=60)
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    latest = checkpoint_io.latest_checkpoint(out / "checkpoints")
     step = int(latest.name.split("_")[1])
     r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{
         "train.max_steps": step + 2, "train.eval_interval": 0}), "--resume")

@@ -538,7 +538,7 @@ def test_user_errors_are_one_sentence(tiny, tmp_path, capsys, args, needle):
 
 
 def test_adapter_without_base_model_is_a_user_error(tiny, tmp_path):
-    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.models.loading import load_any_model
 
     out = tmp_path / "run"
     train_run(tiny, out, [], steps=2)
@@ -665,7 +665,7 @@ def test_gsm8k_held_out_split_is_the_documented_one():
 
 def test_batched_generation_matches_one_at_a_time(tiny, hf_tokenizer):
     from neuroplastic.evaluation.cot import evaluate_cot
-    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.models.loading import load_any_model
 
     model, tok, _ = load_any_model(tiny["model"])
     examples = load_cot_examples(str(tiny["task_a"]))[:5]
@@ -680,7 +680,7 @@ def test_batched_generation_matches_one_at_a_time(tiny, hf_tokenizer):
 
 def test_answer_loglik_is_the_reference_likelihood(tiny):
     from neuroplastic.evaluation.cot import answer_loglik
-    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.models.loading import load_any_model
 
     model, tok, _ = load_any_model(tiny["model"])
     fmt = CotFormatter(tok)

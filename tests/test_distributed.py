@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from neuroplastic.config import load_config
 from neuroplastic.data.batching import PackedBlocks
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
 from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training import mfu
 from neuroplastic.training.distributed import ShardedBatches, shard_stream
@@ -96,7 +97,7 @@ def test_two_processes_match_one_with_double_batch_and_resume(tmp_path):
     assert r0["losses"] == r1["losses"]  # the loss is averaged over ranks before anyone reads it
     np.testing.assert_allclose(r0["last_eval"]["loss"], ref.last_eval["loss"], rtol=5e-6)
     final = load_file(str(out / "straight.safetensors"))
-    for name, p in ckpt.model_tensors(ref.model).items():
+    for name, p in checkpoint_io.model_tensors(ref.model).items():
         torch.testing.assert_close(final[name], p, rtol=1e-4, atol=2e-6)
     # every rank: identical parameters, optimizer state, rule state and data position after every step
     assert len(r0["fingerprints"]) == 8
@@ -191,7 +192,7 @@ def test_torchrun_cli_sigterm_then_resume_continues_the_curve(tmp_path):
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
     stdout, _ = proc.communicate(timeout=300)
     assert stdout.count("Stopped at step") == 1, stdout  # both stopped at one step, rank 0 reports
-    stopped = ckpt.latest_checkpoint(ckpts)
+    stopped = checkpoint_io.latest_checkpoint(ckpts)
     assert stopped is not None and stopped.name != ckpt.checkpoint_name(40), "SIGTERM came too late"
     again = torchrun(["-m", "neuroplastic", "train", "tiny", *over(tmp_path / "cut"), "train.resume=auto"],
                      timeout=500)

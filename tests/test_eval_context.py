@@ -116,7 +116,7 @@ def test_hf_model_uses_its_own_context_and_128_reproduces_the_old_number(hf_dir,
     assert r.returncode == 0, r.stderr[-3000:]
 
     from neuroplastic.data.pipeline import prepare_data, token_byte_lengths
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     model, tok, cfg, directory = load_trained(run)
     assert cfg.block_size == 128 and model_context(model, tok) == 512

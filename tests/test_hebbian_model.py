@@ -9,9 +9,8 @@ import torch
 
 from neuroplastic.config import ModelConfig, load_config
 from neuroplastic.errors import UserError
-from neuroplastic.models import GPT, build_model
+from neuroplastic.models import GPT, build_model, checkpoint_io
 from neuroplastic.models.hebbian import HebbianLM
-from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.trainer import Trainer
 from tests.conftest import tiny_overrides
 
@@ -349,9 +348,9 @@ def test_trainer_runs_hebbian(text_file, tmp_path):
     losses = [h["loss"] for h in trainer.history]
     assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
     # the checkpoint restores alpha with the weights
-    last = ckpt.latest_checkpoint(trainer.ckpt_dir)
+    last = checkpoint_io.latest_checkpoint(trainer.ckpt_dir)
     assert last is not None
     model = HebbianLM(trainer.cfg.model)
     model.set_alpha(0.9)
-    ckpt.load_model_weights(model, last / "model.safetensors")
+    checkpoint_io.load_model_weights(model, last / "model.safetensors")
     assert float(model.alpha) == pytest.approx(0.5)

@@ -461,6 +461,7 @@ def _dir_bytes(d):
 
 
 def test_lora_checkpoint_holds_adapters_and_resumes_bit_exactly(wide_base, text_file, tmp_path):
+    from neuroplastic.models import checkpoint_io
     from neuroplastic.training import checkpoint as ckpt
     from neuroplastic.training.trainer import Trainer
 
@@ -468,7 +469,7 @@ def test_lora_checkpoint_holds_adapters_and_resumes_bit_exactly(wide_base, text_
     straight.train()
     part1 = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "b"))
     part1.train(stop_at=4)
-    step2 = ckpt.latest_checkpoint(part1.ckpt_dir)
+    step2 = checkpoint_io.latest_checkpoint(part1.ckpt_dir)
     from safetensors import safe_open
 
     with safe_open(str(step2 / "model.safetensors"), "pt") as f:
@@ -490,7 +491,7 @@ def test_lora_checkpoint_holds_adapters_and_resumes_bit_exactly(wide_base, text_
     for sa, sb in zip(straight.optimizer.state.values(), part2.optimizer.state.values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
     # inference re-attaches the adapters to the base the run names
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     model, tok, _, _ = load_trained(tmp_path / "a", prefer="latest")
     x = torch.tensor([tok.encode("The heart is an organ")])
@@ -514,7 +515,7 @@ def test_lora_checkpoint_with_changed_base_weights_stores_them(wide_base, text_f
     with safe_open(str(t.ckpt_dir / "step_0000002" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert frozen in keys and not any("wte" in k or "c_attn.base_layer" in k for k in keys)
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     model, *_ = load_trained(tmp_path / "a", prefer="latest")
     assert torch.equal(dict(model.named_parameters())[frozen], dict(t.model.named_parameters())[frozen])
@@ -534,7 +535,7 @@ def test_lora_checkpoint_on_another_base_is_one_sentence(wide_base, text_file, t
     shutil.copytree(wide_base, other)
     torch.manual_seed(5)
     GPT2LMHeadModel(GPT2LMHeadModel.config_class.from_pretrained(str(wide_base))).save_pretrained(str(other))
-    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.models.loading import load_any_model
 
     with pytest.raises(UserError) as info:
         load_any_model(tmp_path / "run", base_model=str(other))
@@ -650,8 +651,8 @@ def test_saved_adapter_records_its_base_and_refuses_another(wide_base, text_file
     import json
     import shutil
 
+    from neuroplastic.models.loading import load_any_model
     from neuroplastic.models.registry import base_model_fingerprint
-    from neuroplastic.training.loading import load_any_model
     from neuroplastic.training.trainer import Trainer
 
     t = Trainer(_lora_cfg(wide_base, text_file, tmp_path / "run", **{"train.max_steps": 1}))

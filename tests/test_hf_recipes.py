@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 
 from neuroplastic.config import load_config  # noqa: E402
 from neuroplastic.data.tokenizers import BPETokenizer  # noqa: E402
-from neuroplastic.training.inference import load_trained  # noqa: E402
+from neuroplastic.models.loading import load_trained  # noqa: E402
 from neuroplastic.training.trainer import Trainer  # noqa: E402
 from tests.conftest import SAMPLE_TEXT, run_cli, tiny_overrides  # noqa: E402
 

@@ -160,7 +160,7 @@ def test_lm_eval_on_hf_lora_equals_our_scorer(tasks_dir, hf_lora):
 def test_lm_eval_string_model_args_on_our_checkpoint(tasks_dir, text_file, tmp_path):
     """`--model neuroplastic --model_args checkpoint=RUN` on one of our own GPT runs."""
     from neuroplastic.cli import main
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     out = tmp_path / "run"
     assert main(["train", "tiny", *tiny_overrides(text_file, out, **{"model.block_size": 32})]) == 0

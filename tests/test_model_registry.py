@@ -315,7 +315,7 @@ def test_train_with_model_equals_registry_name(tiny_entry, tiny_wheel, tmp_path,
     assert "hf tokenizer, vocab 264" in capsys.readouterr().out
     saved = (out / "config.yaml").read_text()
     assert f"hf_path: {NAME}" in saved  # the name, not a cache path, is what the run records
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     model, tok, _, _ = load_trained(out)
     assert tok.encode("the cat") == load_causal_lm(NAME)[1]("the cat").input_ids
@@ -364,7 +364,7 @@ def test_cot_and_lm_eval_adapter_accept_the_name(tiny_entry, tiny_wheel, tmp_pat
 
     cfg = cot_config(tmp_path / "cot", model_name=NAME)
     assert cfg.model.hf_path == NAME and cfg.data.tokenizer == NAME
-    from neuroplastic.training.loading import load_any_model
+    from neuroplastic.models.loading import load_any_model
 
     model, tok, info = load_any_model(NAME)
     assert info["kind"] == "hugging face model"

@@ -15,16 +15,15 @@ from neuroplastic.config import ModelConfig
 from neuroplastic.data import registry
 from neuroplastic.data.tokenizers import BPETokenizer, ByteTokenizer
 from neuroplastic.errors import UserError
+from neuroplastic.evaluation.hellaswag import load_hellaswag
+from neuroplastic.evaluation.mmlu import load_mmlu, mmlu_prompt
 from neuroplastic.evaluation.multiple_choice import (
     GPTScorer,
     HFScorer,
     LogLikelihoodScorer,
     build_instances,
     evaluate_task,
-    load_hellaswag,
-    load_mmlu,
     make_scorer,
-    mmlu_prompt,
 )
 from neuroplastic.models import GPT
 

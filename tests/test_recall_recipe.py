@@ -13,8 +13,8 @@ import torch
 from neuroplastic.cli import main
 from neuroplastic.config import load_config
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
 from neuroplastic.recipes.recall import recall_batch, train_recall
-from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +56,7 @@ def test_train_writes_checkpoints_the_evaluator_reads(tmp_path, capsys):
     summary = train_recall(_cfg(out), echo=lambda *a: None)
     assert summary["step"] == 4 and set(summary["last_eval"]) == {"300/exact", "300/digits"}
     assert [h["step"] for h in summary["history"]] == [2, 4]
-    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_0000002", "step_0000004"]
+    assert [p.name for p in checkpoint_io.list_checkpoints(out / "checkpoints")] == ["step_0000002", "step_0000004"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("kind") == "eval" for r in records)
     assert main(["evaluate", str(out), "--task", "needle", "--lengths", "300", "--depths", "0,1",
@@ -65,7 +65,7 @@ def test_train_writes_checkpoints_the_evaluator_reads(tmp_path, capsys):
     # a second run into the same directory without --resume is refused; nothing is lost
     with pytest.raises(UserError, match="already holds checkpoints"):
         train_recall(_cfg(out), echo=lambda *a: None)
-    assert len(ckpt.list_checkpoints(out / "checkpoints")) == 2
+    assert len(checkpoint_io.list_checkpoints(out / "checkpoints")) == 2
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -76,8 +76,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     shutil.copytree(full / "checkpoints" / "step_0000002", part / "checkpoints" / "step_0000002")
     summary = train_recall(_cfg(part, **{"train.resume": "auto"}), echo=lambda *a: None)
     assert summary["step"] == 4
-    a = ckpt.load_checkpoint(full / "checkpoints" / "step_0000004")
-    b = ckpt.load_checkpoint(part / "checkpoints" / "step_0000004")
+    a = checkpoint_io.load_checkpoint(full / "checkpoints" / "step_0000004")
+    b = checkpoint_io.load_checkpoint(part / "checkpoints" / "step_0000004")
     from safetensors.torch import load_file
 
     wa = load_file(str(a["path"] / "model.safetensors"))
@@ -123,7 +123,7 @@ def test_needle_recall_at_2kb_acceptance(tmp_path):
     import time
 
     from neuroplastic.evaluation.recall import needle_grid
-    from neuroplastic.training.inference import load_trained
+    from neuroplastic.models.loading import load_trained
 
     torch.set_num_threads(2)
     cfg = load_config("needle-recall", [f"train.out_dir={tmp_path / 'run'}", "train.progress=false",

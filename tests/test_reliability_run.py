@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from neuroplastic.cli import main
 from neuroplastic.config import load_config
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
 from neuroplastic.recipes.recall import train_recall
 from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.trainer import Callback, Trainer
@@ -90,7 +91,7 @@ def test_huge_lr_with_finite_loss_stops_without_writing_nonfinite_checkpoints(te
     line = _one_sentence(capsys)
     assert code == 2
     assert "non-finite" in line and "although the loss was finite" in line
-    kept = ckpt.list_checkpoints(out / "checkpoints")
+    kept = checkpoint_io.list_checkpoints(out / "checkpoints")
     assert kept, "the last good checkpoint was pruned"
     assert all(_all_finite(p) for p in kept)
     assert f"The last good checkpoint is untouched: {kept[-1]} (step {int(kept[-1].name[5:])})" in line
@@ -106,7 +107,7 @@ def test_between_checks_the_save_refuses_nonfinite_state(text_file, tmp_path, ca
         "train.log_interval": 25})])
     line = _one_sentence(capsys)
     assert code == 2 and "Not writing checkpoint" in line and "are not finite" in line
-    kept = ckpt.list_checkpoints(out / "checkpoints")
+    kept = checkpoint_io.list_checkpoints(out / "checkpoints")
     assert kept and all(_all_finite(p) for p in kept)
     assert f"The last good checkpoint is untouched: {kept[-1]}" in line
 
@@ -118,7 +119,7 @@ def test_no_checkpoint_yet_is_not_called_untouched(text_file, tmp_path, capsys):
         "train.eval_interval": 0, "train.max_steps": 30})])
     line = _one_sentence(capsys)
     assert code == 2 and "untouched" not in line and "none to resume from" in line
-    assert ckpt.list_checkpoints(out / "checkpoints") == []
+    assert checkpoint_io.list_checkpoints(out / "checkpoints") == []
 
 
 class _NanPenalty(Callback):
@@ -144,7 +145,7 @@ def test_save_refuses_nonfinite_state_and_resume_refuses_a_nonfinite_checkpoint(
         t.save()
     with pytest.raises(UserError, match="Not writing checkpoint best"):
         t.save(best=True)
-    assert _all_finite(ckpt.latest_checkpoint(t.ckpt_dir))
+    assert _all_finite(checkpoint_io.latest_checkpoint(t.ckpt_dir))
     # a non-finite checkpoint written by something else is refused on resume
     bad = tmp_path / "bad" / "checkpoints" / ckpt.checkpoint_name(4)
     ckpt.save_checkpoint(bad, model=t.model, state=t.state(),
@@ -161,7 +162,7 @@ def test_recall_loop_never_saves_nonfinite_state(tmp_path):
                                          "train.ckpt_interval": 1, "train.keep_last": 1,
                                          "train.eval_interval": 0, "train.max_steps": 40}),
                      echo=lambda *a: None)
-    kept = ckpt.list_checkpoints(out / "checkpoints")
+    kept = checkpoint_io.list_checkpoints(out / "checkpoints")
     assert all(_all_finite(p) for p in kept)
     if kept:
         assert f"untouched: {kept[-1]}" in str(exc.value)
@@ -189,7 +190,7 @@ def test_replacing_best_keeps_the_old_one_when_the_rename_fails(text_file, tmp_p
     with pytest.raises(UserError, match="survives intact, and so does the previous"):
         t.save(best=True)
     monkeypatch.undo()
-    ckpt.load_checkpoint(best)  # complete and loadable: the old best, not a partial new one
+    checkpoint_io.load_checkpoint(best)  # complete and loadable: the old best, not a partial new one
     now = load_file(str(best / "model.safetensors"))
     assert all(torch.equal(now[k], old_weights[k]) for k in old_weights)
     assert not [p for p in t.ckpt_dir.iterdir() if p.name.startswith((".tmp-", ".old-"))]
@@ -204,20 +205,20 @@ def test_start_restores_a_best_moved_aside_and_removes_unfinished_saves(text_fil
     (ckd / ".tmp-step_0000008-99999").mkdir()
     (ckd / ".tmp-step_0000008-99999" / "model.safetensors").write_bytes(b"partial")
     Trainer(_cfg(text_file, tmp_path / "a", **{"train.resume": "auto"})).setup().close()
-    assert (ckd / "best" / ckpt.STATE_FILE).is_file()
-    ckpt.load_checkpoint(ckd / "best")
+    assert (ckd / "best" / checkpoint_io.STATE_FILE).is_file()
+    checkpoint_io.load_checkpoint(ckd / "best")
     assert sorted(p.name for p in ckd.iterdir()) == ["best", "step_0000004"]
 
 
 def test_a_stale_aside_copy_is_dropped_when_best_is_complete(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "best").mkdir(parents=True)
-    (root / "best" / ckpt.STATE_FILE).write_text("{}")
+    (root / "best" / checkpoint_io.STATE_FILE).write_text("{}")
     (root / ".old-best-4242").mkdir()
-    (root / ".old-best-4242" / ckpt.STATE_FILE).write_text('{"old": 1}')
+    (root / ".old-best-4242" / checkpoint_io.STATE_FILE).write_text('{"old": 1}')
     done = ckpt.clean_stale(root)
     assert len(done) == 1 and sorted(p.name for p in root.iterdir()) == ["best"]
-    assert (root / "best" / ckpt.STATE_FILE).read_text() == "{}"
+    assert (root / "best" / checkpoint_io.STATE_FILE).read_text() == "{}"
 
 
 # ------------------------------------------------------------------ 3. one writer
@@ -258,7 +259,7 @@ def _popen(args: list[str]) -> subprocess.Popen:
 
 def _wait_for_checkpoint(proc, ckpts: Path, timeout: float = 120) -> None:
     deadline = time.time() + timeout
-    while ckpt.latest_checkpoint(ckpts) is None:
+    while checkpoint_io.latest_checkpoint(ckpts) is None:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.1)
@@ -276,7 +277,7 @@ def test_trainer_exits_143_after_sigterm_with_a_checkpoint(text_file, tmp_path):
     m = [ln for ln in (stdout + stderr).splitlines() if ln.startswith("Stopped at step")]
     assert m
     step = int(m[0].split()[3].rstrip(";"))
-    assert ckpt.latest_checkpoint(out / "checkpoints").name == ckpt.checkpoint_name(step)
+    assert checkpoint_io.latest_checkpoint(out / "checkpoints").name == ckpt.checkpoint_name(step)
 
 
 def test_recall_loop_saves_and_exits_143_on_sigterm_then_resumes(tmp_path):
@@ -293,9 +294,9 @@ def test_recall_loop_saves_and_exits_143_on_sigterm_then_resumes(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]
     assert "Traceback" not in stderr and "Stopped at step" in stdout + stderr
-    stopped = ckpt.latest_checkpoint(out / "checkpoints")
+    stopped = checkpoint_io.latest_checkpoint(out / "checkpoints")
     step = int(stopped.name[5:])
-    assert ckpt.load_checkpoint(stopped)["state"]["step"] == step
+    assert checkpoint_io.load_checkpoint(stopped)["state"]["step"] == step
     # the next run continues from there
     summary = train_recall(load_config("needle-recall", [*over, f"train.max_steps={step + 1}",
                                                           "train.resume=auto"]), echo=lambda *a: None)
@@ -316,7 +317,7 @@ def test_recall_loop_stop_request_saves_at_the_step_and_reports_ctrl_c(tmp_path,
     out = tmp_path / "r"
     summary = train_recall(_recall_cfg(out, **{"train.max_steps": 50}), echo=lambda *a: None)
     assert summary["interrupted"] and summary["exit_code"] == 130 and summary["step"] == 1
-    assert ckpt.latest_checkpoint(out / "checkpoints").name == ckpt.checkpoint_name(1)
+    assert checkpoint_io.latest_checkpoint(out / "checkpoints").name == ckpt.checkpoint_name(1)
 
 
 def test_recall_loop_shows_a_progress_bar_in_a_log_file(tmp_path, capsys):
@@ -339,7 +340,7 @@ def test_resume_at_max_steps_says_so_and_past_it_is_refused(text_file, tmp_path,
     assert main(["train", "tiny", *tiny_overrides(text_file, out, **{"train.max_steps": 5}), "--resume"]) == 2
     line = _one_sentence(capsys)
     assert "is at step 8, past train.max_steps=5" in line
-    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_0000004", "step_0000008"]
+    assert [p.name for p in checkpoint_io.list_checkpoints(out / "checkpoints")] == ["step_0000004", "step_0000008"]
 
 
 def test_recall_resume_at_max_steps_says_so(tmp_path):
@@ -397,7 +398,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(text_file, tmp_pat
     line = _one_sentence(capsys)
     survivor = out / "checkpoints" / "step_0000004"
     assert "No space left on device" in line and f"the previous checkpoint {survivor} survives" in line
-    ckpt.load_checkpoint(survivor)
+    checkpoint_io.load_checkpoint(survivor)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "step_0000004"]
 
 

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from neuroplastic.errors import UserError
+from neuroplastic.models.checkpoint_io import flatten_state, unflatten_state
 from neuroplastic.plasticity.consolidation import Consolidation, ReplayBuffer
 from neuroplastic.plasticity.engine import PlasticityEngine
 from neuroplastic.plasticity.ewc import EWC, split_batch
 from neuroplastic.plasticity.hebbian import Hebbian
 from neuroplastic.plasticity.homeostasis import Homeostasis
-from neuroplastic.training.checkpoint import flatten_state, unflatten_state
 
 
 @pytest.fixture(autouse=True)

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neuroplastic.errors import UserError
+from neuroplastic.models.checkpoint_io import flatten_state, unflatten_state
 from neuroplastic.plasticity import PlasticityEngine, RewardBaseline
 from neuroplastic.plasticity.adaptive_lr import AdaptiveLR
 from neuroplastic.plasticity.eligibility import EligibilityTrace
 from neuroplastic.plasticity.traces import Traces
-from neuroplastic.training.checkpoint import flatten_state, unflatten_state
 
 REWARDS = [None, 1.0, -0.5, None, 2.0, 0.3, -1.5, 0.0, 0.7]
 

@@ -7,6 +7,7 @@ import torch
 
 from neuroplastic.config import load_config
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
 from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.metrics import read_metrics
 from neuroplastic.training.trainer import Callback, Trainer
@@ -34,7 +35,7 @@ def test_resume_matches_uninterrupted_bitwise(text_file, tmp_path, extra):
 
     part1 = Trainer(_cfg(text_file, tmp_path / "b", **extra))
     part1.train(stop_at=6)  # "killed" at step 6: only the step-4 checkpoint survives
-    assert ckpt.latest_checkpoint(part1.ckpt_dir).name == ckpt.checkpoint_name(4)
+    assert checkpoint_io.latest_checkpoint(part1.ckpt_dir).name == ckpt.checkpoint_name(4)
     if "data.max_chars" in extra:
         assert part1.train_data.epoch >= 1  # the run really crossed an epoch boundary
     part2 = Trainer(_cfg(text_file, tmp_path / "b", **{**extra, "train.resume": "auto"}))
@@ -96,9 +97,9 @@ def test_nonfinite_streak_stops_and_keeps_checkpoint(text_file, tmp_path):
     t = Trainer(cfg, callbacks=[_NanPenalty(range(5, 20))])
     with pytest.raises(UserError, match="not finite for 3 steps"):
         t.train()
-    latest = ckpt.latest_checkpoint(t.ckpt_dir)
+    latest = checkpoint_io.latest_checkpoint(t.ckpt_dir)
     assert latest is not None and latest.name == ckpt.checkpoint_name(4)
-    ckpt.load_checkpoint(latest)
+    checkpoint_io.load_checkpoint(latest)
 
 
 def test_training_writes_outputs_and_loss_falls(text_file, tmp_path):
@@ -116,5 +117,5 @@ def test_training_writes_outputs_and_loss_falls(text_file, tmp_path):
     kinds = {r["kind"] for r in read_metrics(run / "metrics.jsonl")}
     assert {"train", "eval", "sample"} <= kinds
     # keep_last=2 pruning
-    assert len(ckpt.list_checkpoints(run / "checkpoints")) <= 2
+    assert len(checkpoint_io.list_checkpoints(run / "checkpoints")) <= 2
     assert 0 < summary["last_eval"]["bpb"] < 8

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from neuroplastic.errors import UserError
+from neuroplastic.evaluation.table import format_table as _format_table
 
 
 def _echo(text: str) -> None:
@@ -24,14 +25,6 @@ def _echo(text: str) -> None:
         tqdm.write(text)
     except Exception:  # pragma: no cover - tqdm is a core dependency
         print(text)
-
-
-def _format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    return "\n".join([line, sep, *body])
 
 
 def _describe(trainer) -> str:
@@ -157,347 +150,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_MC_TASKS = ("mmlu", "hellaswag", "synthetic-mc", "synthetic-completion")
-
-
-def _check_evaluate_args(args: argparse.Namespace) -> None:
-    """Every evaluate option a user can get wrong, checked before a model is loaded."""
-    def positive(name: str, value, allow_none: bool = True) -> None:
-        if value is None and allow_none:
-            return
-        if value is None or value < 1:
-            raise UserError(f"{name} must be a positive integer, got {value}.")
-
-    positive("--batch-size", args.batch_size, allow_none=False)
-    positive("--batches", args.batches)
-    positive("--limit", args.limit)
-    positive("--limit-per-subject", args.limit_per_subject)
-    positive("--context", args.context)
-    positive("--stride", args.stride)
-    positive("--trials", args.trials, allow_none=False)
-    positive("--max-new-tokens", args.max_new_tokens, allow_none=False)
-    if args.shots < 0:
-        raise UserError("--shots must be >= 0.")
-    if args.context is not None and args.stride is not None and args.stride > args.context:
-        raise UserError(
-            f"--stride ({args.stride}) must not be larger than --context ({args.context}); "
-            "a stride of the window's length means disjoint windows."
-        )
-    if args.limit_per_subject is not None and args.task != "mmlu":
-        raise UserError("--limit-per-subject applies to --task mmlu only; use --limit.")
-    if args.task == "needle":
-        from neuroplastic.evaluation.recall import parse_depths, parse_lengths
-
-        args.lengths = parse_lengths(args.lengths)
-        args.depths = parse_depths(args.depths)
-
-
-def _load_for_evaluate(path: str, device: str):
-    """``(model, tokenizer, cfg, directory, info)``: one of our checkpoints / run dirs
-    (``cfg`` its RunConfig), else any model :func:`load_any_model` reads (a Hugging Face
-    directory, a LoRA adapter, a cot output; ``cfg`` None)."""
-    from neuroplastic.training.inference import load_trained
-
-    p = Path(path).expanduser()
-    hf_like = p.is_dir() and any(
-        (d / name).is_file()
-        for d in (p, p / "model", p / "adapter")
-        for name in ("config.json", "adapter_config.json")
-    )
-    if p.exists() and not hf_like:
-        model, tok, cfg, directory = load_trained(p, device=device)
-        return model, tok, cfg, directory, {"kind": "neuroplastic checkpoint"}
-    from neuroplastic.training.loading import load_any_model
-
-    model, tok, info = load_any_model(path, device=device)
-    return model, tok, None, Path(info.get("hf_dir") or info.get("model_path") or path), info
-
-
-def _text_tokenizer(tok, info: dict):
-    """Our Tokenizer for a stream of text (encode without special tokens, eos, byte
-    lengths): ``tok`` itself, or the Hugging Face model directory's tokenizer files."""
-    from neuroplastic.data.tokenizers import HFTokenizer, Tokenizer
-
-    if isinstance(tok, Tokenizer):
-        return tok
-    for key in ("hf_dir", "base_model", "adapter", "model_path"):
-        d = info.get(key)
-        if d and any((Path(d) / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-            return HFTokenizer(d)
-    raise UserError(
-        "cannot read this model's tokenizer files (tokenizer.json, or vocab.json + merges.txt) "
-        "for loss/perplexity; evaluate a folder that has them."
-    )
-
-
-def _wikitext2_file(args) -> Path:
-    if args.data:
-        p = Path(args.data).expanduser()
-        if not p.is_file():
-            raise UserError(f"WikiText-2 file {str(p)!r} does not exist; give wiki.valid.tokens.")
-        return p
-    from neuroplastic.data.registry import data_dirs
-
-    names = ("wikitext2/wiki.valid.tokens", "wikitext2/wiki.valid.raw",
-             "wikitext2/wikitext-2/wiki.valid.tokens", "wikitext2/wikitext-2-raw/wiki.valid.raw")
-    dirs = data_dirs(args.data_dir)
-    for d in dirs:
-        for name in names:
-            if (d / name).is_file():
-                return d / name
-    raise UserError(
-        "no WikiText-2 validation file (wikitext2/wiki.valid.tokens) in the data dirs "
-        f"({', '.join(str(d) for d in dirs)}); pass --data FILE or --data-dir."
-    )
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import fields
 
-    _check_evaluate_args(args)
-    from neuroplastic.runtime import resolve_device
+    from neuroplastic.evaluation.tasks import EvalOptions, evaluate
 
-    device = str(resolve_device(args.device))  # a device this machine lacks: one sentence, exit 2
-    model, tok, cfg, directory, info = _load_for_evaluate(args.checkpoint, device)
-    if args.task in ("needle", "mqar"):
-        return _evaluate_recall(args, model, _text_tokenizer(tok, info), device, directory)
-    if args.task == "rewards":
-        if cfg is None:
-            raise UserError("--task rewards needs one of our checkpoints or run directories.")
-        return _evaluate_rewards(args, model, tok, cfg, device, directory)
-    if args.task in _MC_TASKS:
-        return _evaluate_task(args, model, tok, device, directory)
-    return _evaluate_lm(args, model, tok, cfg, device, directory, info)
-
-
-def _evaluate_lm(args, model, tok, cfg, device, directory, info) -> int:
-    import math
-
-    import numpy as np
-    import torch
-
-    from neuroplastic.data.batching import join_documents
-    from neuroplastic.data.pipeline import prepare_data, token_byte_lengths
-    from neuroplastic.evaluation.lm import (
-        fit_to_memory,
-        free_memory_bytes,
-        lm_metrics,
-        model_context,
-        sliding_windows,
-    )
-
-    text_tok = _text_tokenizer(tok, info)
-    context = model_context(model, tok)
-    if context is None:
-        raise UserError("cannot tell this model's context length; pass --context N.")
-    if args.context is not None and args.context > context:
-        raise UserError(
-            f"--context {args.context} is longer than the model's context of {context} tokens; "
-            f"use at most {context}."
-        )
-    window = args.context or context
-    words = None
-    if args.task == "wikitext2":
-        path = _wikitext2_file(args)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read {path} as UTF-8 text ({exc}).") from exc
-        # one stream, started by the end-of-text token so that every token is scored
-        tokens = np.asarray([text_tok.eos_id, *text_tok.encode(text)], dtype=np.int64)
-        words = len(text.split())
-        what = f"WikiText-2 validation ({path}), the whole file as one stream"
-        max_batches = args.batches
-    elif args.data:
-        from neuroplastic.data.sources import load_documents
-
-        docs = load_documents(args.data, field=args.field, data_dir=args.data_dir)
-        tokens = join_documents([text_tok.encode(d) for d in docs], text_tok.eos_id)
-        what = args.data
-        max_batches = args.batches or 50
-    else:
-        if cfg is None:
-            raise UserError(
-                "a Hugging Face model has no run validation split; pass --data FILE "
-                "(or --task wikitext2)."
-            )
-        if args.data_dir:
-            cfg.data.data_dir = args.data_dir
-        tokens = prepare_data(cfg.data, tokenizer_dir=directory / "tokenizer").val_tokens
-        what = f"validation split of {cfg.data.source}"
-        max_batches = args.batches or 50
-    if len(tokens) < 2:
-        raise UserError(f"{what} holds fewer than 2 tokens; give more text.")
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or text_tok.vocab_size)
-    new_window, batch_size, note = fit_to_memory(
-        window, args.batch_size, vocab, free_memory_bytes(device)
-    )
-    if new_window < window and args.context is not None:
-        raise UserError(f"--context {window} does not fit in memory ({note}); use a smaller --context.")
-    window = new_window
-    stride = min(args.stride or window, window)
-    batches, win = sliding_windows(tokens, window, stride, batch_size, max_batches)
-    metrics = lm_metrics(
-        model, batches, torch.from_numpy(token_byte_lengths(text_tok)), device,
-        progress=len(batches) > 1,
-    )
-    metrics.update(
-        checkpoint=str(directory), data=what, model_context=context, window=window,
-        stride=stride, windows=win["windows"], stream_tokens=win["stream_tokens"],
-    )
-    if note:
-        metrics["note"] = note
-    if words is not None:
-        if win["scored_end"] < win["stream_tokens"]:  # a capped run: the words it covered
-            words = len(text_tok.decode(tokens[1 : win["scored_end"]].tolist()).split())
-        metrics["words"] = words
-        nll = metrics["loss"] * metrics["tokens"]
-        metrics["word_ppl"] = math.exp(min(nll / max(words, 1), 50.0))
-    if args.json:
-        print(json.dumps(metrics, indent=2))
+    options = EvalOptions(**{f.name: getattr(args, f.name) for f in fields(EvalOptions)})
+    task, result = evaluate(args.task, args.checkpoint, options, device=args.device)
+    for message in result.pop("warnings", []):
+        print(f"neuroplastic: warning: {message}", file=sys.stderr)
+    if args.json and task.to_json is not None:
+        print(json.dumps(task.to_json(result), indent=2))
         return 0
-    print(f"checkpoint: {directory}")
-    scored = f"{metrics['tokens']:,} tokens scored"
-    if metrics["tokens"] < win["stream_tokens"] - 1:
-        scored += f" of {win['stream_tokens'] - 1:,} (--batches {max_batches} x --batch-size {batch_size})"
-    if words is not None:
-        scored += f", {words:,} words"
-    print(f"data: {what} ({scored})")
-    origin = "--context" if args.context else f"the model's context{' (lowered: memory)' if note else ''}"
-    kind = "disjoint windows" if stride == window else f"sliding windows, {window - stride} tokens of overlap"
-    print(f"window: {window} tokens ({origin}; model context {context}), stride {stride} "
-          f"({kind}), {win['windows']} windows")
-    if note:
-        print(f"note: {note}")
-    rows = [["loss (nats/token)", f"{metrics['loss']:.4f}"],
-            ["perplexity (per token)", f"{metrics['ppl']:.2f}"]]
-    if words is not None:
-        rows.append(["perplexity (per word)", f"{metrics['word_ppl']:.2f}"])
-    rows.append(["bits per byte", f"{metrics['bpb']:.4f}"])
-    print(_format_table(rows, ["metric", "value"]))
-    return 0
-
-
-def _evaluate_recall(args, model, tok, device, directory) -> int:
-    from neuroplastic.evaluation.recall import evaluate_mqar, needle_grid, plot_needle_heatmap
-
-    out_json = Path(args.output) if args.output else Path(directory).parent.parent / f"{args.task}.json"
-    if args.task == "needle":
-        lengths, depths = args.lengths, args.depths  # parsed by _check_evaluate_args
-        res = needle_grid(model, tok, lengths=lengths, depths=depths, trials=args.trials,
-                          device=device)
-        png = out_json.with_suffix(".png")
-        plot_needle_heatmap(res, png, title=f"needle recall: {directory}")
-        rows = [[str(n)] + [f"{acc:.2f}" for acc in res["grid"][i]] for i, n in enumerate(lengths)]
-        print(f"checkpoint: {directory}")
-        print(_format_table(rows, ["bytes \\ depth", *[f"{d:g}" for d in depths]]))
-        print(f"overall accuracy: {res['accuracy']:.3f}; heatmap: {png}")
-    else:
-        res = evaluate_mqar(model, tok, num_examples=args.limit or 100, device=device)
-        print(f"checkpoint: {directory}")
-        print(_format_table([["accuracy (per query)", f"{res['accuracy']:.4f}"],
-                             ["accuracy (whole example)", f"{res['example_accuracy']:.4f}"]],
-                            ["metric", "value"]))
-    out_json.write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
-    print(f"results: {out_json}")
-    return 0
-
-
-def _reward_pairs(cfg, tok, directory, n: int, seed: int) -> list[tuple[str, str]]:
-    import numpy as np
-
-    if cfg.data.source == "synthetic" or cfg.curriculum.stages:
-        from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
-
-        cur = SyntheticCurriculum(seed=cfg.data.synthetic_seed)
-        stages = [s for s in (cfg.curriculum.stages or cfg.data.stages or STAGES) if s in STAGES]
-        # concepts held out of every reward computed during training
-        pairs = [p for s in (stages or STAGES) for p in cur.pairs(s, split="heldout")]
-    else:
-        from neuroplastic.data.pipeline import prepare_data
-
-        text = tok.decode(prepare_data(cfg.data, tokenizer_dir=directory / "tokenizer").val_tokens[:200_000].tolist())
-        pairs = [(text[i : i + 64], text[i + 64 : i + 264]) for i in range(0, max(len(text) - 264, 1), 997)]
-    idx = np.random.default_rng(seed).permutation(len(pairs))[:n]
-    return [pairs[int(i)] for i in idx]
-
-
-def _evaluate_rewards(args, model, tok, cfg, device, directory) -> int:
-    import torch
-
-    from neuroplastic.evaluation.rewards_eval import plot_components, reward_components
-    from neuroplastic.models import build_model
-    from neuroplastic.rewards import MultiObjectiveReward
-    from neuroplastic.training.inference import load_trained
-
-    if cfg.recipe_module == "controlled_generation":  # the reward the run trained with
-        from neuroplastic.recipes.controlled_generation import reward_for
-
-        reward_fn = reward_for(cfg, tok)
-    else:
-        reward_fn = MultiObjectiveReward(dict(cfg.reward.weights))
-    pairs = _reward_pairs(cfg, tok, Path(directory), args.limit or 20, seed=0)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, device=device)
-    torch.manual_seed(cfg.train.seed)
-    before = build_model(cfg.model).to(device)
-    columns = {"before": reward_components(before, tok, pairs, reward_fn, **kw),
-               "after": reward_components(model, tok, pairs, reward_fn, **kw)}
-    for other in args.compare or []:
-        m2, tok2, _, d2 = load_trained(other, device=device)
-        columns[Path(other).name] = reward_components(m2, tok2, pairs, reward_fn, **kw)
-    names = list(columns["after"]["terms"])
-    rows = [[n, *[f"{c['terms'][n]:.4f}" for c in columns.values()]] for n in names]
-    rows.append(["total", *[f"{c['total']:.4f}" for c in columns.values()]])
-    print(f"checkpoint: {directory}; {len(pairs)} prompts, greedy, {args.max_new_tokens} new tokens")
-    print(_format_table(rows, ["term", *columns]))
-    out_json = Path(args.output) if args.output else Path(directory).parent.parent / "rewards.json"
-    png = out_json.with_suffix(".png")
-    plot_components(columns, png, title=f"reward components: {Path(directory).parent.parent.name}")
-    out_json.write_text(json.dumps(columns, indent=2), encoding="utf-8")
-    print(f"results: {out_json}; plot: {png}")
-    return 0
-
-
-def _evaluate_task(args, model, tok, device, directory) -> int:
-    import warnings
-
-    from neuroplastic.evaluation.multiple_choice import evaluate_task, make_scorer
-
-    scorer = make_scorer(model, tok, device, args.batch_size)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        res = evaluate_task(
-            scorer, args.task, data_path=args.data, data_dir=args.data_dir, limit=args.limit,
-            shots=args.shots, limit_per_subject=args.limit_per_subject,
-        )
-    for w in caught:  # once each (evaluate_task warns once per call)
-        print(f"neuroplastic: warning: {w.message}", file=sys.stderr)
-    res["checkpoint"] = str(directory)
-    if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=2), encoding="utf-8")
-    if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k != "items"}, indent=2))
-        return 0
-    print(f"checkpoint: {directory}")
-    shots = f"{args.shots}-shot"
-    used = res["shots_used"]
-    if res["shots_cut"]:
-        shots = (f"{args.shots} shots asked, {used['min']}-{used['max']} used (mean "
-                 f"{used['mean']:.2f}; {res['shots_cut']} items got fewer to fit the "
-                 f"{res['window']}-token window)")
-    print(f"task: {args.task}, {res['n']} items, {shots}")
-    if res["truncated"]:
-        print(f"note: {res['truncated']} of {res['n']} prompts are longer than the model's "
-              f"{res['window']}-token window and lost tokens from the left")
-    rows = [["acc", f"{res['acc']:.4f}"], ["acc_norm", f"{res['acc_norm']:.4f}"]]
-    per = res.get("per_subject") or {}
-    if "macro_acc" in per:
-        rows.append(["macro acc (per subject)", f"{per['macro_acc']:.4f}"])
-    print(_format_table(rows, ["metric", "value"]))
-    subjects = {k: v for k, v in per.items() if k != "macro_acc"}
-    if subjects and args.per_subject:
-        print(_format_table([[k, f"{v:.4f}"] for k, v in sorted(subjects.items())], ["subject", "acc"]))
-    if args.output:
-        print(f"per-item records: {args.output}")
+    print("\n".join(task.format(result, options)))
     return 0
 
 
@@ -508,8 +173,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_finite_weights,
         check_sampling,
     )
+    from neuroplastic.models.loading import load_trained
     from neuroplastic.runtime import resolve_device
-    from neuroplastic.training.inference import load_trained
 
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
@@ -663,6 +328,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dataclasses import asdict
+
+    from neuroplastic.evaluation.tasks import TASKS as EVAL_TASKS
+    from neuroplastic.evaluation.tasks import EvalOptions
+
     p = _Parser(
         prog="neuroplastic",
         description="Train and evaluate language models with neuroplasticity-inspired learning.",
@@ -695,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="lm: text source (file, dir, jsonl, registry name; default: the "
                    "run's validation split); wikitext2: the file (default: wikitext2/"
                    "wiki.valid.tokens in the data dirs); tasks: the task's file or directory")
-    e.add_argument("--field", default="text", help="jsonl field holding the text")
+    e.add_argument("--field", help="jsonl field holding the text")
     e.add_argument("--data-dir", help="directory searched first for named corpora")
     e.add_argument("--context", type=int, default=None,
                    help="lm, wikitext2: window in tokens (default: the model's context, lowered "
@@ -706,31 +376,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens with WINDOW - STRIDE tokens of context")
     e.add_argument("--batches", type=int, default=None,
                    help="lm: at most this many batches of windows (default 50; wikitext2: all)")
-    e.add_argument("--batch-size", type=int, default=16, help="windows / rows per forward pass")
+    e.add_argument("--batch-size", type=int, help="windows / rows per forward pass")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
-    e.add_argument("--task", default="lm",
-                   choices=["lm", "wikitext2", "mmlu", "hellaswag", "synthetic-mc",
-                            "synthetic-completion", "needle", "mqar", "rewards"],
-                   help="lm: loss/ppl/bpb; wikitext2: token- and word-level perplexity on the "
-                   "WikiText-2 validation file; or a multiple-choice task (acc, acc_norm)")
+    e.add_argument("--task", default="lm", choices=list(EVAL_TASKS),
+                   help="; ".join(f"{t.name}: {t.help}" for t in EVAL_TASKS.values()))
     e.add_argument("--limit", type=int, default=None,
                    help="items in total (MMLU: round-robin over the subjects, so every subject "
                    "gets its first items)")
     e.add_argument("--limit-per-subject", type=int, default=None,
                    help="MMLU: at most this many items per subject (what lm-eval's --limit means)")
-    e.add_argument("--shots", type=int, default=0,
+    e.add_argument("--shots", type=int,
                    help="few-shot examples per item; a prompt too long for the model's context "
                    "keeps the shots that fit (reported)")
     e.add_argument("--per-subject", action="store_true", help="print per-subject accuracy")
-    e.add_argument("--lengths", default="512,1024,2048,4096", help="needle: haystack sizes (bytes)")
-    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: needle depths in [0, 1]")
-    e.add_argument("--trials", type=int, default=5, help="needle: trials per cell")
+    e.add_argument("--lengths", help="needle: haystack sizes (bytes)")
+    e.add_argument("--depths", help="needle: needle depths in [0, 1]")
+    e.add_argument("--trials", type=int, help="needle: trials per cell")
     e.add_argument("--compare", nargs="*", help="rewards: other runs/checkpoints as extra columns "
                    "(e.g. a CE-only fine-tune of the same budget)")
-    e.add_argument("--max-new-tokens", type=int, default=30, help="rewards: generated tokens")
+    e.add_argument("--max-new-tokens", type=int, help="rewards: generated tokens")
     e.add_argument("--output", help="write all results incl. per-item records to this JSON file")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, **asdict(EvalOptions()))  # the option defaults
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="checkpoint directory or run directory")

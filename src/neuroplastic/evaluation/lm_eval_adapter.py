@@ -24,7 +24,7 @@ Model arguments (``--model_args`` ``key=value,...``):
 * ``checkpoint=PATH``: one of our checkpoints or run directories (GPT, Hebbian LM, HF
   model trained through our trainer), a ``neuroplastic cot train`` output directory, a
   LoRA adapter directory or a Hugging Face model directory
-  (:func:`neuroplastic.training.loading.load_any_model`); ``pretrained`` then names an
+  (:func:`neuroplastic.models.loading.load_any_model`); ``pretrained`` then names an
   adapter's base model.
 * ``pretrained=DIR`` (+ ``adapter=DIR`` or ``peft=DIR``): a Hugging Face causal LM,
   optionally with LoRA adapters written by :func:`~neuroplastic.models.hf.save_adapter`.
@@ -114,7 +114,7 @@ class NeuroplasticLM(LM):
                 raise UserError("NeuroplasticLM(model=...) needs its tokenizer too.")
             self.name = type(model).__name__
         elif checkpoint is not None:
-            from neuroplastic.training.loading import load_any_model
+            from neuroplastic.models.loading import load_any_model
 
             model, tokenizer, _ = load_any_model(checkpoint, pretrained, device, dtype)
             self.name = str(checkpoint)

@@ -1,4 +1,4 @@
-"""Multiple-choice evaluation by log-likelihood (MMLU, HellaSwag, the synthetic items).
+"""Multiple-choice evaluation by log-likelihood: the scorers, items and task dispatch.
 
 Each item becomes one *context* and a few *continuations* (one per option). A scorer
 returns, for every ``(context, continuation)`` request, the summed log-probability of the
@@ -31,23 +31,10 @@ are at least 8 batches (``progress=True/False`` forces it).
 
 Task formats (``evaluate_task``):
 
-* ``mmlu`` (csv, no header: question, A, B, C, D, answer letter; ``<subject>_<split>.csv``):
-  lm-eval's ``mmlu`` prompt, ``"The following are multiple choice questions (with
-  answers) about {subject}.\\n\\n"`` then the k shots, each ``"{question}\\nA. ..\\nB.
-  ..\\nC. ..\\nD. ..\\nAnswer: {letter}"`` followed by ``"\\n\\n"``, then the question
-  ending ``"Answer:"``; continuations ``" A"`` .. ``" D"``. Shots are the first k rows of
-  the subject's ``dev`` split (lm-eval's ``first_n``). ``limit`` counts items in total,
-  taken round-robin over the subjects (the first items of every subject);
-  ``limit_per_subject`` is lm-eval's ``--limit`` for each MMLU subtask. ``per_subject``
-  holds each subject's accuracy and ``"macro_acc"``, their unweighted mean (``acc`` is
-  the micro average).
-* ``hellaswag`` (jsonl with ``ctx``, ``endings``, ``label``): lm-eval's preprocessing --
-  the query is ``"{activity_label}: {ctx}"`` (``ctx_a + " " + ctx_b.capitalize()`` when
-  those fields exist), and query and endings go through ``preprocess`` (strip, ``" [title]"``
-  -> ``". "``, drop ``[...]`` tags, ``"  "`` -> ``" "``); continuation ``" " + ending``.
-  ``preprocess=False`` scores the raw ``ctx`` and endings instead. Shots (there is no
-  train split here) are k other items of the same file drawn with ``seed``, each
-  ``query + " " + gold ending``, joined by ``"\\n\\n"``.
+* ``mmlu``: lm-eval's ``mmlu`` prompt and shots, see :mod:`neuroplastic.evaluation.mmlu`.
+  ``per_subject`` holds each subject's accuracy and ``"macro_acc"``, their unweighted mean
+  (``acc`` is the micro average).
+* ``hellaswag``: lm-eval's preprocessing, see :mod:`neuroplastic.evaluation.hellaswag`.
 * ``synthetic-mc`` (:meth:`SyntheticCurriculum.multiple_choice`): options are scored as
   continuations, not letters -- context ``"Question: {question}\\nAnswer:"``,
   continuation ``" " + option`` -- since a small model trained on the curriculum never
@@ -67,12 +54,9 @@ items are counted in ``truncated`` (and flagged per item).
 
 from __future__ import annotations
 
-import csv
 import difflib
-import json
 import math
 import random
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -97,16 +81,13 @@ __all__ = [
     "build_instances",
     "evaluate_task",
     "fit_shots",
-    "hellaswag_query",
-    "load_hellaswag",
-    "load_mmlu",
+    "locate_data",
     "make_scorer",
-    "mmlu_prompt",
     "score_instances",
+    "shot_instances",
 ]
 
 TASKS: tuple[str, ...] = ("mmlu", "hellaswag", "synthetic-mc", "synthetic-completion")
-LETTERS = "ABCD"
 
 # Show a progress bar when scoring takes at least this many batches (progress=None).
 _PROGRESS_MIN_BATCHES = 8
@@ -370,172 +351,6 @@ def make_scorer(
     return HFScorer(model, tokenizer, device, batch_size, **kwargs)
 
 
-# =========================================================================== loaders
-
-_SPLIT_SUFFIX = re.compile(r"_(dev|val|test|train|auxiliary_train)$")
-
-
-def _mmlu_files(path: Path, split: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"MMLU data {path} does not exist; give the mmlu folder or a csv file.")
-    for d in (path / split, path):
-        files = sorted(d.glob(f"*_{split}.csv"))
-        if files:
-            return files
-    raise UserError(
-        f"no MMLU files *_{split}.csv in {path} or {path / split}; check the folder and the split."
-    )
-
-
-def _mmlu_subject(path: Path) -> str:
-    return _SPLIT_SUFFIX.sub("", path.stem)
-
-
-def _read_mmlu_csv(path: Path, subject: str) -> list[dict]:
-    items: list[dict] = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            line = 1
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as e:
-                    raise UserError(f"{path} line {line}: not valid csv ({e}); fix that row.") from e
-                start, line = line, reader.line_num + 1
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # a blank line
-                if len(row) != 6:
-                    raise UserError(
-                        f"{path} line {start}: expected 6 columns (question, A, B, C, D, "
-                        f"answer letter) but found {len(row)}; fix that row."
-                    )
-                answer = row[5].strip().upper()
-                if len(answer) != 1 or answer not in LETTERS:
-                    raise UserError(
-                        f"{path} line {start}: the answer must be one of A, B, C, D but is "
-                        f"{row[5]!r}; fix that row."
-                    )
-                items.append(
-                    {
-                        "question": row[0],
-                        "options": list(row[1:5]),
-                        "answer": LETTERS.index(answer),
-                        "subject": subject,
-                    }
-                )
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8.") from e
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e}).") from e
-    if not items:
-        raise UserError(f"{path} holds no MMLU rows; delete it or fill it in.")
-    return items
-
-
-def load_mmlu(
-    path_or_dir: str | Path, split: str = "val", subjects: Sequence[str] | None = None
-) -> dict[str, list[dict]]:
-    """MMLU items by subject, from a csv file, a folder of ``<subject>_<split>.csv`` or
-    the mmlu folder holding ``<split>/``. Items: ``{"question", "options" (4), "answer"
-    (0-3), "subject"}``. ``subjects`` keeps only those (an unknown one is an error)."""
-    files = _mmlu_files(Path(path_or_dir), split)
-    by_subject = {_mmlu_subject(p): p for p in files}
-    if subjects is not None:
-        missing = [s for s in subjects if s not in by_subject]
-        if missing:
-            close = difflib.get_close_matches(missing[0], list(by_subject), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else (
-                f"known subjects: {', '.join(sorted(by_subject))}"
-            )
-            raise UserError(f"no MMLU subject {missing[0]!r} in {path_or_dir} ({split}); {hint}")
-        by_subject = {s: by_subject[s] for s in subjects}
-    return {s: _read_mmlu_csv(p, s) for s, p in by_subject.items()}
-
-
-def _hellaswag_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in ("hellaswag_val.jsonl", "val_head500.jsonl"):
-            if (path / name).is_file():
-                return path / name
-        files = sorted(path.glob("*.jsonl"))
-        if len(files) == 1:
-            return files[0]
-    raise UserError(f"no HellaSwag jsonl file at {path}; give the path of the .jsonl file.")
-
-
-def _label(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
-
-
-def load_hellaswag(path: str | Path) -> list[dict]:
-    """HellaSwag items ``{"ctx", "endings", "label", "activity_label"}`` (plus ``ctx_a``,
-    ``ctx_b``, ``ind`` when the file has them) from a jsonl file (or its folder)."""
-    path = _hellaswag_file(Path(path))
-    items: list[dict] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise UserError(f"{path} line {n}: not valid JSON ({e}); fix that line.") from e
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path} line {n}: expected a JSON object; fix that line.")
-                for key in ("ctx", "endings", "label"):
-                    if key not in rec:
-                        raise UserError(f"{path} line {n}: missing key {key!r}; fix that line.")
-                endings = rec["endings"]
-                if (
-                    not isinstance(endings, list)
-                    or len(endings) < 2
-                    or not all(isinstance(e, str) for e in endings)
-                ):
-                    raise UserError(
-                        f"{path} line {n}: 'endings' must be a list of at least 2 strings; "
-                        "fix that line."
-                    )
-                if not isinstance(rec["ctx"], str):
-                    raise UserError(f"{path} line {n}: 'ctx' must be a string; fix that line.")
-                label = _label(rec["label"])
-                if label is None or not 0 <= label < len(endings):
-                    raise UserError(
-                        f"{path} line {n}: 'label' must be an integer from 0 to "
-                        f"{len(endings) - 1} but is {rec['label']!r}; fix that line."
-                    )
-                item = {
-                    "ctx": rec["ctx"],
-                    "endings": list(endings),
-                    "label": label,
-                    "activity_label": str(rec.get("activity_label") or ""),
-                }
-                for key in ("ctx_a", "ctx_b", "ind"):
-                    if key in rec:
-                        item[key] = rec[key]
-                items.append(item)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8.") from e
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e}).") from e
-    if not items:
-        raise UserError(f"{path} holds no HellaSwag items.")
-    return items
-
-
 # =========================================================================== prompts
 
 
@@ -569,48 +384,6 @@ class MCInstance:
         return self.header + "".join(self.shots[:k]) + self.query
 
 
-def _mmlu_question(item: dict) -> str:
-    lines = [item["question"].strip()]
-    lines += [f"{letter}. {opt}" for letter, opt in zip(LETTERS, item["options"])]
-    return "\n".join(lines) + "\nAnswer:"
-
-
-def _mmlu_header(item: dict) -> str:
-    subject = item["subject"].replace("_", " ")
-    return f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-
-
-def _mmlu_shot(shot: dict) -> str:
-    return f"{_mmlu_question(shot)} {LETTERS[shot['answer']]}\n\n"
-
-
-def mmlu_prompt(item: dict, shots: Sequence[dict] = ()) -> str:
-    """lm-eval's MMLU context for ``item`` after the few-shot ``shots`` (dev items)."""
-    return _mmlu_header(item) + "".join(_mmlu_shot(s) for s in shots) + _mmlu_question(item)
-
-
-def _hs_clean(text: str) -> str:
-    """lm-eval's HellaSwag ``preprocess``."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def hellaswag_query(item: dict, preprocess: bool = True) -> tuple[str, list[str]]:
-    """``(query, endings)`` of a HellaSwag item as lm-eval's ``hellaswag`` task builds them
-    (``preprocess=False``: the raw ``ctx`` and endings)."""
-    if not preprocess:
-        return item["ctx"], list(item["endings"])
-    if isinstance(item.get("ctx_a"), str) and isinstance(item.get("ctx_b"), str):
-        ctx = item["ctx_a"] + " " + item["ctx_b"].capitalize()
-    else:
-        ctx = item["ctx"]
-    label = item.get("activity_label") or ""
-    query = _hs_clean(f"{label}: {ctx}" if label else ctx)
-    return query, [_hs_clean(e) for e in item["endings"]]
-
-
 def _sample_shots(n_items: int, index: int, k: int, seed: int) -> list[int]:
     """k indices other than ``index``, drawn by a generator seeded per item."""
     if k == 0:
@@ -632,19 +405,8 @@ def _check_count(name: str, value: Any, minimum: int, allow_none: bool = False) 
         raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
-def _mmlu_dev(path: Path, subject: str) -> list[dict]:
-    root = path if path.is_dir() else path.parent
-    for d in (root / "dev", root.parent / "dev", root):
-        f = d / f"{subject}_dev.csv"
-        if f.is_file():
-            return _read_mmlu_csv(f, subject)
-    raise UserError(
-        f"few-shot MMLU needs the dev split, but there is no {subject}_dev.csv near {path}; "
-        "add the dev folder or use 0 shots."
-    )
-
-
-def _locate(name: str, data_path: Any, data_dir: Any) -> Path:
+def locate_data(name: str, data_path: Any, data_dir: Any) -> Path:
+    """``data_path``, else the local copy of the registry dataset ``name``."""
     if data_path is not None:
         return Path(data_path)
     from neuroplastic.data.registry import data_dirs, find_local, get_entry
@@ -658,6 +420,41 @@ def _locate(name: str, data_path: Any, data_dir: Any) -> Path:
             "that holds it."
         )
     return found
+
+
+def shot_instances(
+    queries: Sequence[tuple[str, list[str]]],
+    gold: Sequence[int],
+    subjects: Sequence[str | None],
+    records: Sequence[dict],
+    *,
+    limit: int | None = None,
+    shots: int = 0,
+    seed: int = 0,
+) -> list[MCInstance]:
+    """:class:`MCInstance` s of the first ``limit`` ``(query, endings)`` items, continuation
+    ``" " + ending``, each after ``shots`` other items (drawn with ``seed``) with their
+    right ending."""
+    out: list[MCInstance] = []
+    n = len(queries) if limit is None else min(limit, len(queries))
+    for i in range(n):
+        query, endings = queries[i]
+        shot_texts = [
+            f"{queries[j][0]} {queries[j][1][gold[j]]}\n\n"
+            for j in _sample_shots(len(queries), i, shots, seed)
+        ]
+        out.append(
+            MCInstance(
+                context="".join(shot_texts) + query,
+                continuations=[" " + e for e in endings],
+                gold=gold[i],
+                subject=subjects[i],
+                record=records[i],
+                shots=shot_texts,
+                query=query,
+            )
+        )
+    return out
 
 
 def build_instances(
@@ -681,85 +478,40 @@ def build_instances(
         close = difflib.get_close_matches(str(task), TASKS, n=1)
         hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(TASKS)}"
         raise UserError(f"unknown multiple-choice task {task!r}; {hint}")
-    out: list[MCInstance] = []
     if task == "mmlu":
-        path = _locate("mmlu", data_path, data_dir)
-        by_subject = {
-            s: items[:limit_per_subject] for s, items in load_mmlu(path, split, subjects).items()
-        }
-        if limit is not None:  # round-robin: the first items of every subject
-            order = [
-                (s, j)
-                for j in range(max((len(v) for v in by_subject.values()), default=0))
-                for s in by_subject
-                if j < len(by_subject[s])
-            ][:limit]
-            keep = {s: sorted(j for t, j in order if t == s) for s in by_subject}
-            by_subject = {s: [by_subject[s][j] for j in keep[s]] for s in by_subject if keep[s]}
-        for subject, items in by_subject.items():
-            dev = _mmlu_dev(path, subject) if shots else []
-            if shots > len(dev):
-                raise UserError(
-                    f"MMLU subject {subject} has only {len(dev)} dev examples for few-shot; "
-                    f"use {len(dev)} shots or fewer."
-                )
-            for item in items:
-                shot_texts = [_mmlu_shot(d) for d in dev[:shots]]
-                out.append(
-                    MCInstance(
-                        context=mmlu_prompt(item, dev[:shots]),
-                        continuations=[f" {letter}" for letter in LETTERS[: len(item["options"])]],
-                        gold=item["answer"],
-                        subject=subject,
-                        record={"subject": subject, "question": item["question"]},
-                        header=_mmlu_header(item),
-                        shots=shot_texts,
-                        query=_mmlu_question(item),
-                    )
-                )
-        return out
+        from neuroplastic.evaluation.mmlu import mmlu_instances
 
-    if task == "hellaswag":
-        items = load_hellaswag(_locate("hellaswag", data_path, data_dir))
-        queries = [hellaswag_query(it, preprocess) for it in items]
-        gold = [it["label"] for it in items]
-        subj: list[str | None] = [None] * len(items)
-        records = [{"ctx": it["ctx"]} for it in items]
-    else:
-        from neuroplastic.data.synthetic import SyntheticCurriculum
-
-        cur = SyntheticCurriculum(seed=seed)
-        if task == "synthetic-mc":
-            items = cur.multiple_choice()
-            queries = [(f"Question: {it['question']}\nAnswer:", it["options"]) for it in items]
-            gold = [it["answer"] for it in items]
-            subj = [it["subject"] for it in items]
-            records = [{"subject": it["subject"], "question": it["question"]} for it in items]
-        else:
-            items = cur.completions()
-            queries = [(it["ctx"], it["endings"]) for it in items]
-            gold = [it["label"] for it in items]
-            subj = [it["domain"] for it in items]
-            records = [{"domain": it["domain"], "ctx": it["ctx"]} for it in items]
-    n = len(items) if limit is None else min(limit, len(items))
-    for i in range(n):
-        query, endings = queries[i]
-        shot_texts = [
-            f"{queries[j][0]} {queries[j][1][gold[j]]}\n\n"
-            for j in _sample_shots(len(items), i, shots, seed)
-        ]
-        out.append(
-            MCInstance(
-                context="".join(shot_texts) + query,
-                continuations=[" " + e for e in endings],
-                gold=gold[i],
-                subject=subj[i],
-                record=records[i],
-                shots=shot_texts,
-                query=query,
-            )
+        return mmlu_instances(
+            locate_data("mmlu", data_path, data_dir), split=split, subjects=subjects,
+            limit=limit, limit_per_subject=limit_per_subject, shots=shots,
         )
-    return out
+    if task == "hellaswag":
+        from neuroplastic.evaluation.hellaswag import hellaswag_instances
+
+        return hellaswag_instances(
+            locate_data("hellaswag", data_path, data_dir), limit=limit, shots=shots, seed=seed,
+            preprocess=preprocess,
+        )
+    from neuroplastic.data.synthetic import SyntheticCurriculum
+
+    cur = SyntheticCurriculum(seed=seed)
+    if task == "synthetic-mc":
+        items = cur.multiple_choice()
+        return shot_instances(
+            [(f"Question: {it['question']}\nAnswer:", it["options"]) for it in items],
+            [it["answer"] for it in items],
+            [it["subject"] for it in items],
+            [{"subject": it["subject"], "question": it["question"]} for it in items],
+            limit=limit, shots=shots, seed=seed,
+        )
+    items = cur.completions()
+    return shot_instances(
+        [(it["ctx"], it["endings"]) for it in items],
+        [it["label"] for it in items],
+        [it["domain"] for it in items],
+        [{"domain": it["domain"], "ctx": it["ctx"]} for it in items],
+        limit=limit, shots=shots, seed=seed,
+    )
 
 
 def fit_shots(scorer: LogLikelihoodScorer, instances: Sequence[MCInstance]) -> list[int]:

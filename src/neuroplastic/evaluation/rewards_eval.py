@@ -80,3 +80,22 @@ def plot_components(columns: dict[str, dict[str, Any]], path: Path, title: str =
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def reward_pairs(cfg, tok, directory: Path, n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` (prompt, reference) pairs drawn with ``seed`` that the run never trained on:
+    held-out synthetic concepts, else slices of the validation split."""
+    if cfg.data.source == "synthetic" or cfg.curriculum.stages:
+        from neuroplastic.data.synthetic import STAGES, SyntheticCurriculum
+
+        cur = SyntheticCurriculum(seed=cfg.data.synthetic_seed)
+        stages = [s for s in (cfg.curriculum.stages or cfg.data.stages or STAGES) if s in STAGES]
+        # concepts held out of every reward computed during training
+        pairs = [p for s in (stages or STAGES) for p in cur.pairs(s, split="heldout")]
+    else:
+        from neuroplastic.data.pipeline import prepare_data
+
+        text = tok.decode(prepare_data(cfg.data, tokenizer_dir=directory / "tokenizer").val_tokens[:200_000].tolist())
+        pairs = [(text[i : i + 64], text[i + 64 : i + 264]) for i in range(0, max(len(text) - 264, 1), 997)]
+    idx = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [pairs[int(i)] for i in idx]

@@ -60,14 +60,14 @@ from neuroplastic.models.brain_rules import (
     ThreeFactor,
     lookahead,
 )
-from neuroplastic.plasticity.consolidation import ReplayBuffer
-from neuroplastic.plasticity.engine import RewardBaseline
-from neuroplastic.training.checkpoint import (
+from neuroplastic.models.checkpoint_io import (
     flatten_state,
     load_safetensors,
     model_tensors,
     unflatten_state,
 )
+from neuroplastic.plasticity.consolidation import ReplayBuffer
+from neuroplastic.plasticity.engine import RewardBaseline
 
 __all__ = ["CHECKPOINT_FORMAT", "NeuroGenModel", "make_config", "metadata_path"]
 

@@ -36,7 +36,7 @@ from neuroplastic.data.cot import (
     split_examples,
 )
 from neuroplastic.errors import UserError
-from neuroplastic.training.loading import load_any_model, read_run_config
+from neuroplastic.models.loading import load_any_model, read_run_config
 
 #: technique flag -> plasticity rule type
 TECHNIQUES = {"alr": "adaptive_lr", "ewc": "ewc", "hebbian": "hebbian"}

@@ -203,9 +203,9 @@ def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> di
 
 
 def _last_good(ckpt_dir: Path) -> str:
-    from neuroplastic.training import checkpoint as ckpt
+    from neuroplastic.models import checkpoint_io
 
-    latest = ckpt.latest_checkpoint(ckpt_dir)
+    latest = checkpoint_io.latest_checkpoint(ckpt_dir)
     if latest is None:
         return "No checkpoint had been written yet, so there is none to resume from."
     return (f"The last good checkpoint is untouched: {latest} (step {int(latest.name[5:])}); "
@@ -217,7 +217,7 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
     from tqdm.auto import tqdm
 
     from neuroplastic.data.tokenizers import build_tokenizer
-    from neuroplastic.models import build_model
+    from neuroplastic.models import build_model, checkpoint_io
     from neuroplastic.runtime import resolve_device
     from neuroplastic.training import checkpoint as ckpt
     from neuroplastic.training.metrics import MetricsLogger
@@ -226,13 +226,13 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
     tc = cfg.train
     resume_from = None
     if tc.resume in ("", "none"):
-        if ckpt.list_checkpoints(ckpt_dir):
+        if checkpoint_io.list_checkpoints(ckpt_dir):
             raise UserError(
                 f"Run directory {str(run_dir)!r} already holds checkpoints; continue it with "
                 "train.resume=auto (or --resume), or pick another train.out_dir."
             )
     elif tc.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(ckpt_dir)
+        resume_from = checkpoint_io.latest_checkpoint(ckpt_dir)
     else:
         resume_from = Path(tc.resume)
         if not resume_from.exists():
@@ -249,8 +249,8 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
     step = 0
     history: list[dict[str, Any]] = []
     if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from)
-        ckpt.load_model_weights(model, loaded["path"] / "model.safetensors")
+        loaded = checkpoint_io.load_checkpoint(resume_from)
+        checkpoint_io.load_model_weights(model, loaded["path"] / "model.safetensors")
         optimizer.load_state_dict(loaded["optimizer"])
         state = loaded["state"]
         step = int(state["step"])
@@ -300,7 +300,7 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
                 tokenizer=tok,
             )
         except OSError as exc:
-            latest = ckpt.latest_checkpoint(ckpt_dir)
+            latest = checkpoint_io.latest_checkpoint(ckpt_dir)
             kept = (f"the previous checkpoint {latest} survives intact" if latest is not None
                     else "no earlier checkpoint exists")
             raise UserError(

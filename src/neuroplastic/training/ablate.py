@@ -46,8 +46,8 @@ from neuroplastic.evaluation.ablation import (
     end_ablation,
     no_verdict_incomplete,
 )
+from neuroplastic.models import checkpoint_io
 from neuroplastic.plasticity.registry import rule_class
-from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.trainer import Callback, Trainer
 
 ARM_FILE = "ablation_arm.json"
@@ -187,7 +187,7 @@ def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signa
         if done is not None:
             echo(f"seed {run.seed} {run.arm:>7}: complete in {arm_dir} (kept)")
             return done
-    resume = same and ckpt.latest_checkpoint(arm_dir / "checkpoints") is not None
+    resume = same and checkpoint_io.latest_checkpoint(arm_dir / "checkpoints") is not None
     if not resume:
         shutil.rmtree(arm_dir, ignore_errors=True)
     cfg.train.resume = "auto" if resume else "none"

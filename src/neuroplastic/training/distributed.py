@@ -191,12 +191,12 @@ class Distributed:
         return model, optimizer.state_dict()
 
     def load_model(self, model: nn.Module, path: Path) -> None:
-        from neuroplastic.training import checkpoint as ckpt
+        from neuroplastic.models import checkpoint_io
 
         if self.fsdp and self.enabled:
             load_full_model_state(model, path)
         else:
-            ckpt.load_model_weights(model, path)
+            checkpoint_io.load_model_weights(model, path)
 
     def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if self.fsdp and self.enabled:
@@ -482,9 +482,9 @@ def load_full_model_state(model: nn.Module, path: Path) -> None:
     """Load a full ``model.safetensors`` into a sharded model (every rank reads the file)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from neuroplastic.training import checkpoint as ckpt
+    from neuroplastic.models import checkpoint_io
 
-    tensors = ckpt._load_safetensors(path)
+    tensors = checkpoint_io.load_safetensors(path)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     unexpected = [k for k in tensors if k not in names]
     missing = [n for n, _ in model.named_parameters() if n not in tensors]

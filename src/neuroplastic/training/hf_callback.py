@@ -28,7 +28,7 @@ Hook points, per optimizer step (after gradient accumulation and clipping):
   ``after_step``, so it does not matter that the Trainer has zeroed them by then.
 * ``on_save``: the engine state goes into the Trainer's ``checkpoint-N`` directory as
   ``neuroplastic_plasticity.safetensors`` (tensors) + ``neuroplastic_plasticity.json``
-  (everything else, via :func:`~neuroplastic.training.checkpoint.flatten_state`; no
+  (everything else, via :func:`~neuroplastic.models.checkpoint_io.flatten_state`; no
   pickle). ``on_train_begin`` restores it when the run resumes: from the path given
   to ``NeuroplasticTrainer.train(resume_from_checkpoint=...)``, else from
   ``args.resume_from_checkpoint``, else (plain ``Trainer``) from
@@ -71,16 +71,16 @@ except ImportError as exc:  # pragma: no cover
 from safetensors.torch import save_file
 
 from neuroplastic.errors import UserError
-from neuroplastic.plasticity.adaptive_lr import AdaptiveLR
-from neuroplastic.plasticity.base import Rule
-from neuroplastic.plasticity.engine import PlasticityEngine
-from neuroplastic.plasticity.registry import build_rule
-from neuroplastic.training.checkpoint import (
+from neuroplastic.models.checkpoint_io import (
     flatten_state,
     load_safetensors,
     read_json,
     unflatten_state,
 )
+from neuroplastic.plasticity.adaptive_lr import AdaptiveLR
+from neuroplastic.plasticity.base import Rule
+from neuroplastic.plasticity.engine import PlasticityEngine
+from neuroplastic.plasticity.registry import build_rule
 
 __all__ = [
     "PLASTICITY_JSON",

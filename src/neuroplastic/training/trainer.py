@@ -26,6 +26,7 @@ from neuroplastic.config import RunConfig, config_from_dict, dump_config
 from neuroplastic.data.batching import PackedBlocks, sequential_blocks
 from neuroplastic.errors import UserError
 from neuroplastic.evaluation.lm import lm_metrics
+from neuroplastic.models import checkpoint_io
 from neuroplastic.runtime import (
     amp_dtype,
     resolve_device,
@@ -218,7 +219,7 @@ class Trainer:
     def _resume_path(self) -> Path | None:
         spec = self.cfg.train.resume
         if spec in ("", "none"):
-            existing = ckpt.list_checkpoints(self.ckpt_dir)
+            existing = checkpoint_io.list_checkpoints(self.ckpt_dir)
             if existing:
                 raise UserError(
                     f"Run directory {str(self.run_dir)!r} already holds checkpoints; continue it "
@@ -226,7 +227,7 @@ class Trainer:
                 )
             return None
         if spec == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_dir)
+            return checkpoint_io.latest_checkpoint(self.ckpt_dir)
         path = Path(spec)
         if not path.exists():
             raise UserError(f"Checkpoint {spec!r} given in train.resume does not exist.")
@@ -249,7 +250,7 @@ class Trainer:
 
     def _last_good(self) -> str:
         """A sentence naming the last checkpoint on disk (every one we write is finite)."""
-        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        latest = checkpoint_io.latest_checkpoint(self.ckpt_dir)
         if latest is None:
             return "No checkpoint had been written yet, so there is none to resume from."
         return (
@@ -284,7 +285,7 @@ class Trainer:
     def _setup(self) -> Trainer:
         cfg = self.cfg
         resume_path = self._resume_path()
-        loaded = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+        loaded = checkpoint_io.load_checkpoint(resume_path) if resume_path is not None else None
         if loaded is not None:
             import yaml
 
@@ -543,12 +544,12 @@ class Trainer:
                     tokenizer=self.tokenizer,
                 )
             except OSError as exc:
-                latest = ckpt.latest_checkpoint(self.ckpt_dir)
+                latest = checkpoint_io.latest_checkpoint(self.ckpt_dir)
                 kept = (
                     f"the previous checkpoint {latest} survives intact"
                     if latest is not None else "no earlier checkpoint exists"
                 )
-                if best and (path / ckpt.STATE_FILE).is_file():
+                if best and (path / checkpoint_io.STATE_FILE).is_file():
                     kept += f", and so does the previous {path}"
                 raise UserError(
                     f"Could not write checkpoint {path} ({exc.strerror or exc}); {kept}. Free "
@@ -699,7 +700,7 @@ class Trainer:
                         if self.dist.enabled:
                             if self._last_saved_step != self.step:
                                 self.save()
-                        elif not ckpt.list_checkpoints(self.ckpt_dir) or ckpt.latest_checkpoint(
+                        elif not checkpoint_io.list_checkpoints(self.ckpt_dir) or checkpoint_io.latest_checkpoint(
                             self.ckpt_dir
                         ).name != ckpt.checkpoint_name(self.step):
                             self.save()

@@ -53,7 +53,7 @@ def _local(name: str, data_dir: Any) -> Path:
 
 def hellaswag_dataset(data_dir: str | None = None, **_: Any):
     """``DatasetDict(validation=...)`` of the local HellaSwag file."""
-    from neuroplastic.evaluation.multiple_choice import load_hellaswag
+    from neuroplastic.evaluation.hellaswag import load_hellaswag
 
     items = load_hellaswag(_local("hellaswag", data_dir))
     rows = [
@@ -74,7 +74,7 @@ def hellaswag_dataset(data_dir: str | None = None, **_: Any):
 
 def process_hellaswag(dataset):
     """lm-eval's HellaSwag ``process_docs`` (query, choices, gold), on our fields."""
-    from neuroplastic.evaluation.multiple_choice import hellaswag_query
+    from neuroplastic.evaluation.hellaswag import hellaswag_query
 
     def one(doc: dict) -> dict:
         item = dict(doc)
@@ -90,7 +90,7 @@ def process_hellaswag(dataset):
 def mmlu_dataset(subject: str, data_dir: str | None = None, **_: Any):
     """``DatasetDict(validation=val rows, dev=dev rows)`` of one MMLU subject, with
     lm-eval's fields (``question``, ``choices``, ``answer`` 0-3, ``subject``)."""
-    from neuroplastic.evaluation.multiple_choice import load_mmlu
+    from neuroplastic.evaluation.mmlu import load_mmlu
 
     root = _local("mmlu", data_dir)
     ds = _datasets()

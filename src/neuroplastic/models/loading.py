@@ -1,11 +1,12 @@
 """Load any model neuroplastic can evaluate, from whatever directory it was saved in.
 
-:func:`load_any_model` accepts, checked in this order: a ``neuroplastic cot train``
+:func:`load_trained` loads one of our checkpoint / run directories (or a pretrained
+Hugging Face directory / registry name); :func:`load_any_model` accepts, checked in this order: a ``neuroplastic cot train``
 output directory (its ``adapter/`` or ``model/``), a LoRA adapter directory (written by
 :func:`~neuroplastic.models.hf.save_adapter`; the base model from ``base_model``, the
 run's config or the adapter's ``base_model_name_or_path``), a Hugging Face model
 directory (``config.json`` + weights), or one of our checkpoint / run directories
-(:func:`~neuroplastic.training.inference.load_trained`). Used by ``neuroplastic cot
+(:func:`load_trained`). Used by ``neuroplastic evaluate``, ``generate``, ``cot
 evaluate`` and the lm-eval adapter.
 """
 
@@ -16,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from neuroplastic.config import RunConfig
+from neuroplastic.config import RunConfig, config_from_dict
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
 
-__all__ = ["load_any_model", "load_pretrained", "pretrained_dir", "read_base_ref", "read_run_config"]
+__all__ = [
+    "load_any_model",
+    "load_pretrained",
+    "load_trained",
+    "pretrained_dir",
+    "read_base_ref",
+    "read_run_config",
+    "resolve_checkpoint",
+]
 
 
 def _hf_dir(path: Path) -> bool:
@@ -28,13 +39,9 @@ def _hf_dir(path: Path) -> bool:
 
 
 def read_run_config(run_dir: Path) -> RunConfig | None:
-    from neuroplastic.config import config_from_dict
-
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
-    import yaml
-
     try:
         return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
     except (yaml.YAMLError, UserError):
@@ -46,20 +53,19 @@ def pretrained_dir(path: str | Path) -> Path | None:
     or a directory with ``config.json`` that is not one of our runs or checkpoints -- else
     ``None``."""
     from neuroplastic.models.registry import is_registry_name, resolve_model
-    from neuroplastic.training import checkpoint as ckpt
 
     p = Path(path).expanduser()
     if not p.exists():
         return Path(resolve_model(str(path))) if is_registry_name(str(path)) else None
     if not p.is_dir() or not _hf_dir(p):
         return None
-    if (p / ckpt.STATE_FILE).exists() or (p / "checkpoints").is_dir():
+    if (p / checkpoint_io.STATE_FILE).exists() or (p / "checkpoints").is_dir():
         return None
     return p
 
 
 def load_pretrained(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any, RunConfig, Path]:
-    """``(model, tokenizer, cfg, directory)`` as :func:`~neuroplastic.training.inference.load_trained`
+    """``(model, tokenizer, cfg, directory)`` as :func:`load_trained`
     returns them, for a plain Hugging Face directory or registry name (see :func:`pretrained_dir`):
     the model behind our API, our tokenizer of its files, and a config that names it
     (``model=DIR``, block size = the model's context)."""
@@ -77,6 +83,63 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     cfg.model.block_size = model.config.block_size
     cfg.data.tokenizer = str(directory)
     return model.eval(), load_tokenizer(directory), cfg, directory
+
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """A checkpoint directory from a checkpoint dir, a run dir or a checkpoints/ dir.
+
+    For a run directory, ``prefer="best"`` picks ``checkpoints/best`` when present,
+    otherwise the latest step checkpoint.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"Checkpoint {str(p)!r} does not exist.")
+    if p.is_dir() and not (p / checkpoint_io.STATE_FILE).exists():
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        best = root / "best"
+        if prefer == "best" and (best / checkpoint_io.STATE_FILE).exists():
+            return best
+        latest = checkpoint_io.latest_checkpoint(root)
+        if latest is None:
+            if (best / checkpoint_io.STATE_FILE).exists():
+                return best
+            raise UserError(f"No complete checkpoint found in {str(p)!r}.")
+        return latest
+    return p
+
+
+def load_trained(
+    path: str | Path, device: str | torch.device = "cpu", prefer: str = "best",
+    base_model: str | None = None,
+):
+    """``(model, tokenizer, cfg, checkpoint_dir)`` from a checkpoint or run directory, or
+    from a pretrained Hugging Face directory or registry name (``smollm2-135m-instruct``).
+
+    ``base_model``: for a LoRA run, the pretrained base to put the adapters on instead of
+    the run's ``model.hf_path`` (a directory or registry name; its weights must be the
+    ones the adapters were trained on, checked by sha256)."""
+    from neuroplastic.data.tokenizers import load_tokenizer
+    from neuroplastic.models import build_model
+
+    if pretrained_dir(path) is not None:  # a pretrained model (directory or registry name)
+        return load_pretrained(path, device=str(device))
+    directory = resolve_checkpoint(path, prefer)
+    loaded = checkpoint_io.load_checkpoint(directory)
+    directory = loaded["path"]
+    try:
+        cfg: RunConfig = config_from_dict(yaml.safe_load(loaded["config_text"]))
+    except yaml.YAMLError as exc:
+        raise UserError(f"The config.yaml in {str(directory)!r} is not valid YAML.") from exc
+    if not (directory / "tokenizer").is_dir():
+        raise UserError(f"Checkpoint {str(directory)!r} has no tokenizer/; it is incomplete.")
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    if base_model is not None and cfg.model.arch == "hf":
+        cfg.model.hf_path = str(base_model)
+    model = build_model(cfg.model)
+    checkpoint_io.load_model_weights(model, directory / "model.safetensors")
+    model.to(device).eval()
+    return model, tokenizer, cfg, directory
 
 
 def read_base_ref(adapter_dir: Path) -> dict[str, Any]:
@@ -138,8 +201,6 @@ def load_any_model(
             model, tokenizer = load_causal_lm(d, device=device, dtype=dtype)
             info.update(kind="hugging face model", hf_dir=str(d))
             return HFCausalLM(model, tokenizer).eval(), tokenizer, info
-    from neuroplastic.training.inference import load_trained
-
     model, tokenizer, cfg, directory = load_trained(path, device=device, base_model=base_model)
     info.update(kind="neuroplastic checkpoint", checkpoint=str(directory))
     if getattr(model, "tokenizer", None) is not None:
