@@ -23,7 +23,8 @@ from neuroplastic.config import load_config
 from neuroplastic.errors import UserError
 from neuroplastic.recipes.recall import train_recall
 from neuroplastic.training import checkpoint as ckpt
-from neuroplastic.training.trainer import Callback, Trainer
+from neuroplastic.training.callbacks import Callback
+from neuroplastic.training.trainer import Trainer
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")

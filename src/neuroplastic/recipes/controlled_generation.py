@@ -52,8 +52,8 @@ import torch.nn.functional as F
 
 from neuroplastic.config import build_dataclass
 from neuroplastic.errors import UserError
+from neuroplastic.training.callbacks import Callback
 from neuroplastic.training.reward import pairs_for
-from neuroplastic.training.trainer import Callback
 
 
 @dataclass

@@ -63,7 +63,7 @@ from neuroplastic.data.cot import (
     split_examples,
 )
 from neuroplastic.errors import UserError
-from neuroplastic.training.trainer import Callback
+from neuroplastic.training.callbacks import Callback
 
 
 @dataclass

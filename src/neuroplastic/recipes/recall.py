@@ -221,7 +221,8 @@ def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: P
     from neuroplastic.runtime import resolve_device
     from neuroplastic.training import checkpoint as ckpt
     from neuroplastic.training.metrics import MetricsLogger
-    from neuroplastic.training.trainer import StopRequest, build_optimizer, lr_at
+    from neuroplastic.training.optim import build_optimizer, lr_at
+    from neuroplastic.training.trainer import StopRequest
 
     tc = cfg.train
     resume_from = None

@@ -48,7 +48,8 @@ from neuroplastic.evaluation.ablation import (
 )
 from neuroplastic.plasticity.registry import rule_class
 from neuroplastic.training import checkpoint as ckpt
-from neuroplastic.training.trainer import Callback, Trainer
+from neuroplastic.training.callbacks import Callback
+from neuroplastic.training.trainer import Trainer
 
 ARM_FILE = "ablation_arm.json"
 

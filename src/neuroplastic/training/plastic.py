@@ -6,7 +6,7 @@ from typing import Any
 
 from neuroplastic.data.batching import sequential_blocks
 from neuroplastic.plasticity.engine import PlasticityEngine
-from neuroplastic.training.trainer import Callback
+from neuroplastic.training.callbacks import Callback
 
 
 class EngineCallback(Callback):

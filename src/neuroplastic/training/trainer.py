@@ -34,6 +34,7 @@ from neuroplastic.runtime import (
     set_rng_state,
 )
 from neuroplastic.training import checkpoint as ckpt
+from neuroplastic.training.callbacks import Callback
 from neuroplastic.training.distributed import (
     Distributed,
     NullLogger,
@@ -42,61 +43,9 @@ from neuroplastic.training.distributed import (
     setup_distributed,
 )
 from neuroplastic.training.metrics import MetricsLogger, plot_loss_curve
-
-
-class Callback:
-    """Hook points a plasticity engine (or anything else) can implement.
-
-    ``name`` keys the callback's state inside checkpoints.
-    """
-
-    name = "callback"
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-
-    def penalty(self, trainer: Trainer) -> torch.Tensor | None:
-        return None
-
-    def after_backward(self, trainer: Trainer) -> None: ...
-
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
-
-    def on_stage_change(self, trainer: Trainer, old: int, new: int) -> None:
-        """The curriculum moved from stage ``old`` to ``new`` (indices)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
+from neuroplastic.training.optim import build_optimizer, lr_at
 
 # ------------------------------------------------------------------------ helpers
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps``."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = True
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def check_writable(directory: Path) -> None:
