@@ -484,7 +484,7 @@ def load_full_model_state(model: nn.Module, path: Path) -> None:
 
     from neuroplastic.training import checkpoint as ckpt
 
-    tensors = ckpt._load_safetensors(path)
+    tensors = ckpt.load_safetensors(path)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     unexpected = [k for k in tensors if k not in names]
     missing = [n for n, _ in model.named_parameters() if n not in tensors]
