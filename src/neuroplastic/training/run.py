@@ -18,6 +18,10 @@ needle-recall step) with these members:
   the ``train`` log line and the progress bar;
 * ``after_step()``: evaluation and samples at their intervals;
 * ``progress_desc``: the progress bar's label.
+
+``neuroplastic train`` drives a strategy through ``setup()`` (which resumes it when asked),
+``describe()``, ``resumed_from``, ``train() -> summary`` (with ``run_dir``, ``last_eval``
+and ``exit_code``), and ``logger``/``close()`` when there is nothing to train.
 """
 
 from __future__ import annotations
