@@ -239,15 +239,9 @@ class RecallStep:
         self.run.close()
 
     def setup(self) -> RecallStep:
-        if self._setup_done:
-            return self
-        self.run.open()
-        try:
-            self._setup()
-        except BaseException:
-            self.close()
-            raise
-        self._setup_done = True
+        if not self._setup_done:
+            self.run.setup(self._setup)
+            self._setup_done = True
         return self
 
     def _setup(self) -> None:
@@ -258,10 +252,7 @@ class RecallStep:
         from neuroplastic.training.optim import build_optimizer
 
         cfg, tc = self.cfg, self.cfg.train
-        resume_path = self.run.resume_path()
-        loaded = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
-        if loaded is not None:
-            self.run.check_compatible(loaded, resume_path)
+        resume_path, loaded = self.run.resume()
         self.device = resolve_device(tc.device, option="train.device")
         self.tokenizer = build_tokenizer("byte", lambda: iter(()), 0)
         if cfg.model.vocab_size == 0:
@@ -361,13 +352,10 @@ class RecallStep:
         from neuroplastic.training import checkpoint as ckpt
 
         self.setup()
-        self.run.acquire_lock()  # released when the previous train() returned
-        try:
+        with self.run.session():
             self.model.train()
             summary = self.run.loop(self, self.cfg.train.max_steps, progress=self.progress)
             self.logger.close()
-        finally:
-            self.close()
         return {"run_dir": str(self.run_dir), "step": self.step,
                 "checkpoint": str(ckpt.latest_checkpoint(self.run.ckpt_dir)),
                 "last_eval": dict(self.last_eval), "history": self.history, **summary}

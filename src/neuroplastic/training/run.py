@@ -26,13 +26,14 @@ and ``exit_code``), and ``logger``/``close()`` when there is nothing to train.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,24 @@ class Run:
             self.close()
             raise
 
+    def setup(self, build: Callable[[], Any]) -> None:
+        """:meth:`open`, then ``build()`` (the strategy's setup); a failure releases the lock."""
+        self.open()
+        try:
+            build()
+        except BaseException:
+            self.close()
+            raise
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold the run directory's lock for one ``train()`` call."""
+        self.acquire_lock()  # released when the previous train() returned
+        try:
+            yield
+        finally:
+            self.close()
+
     def acquire_lock(self) -> None:
         """One writer per run directory (rank 0 writes; the other ranks of a group do not lock)."""
         if env_rank() != 0:
@@ -183,6 +202,16 @@ class Run:
         if not path.exists():
             raise UserError(f"Checkpoint {spec!r} given in train.resume does not exist.")
         return path
+
+    def resume(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """``(path, loaded checkpoint)`` of :meth:`resume_path`, checked compatible
+        (``(None, None)``: start fresh)."""
+        path = self.resume_path()
+        if path is None:
+            return None, None
+        loaded = ckpt.load_checkpoint(path)
+        self.check_compatible(loaded, path)
+        return path, loaded
 
     def check_compatible(self, loaded: dict[str, Any], resume_path: Path) -> None:
         """Refuse a checkpoint whose model, data or curriculum settings differ from now."""

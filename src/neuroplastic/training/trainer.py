@@ -96,21 +96,13 @@ class Trainer:
         return ok
 
     def setup(self) -> Trainer:
-        if self._setup_done:
-            return self
-        self.run.open()
-        try:
-            return self._setup()
-        except BaseException:
-            self.close()
-            raise
+        if not self._setup_done:
+            self.run.setup(self._setup)
+        return self
 
     def _setup(self) -> Trainer:
         cfg = self.cfg
-        resume_path = self.run.resume_path()
-        loaded = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
-        if loaded is not None:
-            self.run.check_compatible(loaded, resume_path)
+        resume_path, loaded = self.run.resume()
 
         self.device = resolve_device(cfg.train.device, option="train.device")
         self.run.dist = setup_distributed(cfg.train.parallel, self.device)
@@ -120,8 +112,7 @@ class Trainer:
         self.amp = amp_dtype(cfg.train.amp, self.device)
         seed_everything(cfg.train.seed)
 
-        inputs = prepare_inputs(cfg, resume_path if loaded is not None else None,
-                                self.dist.world_size)
+        inputs = prepare_inputs(cfg, resume_path, self.dist.world_size)
         self.tokenizer, self.data, self.byte_lengths = inputs.tokenizer, inputs.data, inputs.byte_lengths
         self.curriculum, self.train_data, self.val_sets = (
             inputs.curriculum, inputs.train_data, inputs.val_sets
@@ -334,11 +325,8 @@ class Trainer:
         checkpoint and return with ``summary["interrupted"] = True``.
         """
         self.setup()
-        self.run.acquire_lock()  # released when the previous train() returned
-        try:
+        with self.run.session():
             return self._train(stop_at)
-        finally:
-            self.close()
 
     def _train(self, stop_at: int | None) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
