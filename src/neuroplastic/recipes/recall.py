@@ -266,8 +266,12 @@ class RecallStep:
             self.optimizer.load_state_dict(loaded["optimizer"])
             state = loaded["state"]
             self.step = int(state["step"])
-            self.batches.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
+            if "torch_rng" in state:  # written by the recall loop before the run shell
+                self.batches.load_state_dict({"rng": state["rng"]})
+                torch.set_rng_state(state["torch_rng"])
+            else:
+                self.batches.load_state_dict(state["data"])
+                set_rng_state(state["rng"])
             self.history = list(state.get("history", []))
             self.run.check_resumed(self, resume_path)
         self.resumed_from = resume_path
