@@ -18,7 +18,7 @@ import torch
 from neuroplastic.config import load_config
 from neuroplastic.models import build_model
 from neuroplastic.training.checkpoint import state_is_finite
-from neuroplastic.training.trainer import build_optimizer
+from neuroplastic.training.optim import build_optimizer
 
 
 def _sync(device):

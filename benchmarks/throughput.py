@@ -45,7 +45,7 @@ from neuroplastic.errors import UserError
 from neuroplastic.models.transformer import GPT
 from neuroplastic.runtime import amp_dtype, resolve_device
 from neuroplastic.training.mfu import CUDA_PEAKS  # the datasheet table the trainer uses too
-from neuroplastic.training.trainer import build_optimizer, lr_at
+from neuroplastic.training.optim import build_optimizer, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "BENCHMARKS.md"

@@ -136,3 +136,51 @@ def test_needle_recall_at_2kb_acceptance(tmp_path):
     res = needle_grid(model, tok, lengths=[2048], trials=10, progress=False)
     # 5 depths x 10 needles at 2 KB: >= 90% of them recalled exactly
     assert res["accuracy"] >= 0.9, res["grid"]
+
+
+def _cli(args: list[str], **kw):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "neuroplastic", "train", "needle-recall", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def _train_losses(out) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+
+
+def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
+    """kill -9 mid-run, then --resume: the losses equal an uninterrupted run's, bit for bit."""
+    import time
+
+    over = [f"{k}={v}" for k, v in {
+        "model.n_embd": 32, "model.block_size": 512, "train.batch_size": 2,
+        "train.max_steps": 60, "train.eval_interval": 0, "train.ckpt_interval": 3,
+        "train.log_interval": 1, "train.progress": False, "train.tensorboard": False,
+        "options.short_block": 256, "options.long_block": 512, "options.long_bytes": "[300,500]",
+        "options.short_fraction": 0.5, "options.eval_lengths": "[300]",
+        "options.eval_examples": 2}.items()]
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc = _cli([*over, f"train.out_dir={full}"])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    proc = _cli([*over, f"train.out_dir={part}"])
+    deadline = time.time() + 300
+    while checkpoint_io.latest_checkpoint(part / "checkpoints") is None:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    killed_at = int(checkpoint_io.latest_checkpoint(part / "checkpoints").name[5:])
+    assert killed_at < 60
+    proc = _cli([*over, f"train.out_dir={part}", "--resume"])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"(step {killed_at})" in out
+    expected, got = _train_losses(full), _train_losses(part)
+    assert sorted(got) == sorted(expected) == list(range(1, 61))
+    assert got == expected

@@ -24,7 +24,8 @@ from neuroplastic.errors import UserError
 from neuroplastic.models import checkpoint_io
 from neuroplastic.recipes.recall import train_recall
 from neuroplastic.training import checkpoint as ckpt
-from neuroplastic.training.trainer import Callback, Trainer
+from neuroplastic.training.callbacks import Callback
+from neuroplastic.training.trainer import Trainer
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -305,15 +306,15 @@ def test_recall_loop_saves_and_exits_143_on_sigterm_then_resumes(tmp_path):
 
 def test_recall_loop_stop_request_saves_at_the_step_and_reports_ctrl_c(tmp_path, monkeypatch):
     """Ctrl-C (SIGINT) in the recall loop: the step finishes, a checkpoint is saved, exit 130."""
-    from neuroplastic.training import trainer as trainer_mod
+    from neuroplastic.training import run as run_mod
 
-    class _InterruptAtOnce(trainer_mod.StopRequest):
+    class _InterruptAtOnce(run_mod.StopRequest):
         def __enter__(self):
             super().__enter__()
             self._handler(signal.SIGINT, None)
             return self
 
-    monkeypatch.setattr(trainer_mod, "StopRequest", _InterruptAtOnce)
+    monkeypatch.setattr(run_mod, "StopRequest", _InterruptAtOnce)
     out = tmp_path / "r"
     summary = train_recall(_recall_cfg(out, **{"train.max_steps": 50}), echo=lambda *a: None)
     assert summary["interrupted"] and summary["exit_code"] == 130 and summary["step"] == 1

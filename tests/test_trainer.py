@@ -9,8 +9,9 @@ from neuroplastic.config import load_config
 from neuroplastic.errors import UserError
 from neuroplastic.models import checkpoint_io
 from neuroplastic.training import checkpoint as ckpt
+from neuroplastic.training.callbacks import Callback
 from neuroplastic.training.metrics import read_metrics
-from neuroplastic.training.trainer import Callback, Trainer
+from neuroplastic.training.trainer import Trainer
 from tests.conftest import tiny_overrides
 
 

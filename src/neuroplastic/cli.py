@@ -27,32 +27,6 @@ def _echo(text: str) -> None:
         print(text)
 
 
-def _describe(trainer) -> str:
-    m = trainer.model
-    n = sum(p.numel() for p in m.parameters())
-    d = trainer.data
-    if hasattr(d, "train_tokens"):
-        n_train, n_val = len(d.train_tokens), len(d.val_tokens)
-    else:  # curriculum: per-stage streams
-        n_train = sum(len(v) for v in d.train.values())
-        n_val = sum(len(v) for v in d.val.values())
-    # the model's own shape (a HF model's, not the recipe's unused model.n_layer / n_embd)
-    mc = getattr(m, "config", None)
-    n_layer = getattr(mc, "n_layer", trainer.cfg.model.n_layer)
-    n_embd = getattr(mc, "n_embd", trainer.cfg.model.n_embd)
-    text = (
-        f"model: {n_layer} layers x {n_embd} dim, "
-        f"{n / 1e6:.2f}M params | data: {d.description}, {n_train:,} train / "
-        f"{n_val:,} val tokens ({trainer.tokenizer.kind} tokenizer, vocab "
-        f"{trainer.tokenizer.vocab_size}) | device: {trainer.device}"
-    )
-    if trainer.engine is not None:
-        text += "\nplasticity: " + ", ".join(
-            f"{r.name} ({len(r.params)} tensors)" for r in trainer.engine.rules
-        )
-        if trainer.cfg.reward.interval:
-            text += f"; reward every {trainer.cfg.reward.interval} steps"
-    return text
 
 
 # ------------------------------------------------------------------ commands
@@ -60,8 +34,8 @@ def _describe(trainer) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from neuroplastic.config import load_config
+    from neuroplastic.recipes import strategy_for
     from neuroplastic.training.distributed import quiet_unless_main
-    from neuroplastic.training.trainer import Trainer
 
     quiet_unless_main()  # under torchrun, rank 0 alone prints
     overrides = list(args.overrides)
@@ -72,15 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     cfg = load_config(args.recipe, overrides)
-    if cfg.recipe_module == "recall":
-        from neuroplastic.recipes.recall import train_recall
-
-        summary = train_recall(cfg, echo=_echo)
-        print(f"run dir: {summary['run_dir']}")
-        # after SIGTERM / Ctrl-C: saved, then 143 / 130, so that `train && evaluate` stops
-        return summary["exit_code"]
-    trainer = Trainer(cfg, echo=_echo).setup()
-    print(_describe(trainer))
+    trainer = strategy_for(cfg, echo=_echo).setup()
+    print(trainer.describe())
     if trainer.resumed_from:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
         if trainer.step >= cfg.train.max_steps:  # (past max_steps is refused at setup)
@@ -92,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
     summary = trainer.train()
     ev = summary["last_eval"]
-    if ev:
+    if "ppl" in ev:
         print(f"val loss {ev['loss']:.4f} | ppl {ev['ppl']:.2f} | bits/byte {ev['bpb']:.4f}")
     print(f"run dir: {summary['run_dir']}")
     # after SIGTERM / Ctrl-C: saved, then 143 / 130, so that `train && evaluate` stops
@@ -101,7 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from neuroplastic.config import load_config
-    from neuroplastic.training.trainer import Trainer, clear_run_dir
+    from neuroplastic.training.run import clear_run_dir
+    from neuroplastic.training.trainer import Trainer
 
     overrides = [f"train.out_dir={args.out}"]
     if args.steps:
@@ -112,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, echo=_echo).setup()
     print("neuroplastic demo: training the `tiny` recipe on the embedded synthetic curriculum")
-    print(_describe(trainer))
+    print(trainer.describe())
     prompts = [cfg.train.sample_prompt or "The", "Student: What is a planet?\nTeacher:"]
     before = trainer.evaluate()
     samples_before = [trainer.sample(p, 80, seed=0) for p in prompts]

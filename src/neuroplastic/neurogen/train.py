@@ -213,7 +213,7 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print,
     from neuroplastic.data import sources
     from neuroplastic.neurogen.model import NeuroGenModel
     from neuroplastic.training.metrics import MetricsLogger, plot_loss_curve
-    from neuroplastic.training.trainer import StopRequest
+    from neuroplastic.training.run import StopRequest
 
     opts.validate()
     run_dir = Path(opts.out)

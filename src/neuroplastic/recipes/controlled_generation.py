@@ -52,8 +52,9 @@ import torch.nn.functional as F
 
 from neuroplastic.config import build_dataclass
 from neuroplastic.errors import UserError
+from neuroplastic.recipes import Recipe
+from neuroplastic.training.callbacks import Callback
 from neuroplastic.training.reward import pairs_for
-from neuroplastic.training.trainer import Callback
 
 
 @dataclass
@@ -181,7 +182,7 @@ class ControlledGeneration(Callback):
         for j, (s, pl) in enumerate(zip(seqs, prompt_lens)):
             ids[j, : len(s)] = torch.tensor(s, device=dev)
             mask[j, pl - 1 : len(s) - 1] = 1.0  # positions predicting generated tokens
-        with trainer._autocast():
+        with trainer.autocast():
             logits, _ = model(ids[:, :-1])
         logp_all = F.log_softmax(logits.float(), dim=-1)
         logp_tok = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
@@ -231,8 +232,14 @@ def reward_for(cfg, tokenizer: Any = None):
     return build_reward(options_of(cfg), tokenizer)
 
 
-def callbacks(trainer) -> list[Callback]:
-    """The callbacks this recipe adds to the trainer (``recipe_module: controlled_generation``)."""
-    opts = options_of(trainer.cfg)
-    opts.check_length_target(trainer.cfg.model.block_size)
-    return [ControlledGeneration(opts, trainer.tokenizer)]
+class ControlledGenerationRecipe(Recipe):
+    """``recipe_module: controlled_generation``: the gradient trainer plus the reward
+    producer :class:`ControlledGeneration` (it runs before the plasticity engine)."""
+
+    def callbacks(self, trainer) -> list[Callback]:
+        opts = options_of(trainer.cfg)
+        opts.check_length_target(trainer.cfg.model.block_size)
+        return [ControlledGeneration(opts, trainer.tokenizer)]
+
+
+RECIPE = ControlledGenerationRecipe()

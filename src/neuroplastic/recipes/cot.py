@@ -35,8 +35,8 @@ task, loss), ``kind: "cot_eval"`` the loss of each task's held-out examples ever
 change and at the end (forgetting curves), ``kind: "consolidate"`` each consolidation;
 and ``fisher.json`` (mean Fisher per parameter, and per layer) at the end of training.
 
-This callback appends itself to the *end* of the trainer's callbacks (after the
-plasticity engine), so its ``after_step`` sees the Hebbian update and the lr multiplier
+The callback is an observer (``phase = OBSERVE``: it runs after the plasticity
+engine), so its ``after_step`` sees the Hebbian update and the lr multiplier
 of the step just taken, and consolidates after every plastic update of that step.
 """
 
@@ -62,7 +62,8 @@ from neuroplastic.data.cot import (
     split_examples,
 )
 from neuroplastic.errors import UserError
-from neuroplastic.training.trainer import Callback
+from neuroplastic.recipes import Recipe
+from neuroplastic.training.callbacks import OBSERVE, Callback
 
 
 @dataclass
@@ -133,6 +134,7 @@ class CotCallback(Callback):
     """Chain-of-thought data, complexity for ALR, EWC between tasks, logs (module docs)."""
 
     name = "cot"
+    phase = OBSERVE  # after the plasticity engine
 
     def __init__(self, trainer, options: CotOptions):
         from neuroplastic.plasticity.adaptive_lr import AdaptiveLR
@@ -173,9 +175,6 @@ class CotCallback(Callback):
         }
         if not self.eval_sets:
             raise UserError("No held-out chain-of-thought example fits the context; raise model.block_size.")
-        # the trainer's own validation: the held-out examples of every task
-        trainer.train_data = self.batches
-        trainer.val_sets = {"val": [b for v in self.eval_sets.values() for b in v]}
 
         max_steps = cfg.train.max_steps
         fractions = list(options.boundaries) or [i / len(self.names) for i in range(1, len(self.names))]
@@ -267,7 +266,7 @@ class CotCallback(Callback):
 
         def loss_fn(model, batch):
             x, y = batch
-            with trainer._autocast():
+            with trainer.autocast():
                 return model(x.to(device), y.to(device))[1]
 
         was_training = trainer.model.training
@@ -286,7 +285,7 @@ class CotCallback(Callback):
 
         return {
             name: lm_metrics(trainer.model, batches, trainer.byte_lengths, trainer.device,
-                             trainer._autocast)["loss"]
+                             trainer.autocast)["loss"]
             for name, batches in self.eval_sets.items()
         }
 
@@ -369,9 +368,16 @@ def per_layer_module(per_param: dict[str, float]) -> dict[str, dict[str, float]]
     return {k: {mod: sum(vs) / len(vs) for mod, vs in out[k].items()} for k in order}
 
 
-def callbacks(trainer) -> list[Callback]:
-    """Build the recipe's callback and place it after the plasticity engine (module docs)."""
-    opts = build_dataclass(CotOptions, dict(trainer.cfg.options), "options").validate()
-    cb = CotCallback(trainer, opts)
-    trainer.callbacks.append(cb)
-    return []
+class CotRecipe(Recipe):
+    """``recipe_module: cot``: the gradient trainer on chain-of-thought batches, plus a
+    :class:`CotCallback` (an observer: it runs after the plasticity engine)."""
+
+    def callbacks(self, trainer) -> list[Callback]:
+        opts = build_dataclass(CotOptions, dict(trainer.cfg.options), "options").validate()
+        cb = CotCallback(trainer, opts)
+        # the chain-of-thought batches; validation: the held-out examples of every task
+        trainer.use_data(cb.batches, {"val": [b for v in cb.eval_sets.values() for b in v]})
+        return [cb]
+
+
+RECIPE = CotRecipe()

@@ -158,7 +158,8 @@ def train_cot(
 ) -> dict[str, Any]:
     """Train one ``neuroplastic-cot`` run; export the adapter (or model) and (``plots``)
     the run's plots. ``fresh``: remove what an earlier run left in the run directory."""
-    from neuroplastic.training.trainer import Trainer, clear_run_dir
+    from neuroplastic.training.run import clear_run_dir
+    from neuroplastic.training.trainer import Trainer
 
     if fresh:
         clear_run_dir(Path(cfg.train.out_dir.format(name=cfg.name)))

@@ -1,7 +1,8 @@
 """Recall training: teach a byte-level model to find a needle (``recipe_module: recall``).
 
-``neuroplastic train needle-recall`` runs this loop instead of the language-model
-trainer, because recall needs two things that trainer does not do:
+``neuroplastic train needle-recall`` trains with :class:`RecallStep`, a step strategy
+inside the run shell (``training/run.py``) instead of the language-model trainer's
+gradient step, because recall needs two things that step does not do:
 
 * **fresh documents every step** (:func:`~neuroplastic.data.recall_tasks.
   multi_needle_document`): each key is seen once, so nothing can be memorised and every
@@ -23,7 +24,7 @@ length, ``options.eval_examples`` fixed needle examples (5 depths) are scored by
 forcing: ``exact`` = all four digits right (what greedy decoding needs), ``digits`` =
 per-digit accuracy (chance 0.1). The full grid with a heatmap is ``neuroplastic evaluate
 RUN --task needle``. Checkpoints (``train.ckpt_interval`` and at the end) have the
-trainer's format, so ``evaluate``/``generate`` read them, and ``--resume`` continues a run
+shell's format, so ``evaluate``/``generate`` read them, and ``--resume`` continues a run
 exactly (model, optimizer, step and the document generator's state). It uses
 ``train.max_steps``, ``batch_size`` (rows of ``short_block`` bytes; the long phase keeps the
 bytes per step), ``lr``/``min_lr``/``warmup_steps``, the AdamW settings, ``grad_clip``,
@@ -35,8 +36,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from neuroplastic.config import RunConfig, build_dataclass, dump_config
+from neuroplastic.config import RunConfig, build_dataclass
 from neuroplastic.data import recall_tasks
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
+from neuroplastic.recipes import Recipe
 
-__all__ = ["RecallOptions", "callbacks", "quick_recall_eval", "recall_batch", "train_recall"]
+__all__ = [
+    "RECIPE", "RecallBatches", "RecallOptions", "RecallStep", "quick_recall_eval", "recall_batch",
+    "train_recall", "weighted_loss",
+]
 
 
 @dataclass
@@ -157,251 +161,239 @@ def quick_recall_eval(model: torch.nn.Module, examples: dict[int, list[tuple[str
     return out
 
 
-# --------------------------------------------------------------------------- loop
+# --------------------------------------------------------------------------- step
 
 
-def _rng_to_json(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
+class RecallBatches:
+    """The batch source: fresh needle documents every step, short ones for the first
+    ``options.short_fraction`` of the steps, then long ones (the same bytes per step)."""
+
+    def __init__(self, cfg: RunConfig, opts: RecallOptions, eos_id: int):
+        self.opts, self.eos_id = opts, eos_id
+        self.rows = cfg.train.batch_size
+        self.short_steps = round(opts.short_fraction * cfg.train.max_steps)
+        self.rng = random.Random(f"neuroplastic-recall-train:{cfg.train.seed}")
+
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(x, y, w, block)`` for optimizer step ``step``."""
+        o = self.opts
+        if step < self.short_steps:
+            block, (lo, hi), rows = o.short_block, o.short_bytes, self.rows
+        else:
+            block, (lo, hi) = o.long_block, o.long_bytes
+            rows = max(1, self.rows * o.short_block // block)
+        x, y, w = recall_batch(self.rng, rows, block, lo, hi, o.max_needles, o.answer_weight,
+                               self.eos_id)
+        return x, y, w, block
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
 
 
-def _rng_from_json(state: list) -> tuple:
-    return (state[0], tuple(state[1]), state[2])
+def weighted_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with target ``i`` counted ``w[i]`` times (a weighted mean)."""
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                          reduction="none")
+    return (nll * w.reshape(-1)).sum() / w.sum()
+
+
+class RecallStep:
+    """The recall recipe's step strategy inside the run shell (:class:`~neuroplastic.
+    training.run.Run`): a :class:`RecallBatches` batch, :func:`weighted_loss`, one AdamW
+    step; the quick recall check every ``train.eval_interval`` steps."""
+
+    def __init__(self, cfg: RunConfig, *, echo=None, progress: bool | None = None):
+        from neuroplastic.training.run import Run
+
+        self.opts = build_dataclass(RecallOptions, dict(cfg.options), "options").validate(cfg)
+        if cfg.data.tokenizer != "byte":
+            raise UserError(
+                f"The recall recipe trains on bytes (the answer weights are byte offsets); set "
+                f"data.tokenizer=byte instead of {cfg.data.tokenizer!r}."
+            )
+        if cfg.model.arch == "hf":
+            raise UserError("The recall recipe trains models from scratch; model.arch=hf is not supported.")
+        self.cfg = cfg
+        self.echo = echo or (lambda s: None)
+        self.progress = progress
+        self.run = Run(cfg, self.echo)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_eval: dict[str, float] = {}
+        self.resumed_from: Path | None = None
+        self._setup_done = False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+    @property
+    def progress_desc(self) -> str:
+        return f"recall {self.cfg.name}"
+
+    def close(self) -> None:
+        self.run.close()
+
+    def setup(self) -> RecallStep:
+        if not self._setup_done:
+            self.run.setup(self._setup)
+            self._setup_done = True
+        return self
+
+    def _setup(self) -> None:
+        from neuroplastic.data.tokenizers import build_tokenizer
+        from neuroplastic.models import build_model
+        from neuroplastic.runtime import resolve_device, set_rng_state
+        from neuroplastic.training.optim import build_optimizer
+
+        cfg, tc = self.cfg, self.cfg.train
+        resume_path, loaded = self.run.resume()
+        self.device = resolve_device(tc.device, option="train.device")
+        self.tokenizer = build_tokenizer("byte", lambda: iter(()), 0)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        torch.manual_seed(tc.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.batches = RecallBatches(cfg, self.opts, self.tokenizer.eos_id)
+        if loaded is not None:
+            checkpoint_io.load_model_weights(self.model, loaded["path"] / "model.safetensors")
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            state = loaded["state"]
+            self.step = int(state["step"])
+            if "torch_rng" in state:  # written by the recall loop before the run shell
+                self.batches.load_state_dict({"rng": state["rng"]})
+                torch.set_rng_state(state["torch_rng"])
+            else:
+                self.batches.load_state_dict(state["data"])
+                set_rng_state(state["rng"])
+            self.history = list(state.get("history", []))
+            self.run.check_resumed(self, resume_path)
+        self.resumed_from = resume_path
+        self.examples = _eval_examples(list(self.opts.eval_lengths), self.opts.eval_examples)
+        self.logger = self.run.open_logger(self.step if loaded is not None else None)
+
+    # the run shell's hooks
+
+    def state(self) -> dict[str, Any]:
+        from neuroplastic.runtime import rng_state
+
+        return {"step": self.step, "data": self.batches.state_dict(), "rng": rng_state(),
+                "history": self.history}
+
+    def state_finite(self) -> bool:
+        from neuroplastic.training import checkpoint as ckpt
+
+        return ckpt.state_is_finite(self.model, self.optimizer)
+
+    def checkpoint_payload(self):
+        return self.model, self.optimizer.state_dict()
+
+    def train_step(self) -> dict[str, Any]:
+        from neuroplastic.training.optim import lr_at
+
+        tc = self.cfg.train
+        x, y, w, block = self.batches.next_batch(self.step)
+        x, y, w = x.to(self.device), y.to(self.device), w.to(self.device)
+        lr = lr_at(self.step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        logits, _ = self.model(x)
+        loss = weighted_loss(logits, y, w)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            self.run.save(self)  # the state before this step (refused if not finite)
+            raise UserError(
+                f"The recall loss was not finite at step {self.step + 1}; lower train.lr "
+                f"(now {tc.lr}). The last good state (step {self.step}) is saved in "
+                f"{str(self.run.ckpt_dir)!r}; resume from it with --resume."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        # a finite loss does not mean finite weights: one fused check every
+        # train.log_interval steps (as the trainer) and before every save
+        if (self.step + 1) % tc.log_interval == 0:
+            self.run.guard_finite(self.step + 1, loss_value, self.state_finite())
+        self.step += 1
+        return {"loss": loss_value, "lr": lr, "block": block, "tokens": x.numel()}
+
+    def log_extras(self, tokens_per_s: float) -> dict[str, Any]:
+        return {}
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        exact = {k: v for k, v in self.last_eval.items() if k.endswith("exact")}
+        return {"loss": f"{record['loss']:.3f}", **exact}
+
+    def after_step(self) -> None:
+        tc = self.cfg.train
+        every = tc.eval_interval > 0 and self.step % tc.eval_interval == 0
+        if every or self.step == tc.max_steps:
+            res = quick_recall_eval(self.model, self.examples, self.device)
+            self.last_eval = {k: round(v, 4) for k, v in res.items()}
+            self.history.append({"step": self.step, **self.last_eval})
+            self.logger.log("eval", self.step, **self.last_eval)
+            if tc.eval_interval > 0:
+                self.echo(f"step {self.step} | "
+                          + " ".join(f"{k} {v:.2f}" for k, v in self.last_eval.items()))
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return (f"model: {self.cfg.model.n_layer} layers x {self.cfg.model.n_embd} dim, "
+                f"{n / 1e6:.2f}M params | data: fresh needle documents (byte tokenizer) | "
+                f"device: {self.device}")
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``train.max_steps``; a summary with the run dir, the last checkpoint,
+        the last quick evaluation and the eval history."""
+
+        self.setup()
+        with self.run.session():
+            self.model.train()
+            summary = self.run.loop(self, self.cfg.train.max_steps, progress=self.progress)
+            self.logger.close()
+        return {"run_dir": str(self.run_dir), "step": self.step,
+                "checkpoint": str(checkpoint_io.latest_checkpoint(self.run.ckpt_dir)),
+                "last_eval": dict(self.last_eval), "history": self.history, **summary}
 
 
 def train_recall(cfg: RunConfig, echo=print, progress: bool | None = None) -> dict[str, Any]:
-    """Run the recall recipe (module docstring); returns a summary with the run dir, the
-    last quick evaluation and the eval history.
+    """Run the recall recipe (module docstring) in the run shell; returns
+    :meth:`RecallStep.train`'s summary (``already_complete`` when resumed at the end)."""
+    step = RecallStep(cfg, echo=echo, progress=progress).setup()
+    if step.resumed_from is not None:
+        echo(f"resuming from {step.resumed_from} (step {step.step})")
+        if step.step >= cfg.train.max_steps:
+            step.logger.close()
+            step.close()
+            echo(f"Nothing to train: {step.resumed_from} is already at train.max_steps="
+                 f"{step.step}; raise train.max_steps to train further.")
+            return {"run_dir": str(step.run_dir), "checkpoint": str(step.resumed_from),
+                    "step": step.step, "last_eval": dict(step.history[-1]) if step.history else {},
+                    "history": step.history, "interrupted": False, "exit_code": 0,
+                    "already_complete": True}
+    return step.train()
 
-    Like the trainer's: one writer per run directory (a lock), SIGTERM / Ctrl-C finish the
-    step, save and return with ``interrupted`` and the ``exit_code`` (143 / 130) the command
-    line exits with, and parameters or optimizer state that are not finite are never saved.
-    """
-    from neuroplastic.training import checkpoint as ckpt
-    from neuroplastic.training.trainer import check_writable
 
-    opts = build_dataclass(RecallOptions, dict(cfg.options), "options").validate(cfg)
-    if cfg.data.tokenizer != "byte":
+class RecallRecipe(Recipe):
+    """``recipe_module: recall``: the :class:`RecallStep` strategy instead of the trainer."""
+
+    def strategy(self, cfg: RunConfig, echo=None) -> RecallStep:
+        return RecallStep(cfg, echo=echo)
+
+    def callbacks(self, trainer) -> list:
         raise UserError(
-            f"The recall recipe trains on bytes (the answer weights are byte offsets); set "
-            f"data.tokenizer=byte instead of {cfg.data.tokenizer!r}."
+            "The recall recipe (recipe_module: recall) has its own training loop step "
+            "(RecallStep); start it with `neuroplastic train RECIPE`, not through the "
+            "language-model trainer."
         )
-    if cfg.model.arch == "hf":
-        raise UserError("The recall recipe trains models from scratch; model.arch=hf is not supported.")
-    tc = cfg.train
-    run_dir = Path(tc.out_dir.format(name=cfg.name))
-    ckpt_dir = run_dir / "checkpoints"
-    check_writable(run_dir)
-    lock = ckpt.RunLock(run_dir).acquire()  # one writer per run directory
-    try:
-        check_writable(ckpt_dir)
-        for line in ckpt.clean_stale(ckpt_dir):
-            echo(f"checkpoints: {line}")
-        return _recall_loop(cfg, opts, run_dir, ckpt_dir, echo, progress)
-    finally:
-        lock.release()
 
 
-def _last_good(ckpt_dir: Path) -> str:
-    from neuroplastic.models import checkpoint_io
-
-    latest = checkpoint_io.latest_checkpoint(ckpt_dir)
-    if latest is None:
-        return "No checkpoint had been written yet, so there is none to resume from."
-    return (f"The last good checkpoint is untouched: {latest} (step {int(latest.name[5:])}); "
-            "resume from it with --resume.")
-
-
-def _recall_loop(cfg: RunConfig, opts: RecallOptions, run_dir: Path, ckpt_dir: Path, echo,
-                 progress: bool | None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from neuroplastic.data.tokenizers import build_tokenizer
-    from neuroplastic.models import build_model, checkpoint_io
-    from neuroplastic.runtime import resolve_device
-    from neuroplastic.training import checkpoint as ckpt
-    from neuroplastic.training.metrics import MetricsLogger
-    from neuroplastic.training.trainer import StopRequest, build_optimizer, lr_at
-
-    tc = cfg.train
-    resume_from = None
-    if tc.resume in ("", "none"):
-        if checkpoint_io.list_checkpoints(ckpt_dir):
-            raise UserError(
-                f"Run directory {str(run_dir)!r} already holds checkpoints; continue it with "
-                "train.resume=auto (or --resume), or pick another train.out_dir."
-            )
-    elif tc.resume == "auto":
-        resume_from = checkpoint_io.latest_checkpoint(ckpt_dir)
-    else:
-        resume_from = Path(tc.resume)
-        if not resume_from.exists():
-            raise UserError(f"Checkpoint {tc.resume!r} given in train.resume does not exist.")
-
-    device = resolve_device(tc.device, option="train.device")
-    tok = build_tokenizer("byte", lambda: iter(()), 0)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(model, tc, device)
-    rng = random.Random(f"neuroplastic-recall-train:{tc.seed}")
-    step = 0
-    history: list[dict[str, Any]] = []
-    if resume_from is not None:
-        loaded = checkpoint_io.load_checkpoint(resume_from)
-        checkpoint_io.load_model_weights(model, loaded["path"] / "model.safetensors")
-        optimizer.load_state_dict(loaded["optimizer"])
-        state = loaded["state"]
-        step = int(state["step"])
-        rng.setstate(_rng_from_json(state["rng"]))
-        torch.set_rng_state(state["torch_rng"])
-        history = list(state.get("history", []))
-        if not ckpt.state_is_finite(model, optimizer):
-            raise UserError(
-                f"Checkpoint {str(resume_from)!r} holds non-finite parameters or optimizer "
-                "state; resume from an earlier checkpoint with train.resume=PATH."
-            )
-        if step > tc.max_steps:
-            raise UserError(
-                f"Checkpoint {str(resume_from)!r} is at step {step}, past train.max_steps="
-                f"{tc.max_steps}; raise train.max_steps above {step} to train further (or "
-                "evaluate the checkpoint as it is)."
-            )
-        echo(f"resuming from {loaded['path']} (step {step})")
-        if step == tc.max_steps:
-            echo(f"Nothing to train: {loaded['path']} is already at train.max_steps={step}; "
-                 "raise train.max_steps to train further.")
-            return {"run_dir": str(run_dir), "checkpoint": str(loaded["path"]), "step": step,
-                    "last_eval": dict(history[-1]) if history else {}, "history": history,
-                    "interrupted": False, "exit_code": 0, "already_complete": True}
-    logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard,
-                           resume_step=step if resume_from is not None else None)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    examples = _eval_examples(list(opts.eval_lengths), opts.eval_examples)
-    short_steps = round(opts.short_fraction * tc.max_steps)
-    tokens_per_step = tc.batch_size * opts.short_block
-
-    def save() -> Path:
-        path = ckpt_dir / ckpt.checkpoint_name(step)
-        if path.exists():
-            return path
-        if not ckpt.state_is_finite(model, optimizer):
-            raise UserError(
-                f"Not writing checkpoint {path.name}: the parameters or optimizer state are not "
-                f"finite. {_last_good(ckpt_dir)}"
-            )
-        try:
-            ckpt.save_checkpoint(
-                path, model=model,
-                state={"step": step, "rng": _rng_to_json(rng.getstate()),
-                       "torch_rng": torch.get_rng_state(), "history": history},
-                optimizer_state=optimizer.state_dict(), config_text=dump_config(cfg),
-                tokenizer=tok,
-            )
-        except OSError as exc:
-            latest = checkpoint_io.latest_checkpoint(ckpt_dir)
-            kept = (f"the previous checkpoint {latest} survives intact" if latest is not None
-                    else "no earlier checkpoint exists")
-            raise UserError(
-                f"Could not write checkpoint {path} ({exc.strerror or exc}); {kept}. Free disk "
-                "space or fix the directory's permissions, then resume with --resume."
-            ) from exc
-        ckpt.prune_checkpoints(ckpt_dir, tc.keep_last)
-        return path
-
-    def evaluate() -> dict[str, float]:
-        res = {k: round(v, 4) for k, v in quick_recall_eval(model, examples, device).items()}
-        history.append({"step": step, **res})
-        logger.log("eval", step, **res)
-        return res
-
-    model.train()
-    show = tc.progress if progress is None else progress
-    # shown on a terminal and in a log file alike (redrawn rarely there), as the trainer's
-    bar = tqdm(total=tc.max_steps, initial=step, desc=f"recall {cfg.name}", unit="step",
-               disable=not show, file=sys.stderr, dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 15.0)
-    last: dict[str, float] = {}
-    interrupted = False
-    signum = None
-    try:
-        with StopRequest() as stop:
-            while step < tc.max_steps:
-                if step < short_steps:
-                    block, (lo, hi), rows = opts.short_block, opts.short_bytes, tc.batch_size
-                else:
-                    block, (lo, hi) = opts.long_block, opts.long_bytes
-                    rows = max(1, tokens_per_step // block)
-                x, y, w = recall_batch(rng, rows, block, lo, hi, opts.max_needles,
-                                       opts.answer_weight, tok.eos_id)
-                t0 = time.perf_counter()
-                x, y, w = x.to(device), y.to(device), w.to(device)
-                lr = lr_at(step, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                logits, _ = model(x)
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                      reduction="none")
-                loss = (nll * w.reshape(-1)).sum() / w.sum()
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    save()  # the state before this step (save() refuses it if not finite)
-                    raise UserError(
-                        f"The recall loss was not finite at step {step + 1}; lower train.lr "
-                        f"(now {tc.lr}). The last good state (step {step}) is saved in "
-                        f"{str(ckpt_dir)!r}; resume from it with --resume."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                # a finite loss does not mean finite weights: one fused check every
-                # train.log_interval steps (as the trainer) and before every save
-                if (step + 1) % max(1, tc.log_interval) == 0 and not ckpt.state_is_finite(model, optimizer):
-                    logger.log("nonfinite_state", step + 1, loss=loss_value)
-                    raise UserError(
-                        f"The parameters or optimizer state are non-finite after step {step + 1} "
-                        f"although the loss was finite ({loss_value:.4g}); nothing non-finite was "
-                        f"saved. {_last_good(ckpt_dir)} Lower train.lr or set train.grad_clip > 0."
-                    )
-                step += 1
-                if step % max(1, tc.log_interval) == 0:
-                    logger.log("train", step, loss=loss_value, lr=lr, block=block,
-                               tokens_per_s=round(x.numel() / max(1e-9, time.perf_counter() - t0), 1))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}",
-                                **{k: v for k, v in last.items() if k.endswith("exact")})
-                if tc.eval_interval > 0 and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                    last = evaluate()
-                    echo(f"step {step} | " + " ".join(f"{k} {v:.2f}" for k, v in last.items()))
-                if tc.ckpt_interval > 0 and step % tc.ckpt_interval == 0:
-                    save()
-                if stop.requested:
-                    interrupted, signum = True, stop.signum
-                    break
-    finally:
-        bar.close()
-    if interrupted:
-        path = save()
-        logger.close()
-        echo(f"Stopped at step {step}; checkpoint saved. Resume with --resume.")
-        return {"run_dir": str(run_dir), "checkpoint": str(path), "step": step, "last_eval": last,
-                "history": history, "interrupted": True,
-                "exit_code": StopRequest.exit_code(signum)}
-    if not last and tc.max_steps > 0:
-        last = evaluate()
-    path = save()
-    logger.close()
-    return {"run_dir": str(run_dir), "checkpoint": str(path), "step": step, "last_eval": last,
-            "history": history, "interrupted": False, "exit_code": 0}
-
-
-
-def callbacks(trainer) -> list:
-    """The language-model trainer cannot run this recipe: it has its own loop."""
-    raise UserError(
-        "The recall recipe (recipe_module: recall) runs its own training loop; start it with "
-        "`neuroplastic train RECIPE`, not through the language-model trainer."
-    )
+RECIPE = RecallRecipe()

@@ -48,7 +48,8 @@ from neuroplastic.evaluation.ablation import (
 )
 from neuroplastic.models import checkpoint_io
 from neuroplastic.plasticity.registry import rule_class
-from neuroplastic.training.trainer import Callback, Trainer
+from neuroplastic.training.callbacks import Callback
+from neuroplastic.training.trainer import Trainer
 
 ARM_FILE = "ablation_arm.json"
 

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from neuroplastic.errors import UserError
+from neuroplastic.models import checkpoint_io
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -191,7 +192,6 @@ class Distributed:
         return model, optimizer.state_dict()
 
     def load_model(self, model: nn.Module, path: Path) -> None:
-        from neuroplastic.models import checkpoint_io
 
         if self.fsdp and self.enabled:
             load_full_model_state(model, path)
@@ -482,7 +482,6 @@ def load_full_model_state(model: nn.Module, path: Path) -> None:
     """Load a full ``model.safetensors`` into a sharded model (every rank reads the file)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from neuroplastic.models import checkpoint_io
 
     tensors = checkpoint_io.load_safetensors(path)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

@@ -6,7 +6,7 @@ from typing import Any
 
 from neuroplastic.data.batching import sequential_blocks
 from neuroplastic.plasticity.engine import PlasticityEngine
-from neuroplastic.training.trainer import Callback
+from neuroplastic.training.callbacks import PLASTICITY, Callback
 
 
 class EngineCallback(Callback):
@@ -22,6 +22,8 @@ class EngineCallback(Callback):
     """
 
     name = "plasticity"
+
+    phase = PLASTICITY
 
     def __init__(self, engine: PlasticityEngine, consolidate_batches: int = 8):
         self.engine = engine

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from neuroplastic.config import RewardConfig
-from neuroplastic.training.trainer import Callback
+from neuroplastic.training.callbacks import Callback
 
 
 def pairs_for(trainer, stage: str | None) -> list[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""The one trainer.
+"""The gradient step: the step strategy that trains a language model inside the run
+shell (:class:`~neuroplastic.training.run.Run`).
 
 Recipes configure it; plasticity rules plug in as callbacks with the hook points of
 the design map (``penalty`` -> ``after_backward`` -> optimizer step -> ``after_step``).
@@ -11,22 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-import signal
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neuroplastic.config import RunConfig, config_from_dict, dump_config
-from neuroplastic.data.batching import PackedBlocks, sequential_blocks
+from neuroplastic.config import RunConfig
 from neuroplastic.errors import UserError
 from neuroplastic.evaluation.lm import lm_metrics
-from neuroplastic.models import checkpoint_io
 from neuroplastic.runtime import (
     amp_dtype,
     resolve_device,
@@ -35,143 +29,17 @@ from neuroplastic.runtime import (
     set_rng_state,
 )
 from neuroplastic.training import checkpoint as ckpt
+from neuroplastic.training.callbacks import Callback, callback_states, load_callback_states
 from neuroplastic.training.distributed import (
     Distributed,
-    NullLogger,
     rank_device,
     set_grad_sync,
     setup_distributed,
 )
-from neuroplastic.training.metrics import MetricsLogger, plot_loss_curve
-
-
-class Callback:
-    """Hook points a plasticity engine (or anything else) can implement.
-
-    ``name`` keys the callback's state inside checkpoints.
-    """
-
-    name = "callback"
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-
-    def penalty(self, trainer: Trainer) -> torch.Tensor | None:
-        return None
-
-    def after_backward(self, trainer: Trainer) -> None: ...
-
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
-
-    def on_stage_change(self, trainer: Trainer, old: int, new: int) -> None:
-        """The curriculum moved from stage ``old`` to ``new`` (indices)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-# ------------------------------------------------------------------------ helpers
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps``."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = True
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-def check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(
-            f"Cannot write to output directory {str(directory)!r} ({exc.strerror or exc}); "
-            "choose another with train.out_dir=PATH."
-        ) from exc
-
-
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _first_difference(va, vb, f"{prefix}{k}.")
-            if d:
-                return d
-        elif va != vb:
-            return f"{prefix}{k} ({va!r} in the checkpoint, {vb!r} now)"
-    return None
-
-
-class StopRequest:
-    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, stop.
-
-    A second Ctrl-C interrupts immediately. ``signum`` is the first signal received;
-    :meth:`exit_code` is what the command line exits with after saving (128 + signal:
-    130 for Ctrl-C, 143 for SIGTERM), so that ``train && evaluate`` and schedulers see
-    the interruption.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.signum is None:
-            self.signum = signum
-
-    @staticmethod
-    def exit_code(signum: int | None) -> int:
-        """128 + the signal (SIGTERM when a peer process asked to stop)."""
-        return 128 + int(signum if signum is not None else signal.SIGTERM)
-
-    def __enter__(self):
-        if threading_is_main():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-# ------------------------------------------------------------------------ trainer
+from neuroplastic.training.inputs import prepare_inputs, stage_means
+from neuroplastic.training.metrics import plot_loss_curve
+from neuroplastic.training.optim import build_optimizer, lr_at
+from neuroplastic.training.run import Run
 
 
 class Trainer:
@@ -197,68 +65,30 @@ class Trainer:
         self.best_step = -1
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []  # per-step train records (kept in memory)
-        self.dist = Distributed()  # data-parallel group (torchrun); one process by default
-        self._stop = None
-        self._stop_agreed = False
-        self._last_saved_step = -1
+        self.run = Run(cfg, self.echo)  # run dir, resume, checkpoints, logger, stop signal
         self._peak = None
         self._setup_done = False
-        self._lock: ckpt.RunLock | None = None
-        self._finite_step = 0  # the last step after which the state was checked finite
 
     # ------------------------------------------------------------------ setup
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.cfg.train.out_dir.format(name=self.cfg.name))
+        return self.run.run_dir
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run.ckpt_dir
 
-    def _resume_path(self) -> Path | None:
-        spec = self.cfg.train.resume
-        if spec in ("", "none"):
-            existing = checkpoint_io.list_checkpoints(self.ckpt_dir)
-            if existing:
-                raise UserError(
-                    f"Run directory {str(self.run_dir)!r} already holds checkpoints; continue it "
-                    "with train.resume=auto (or --resume), or pick another train.out_dir."
-                )
-            return None
-        if spec == "auto":
-            return checkpoint_io.latest_checkpoint(self.ckpt_dir)
-        path = Path(spec)
-        if not path.exists():
-            raise UserError(f"Checkpoint {spec!r} given in train.resume does not exist.")
-        return path
-
-    def _acquire_lock(self) -> None:
-        """One writer per run directory (rank 0 writes; the other ranks of a group do not lock)."""
-        from neuroplastic.training.distributed import env_rank
-
-        if env_rank() != 0:
-            return
-        if self._lock is None:
-            self._lock = ckpt.RunLock(self.run_dir)
-        self._lock.acquire()
+    @property
+    def dist(self) -> Distributed:
+        """The data-parallel group (torchrun); one process by default."""
+        return self.run.dist
 
     def close(self) -> None:
         """Release the run directory's lock (``train`` does this when it returns)."""
-        if self._lock is not None:
-            self._lock.release()
+        self.run.close()
 
-    def _last_good(self) -> str:
-        """A sentence naming the last checkpoint on disk (every one we write is finite)."""
-        latest = checkpoint_io.latest_checkpoint(self.ckpt_dir)
-        if latest is None:
-            return "No checkpoint had been written yet, so there is none to resume from."
-        return (
-            f"The last good checkpoint is untouched: {latest} (step {int(latest.name[5:])}); "
-            "resume from it with train.resume=auto."
-        )
-
-    def _state_finite(self) -> bool:
+    def state_finite(self) -> bool:
         """Parameters and optimizer state all finite (on every rank: FSDP shards differ)."""
         ok = ckpt.state_is_finite(self.model, self.optimizer)
         if self.dist.enabled and self.dist.fsdp:
@@ -266,115 +96,29 @@ class Trainer:
         return ok
 
     def setup(self) -> Trainer:
-        if self._setup_done:
-            return self
-        check_writable(self.run_dir)
-        self._acquire_lock()
-        try:
-            from neuroplastic.training.distributed import env_rank
-
-            check_writable(self.ckpt_dir)
-            if env_rank() == 0:
-                for line in ckpt.clean_stale(self.ckpt_dir):
-                    self.echo(f"checkpoints: {line}")
-            return self._setup()
-        except BaseException:
-            self.close()
-            raise
+        if not self._setup_done:
+            self.run.setup(self._setup)
+        return self
 
     def _setup(self) -> Trainer:
         cfg = self.cfg
-        resume_path = self._resume_path()
-        loaded = checkpoint_io.load_checkpoint(resume_path) if resume_path is not None else None
-        if loaded is not None:
-            import yaml
-
-            saved_cfg = config_from_dict(yaml.safe_load(loaded["config_text"]))
-            now_model = cfg.to_dict()["model"]
-            if now_model["vocab_size"] == 0:  # 0 = "from the tokenizer", which the checkpoint fixed
-                now_model["vocab_size"] = saved_cfg.model.vocab_size
-            diff = _first_difference({"model": saved_cfg.to_dict()["model"]}, {"model": now_model})
-            if diff is None:
-                saved_data = saved_cfg.to_dict()["data"]
-                now_data = cfg.to_dict()["data"]
-                saved_data.pop("data_dir", None)
-                now_data.pop("data_dir", None)
-                diff = _first_difference({"data": saved_data}, {"data": now_data})
-            if diff is None:
-                diff = _first_difference(
-                    {"curriculum": saved_cfg.to_dict()["curriculum"]},
-                    {"curriculum": cfg.to_dict()["curriculum"]},
-                )
-            if diff is not None:
-                raise UserError(
-                    f"Cannot resume from {str(resume_path)!r}: config differs at {diff}; "
-                    "resume with the settings the checkpoint was trained with."
-                )
+        resume_path, loaded = self.run.resume()
 
         self.device = resolve_device(cfg.train.device, option="train.device")
-        self.dist = setup_distributed(cfg.train.parallel, self.device)
+        self.run.dist = setup_distributed(cfg.train.parallel, self.device)
         self.device = rank_device(self.device, self.dist)
         if not self.dist.is_main:
-            self.echo = lambda s: None
+            self.echo = self.run.echo = lambda s: None
         self.amp = amp_dtype(cfg.train.amp, self.device)
         seed_everything(cfg.train.seed)
 
-        from neuroplastic.data.pipeline import prepare_data, prepare_stages, token_byte_lengths
-
-        tok_dir = (resume_path / "tokenizer") if loaded is not None else None
-        if tok_dir is not None and not tok_dir.is_dir():
-            raise UserError(f"Checkpoint {str(resume_path)!r} has no tokenizer/; it is incomplete.")
-        if tok_dir is None and cfg.model.arch == "hf" and cfg.data.tokenizer == cfg.model.hf_path:
-            # model=NAME: the model's own tokenizer, from the directory NAME resolves to
-            from neuroplastic.models.hf import local_model_dir
-
-            tok_dir = local_model_dir(cfg.model.hf_path, cfg.model.allow_hub)
-        self.curriculum = None
-        if cfg.curriculum.stages:
-            staged = prepare_stages(cfg.data, cfg.curriculum.stages, tokenizer_dir=tok_dir)
-            self.tokenizer = staged.tokenizer
-            self.data = staged
-        else:
-            self.data = prepare_data(cfg.data, tokenizer_dir=tok_dir)
-            self.tokenizer = self.data.tokenizer
-        self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer))
-
-        if cfg.model.arch == "hf":
-            pass  # the pretrained model brings its own vocabulary
-        elif cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.tokenizer.vocab_size
-        elif cfg.model.vocab_size < self.tokenizer.vocab_size:
-            raise UserError(
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                f"vocabulary ({self.tokenizer.vocab_size}); set model.vocab_size=0 to match it."
-            )
+        inputs = prepare_inputs(cfg, resume_path, self.dist.world_size)
+        self.tokenizer, self.data, self.byte_lengths = inputs.tokenizer, inputs.data, inputs.byte_lengths
+        self.curriculum, self.train_data, self.val_sets = (
+            inputs.curriculum, inputs.train_data, inputs.val_sets
+        )
         self.block_size = cfg.block_size
         tc = cfg.train
-        if cfg.curriculum.stages:
-            from neuroplastic.curriculum import Curriculum, CurriculumStream
-
-            cc = cfg.curriculum
-            self.curriculum = Curriculum(
-                cc.stages, tc.max_steps, cc.advance, cc.boundaries, cc.patience, cc.min_delta
-            )
-            self.train_data = CurriculumStream(
-                self.data.train, self.curriculum, self.block_size,
-                tc.batch_size * self.dist.world_size, seed=tc.seed, cumulative=cc.cumulative,
-            )
-            self.val_sets = {
-                name: sequential_blocks(v, self.block_size, tc.batch_size, tc.eval_batches)
-                for name, v in self.data.val.items()
-            }
-        else:
-            self.train_data = PackedBlocks(
-                self.data.train_tokens, self.block_size, tc.batch_size * self.dist.world_size,
-                seed=tc.seed,
-            )
-            self.val_sets = {
-                "val": sequential_blocks(
-                    self.data.val_tokens, self.block_size, tc.batch_size, tc.eval_batches
-                )
-            }
         # every rank draws the same global batch and keeps its own rows
         self.train_data = self.dist.shard_batches(self.train_data)
 
@@ -397,6 +141,7 @@ class Trainer:
             torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         )
         self.engine = None
+        callbacks = list(self.callbacks)
         if cfg.plasticity.rules:
             from neuroplastic.plasticity import PlasticityEngine
             from neuroplastic.plasticity.registry import build_rule
@@ -409,50 +154,26 @@ class Trainer:
                 baseline_decay=cfg.plasticity.baseline_decay,
                 normalize_advantage=cfg.plasticity.normalize_advantage,
             )
-            self.callbacks.append(EngineCallback(self.engine))
+            callbacks.append(EngineCallback(self.engine))
         if cfg.recipe_module:
-            import importlib
+            from neuroplastic.recipes import get_recipe
 
-            try:
-                module = importlib.import_module(f"neuroplastic.recipes.{cfg.recipe_module}")
-            except ModuleNotFoundError as exc:
-                raise UserError(
-                    f"recipe_module {cfg.recipe_module!r} does not exist in neuroplastic.recipes."
-                ) from exc
-            # recipe callbacks run first: they may set trainer.reward for the engine
-            self.callbacks[:0] = list(module.callbacks(self))
+            callbacks[:0] = get_recipe(cfg.recipe_module).callbacks(self)
         elif cfg.options:
             raise UserError("options are given but no recipe_module uses them; drop them or set recipe_module.")
         if cfg.reward.interval > 0:
             from neuroplastic.training.reward import RewardCallback
 
-            # the reward must be computed before the engine applies it: run first
-            self.callbacks.insert(0, RewardCallback(cfg.reward))
+            callbacks.insert(0, RewardCallback(cfg.reward))
+        # reward producers -> plasticity engine -> observers (stable within a phase)
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.phase)
         self.reward: float | None = None  # set by a reward callback for the current step
 
         if loaded is not None:
             self._restore(loaded)
-            self._finite_step = self.step
-            if not self._state_finite():
-                raise UserError(
-                    f"Checkpoint {str(resume_path)!r} holds non-finite parameters or optimizer "
-                    "state; resume from an earlier checkpoint with train.resume=PATH."
-                )
-            if self.step > tc.max_steps:
-                raise UserError(
-                    f"Checkpoint {str(resume_path)!r} is at step {self.step}, past "
-                    f"train.max_steps={tc.max_steps}; raise train.max_steps above {self.step} "
-                    "to train further (or evaluate the checkpoint as it is)."
-                )
+            self.run.check_resumed(self, resume_path)
         self._apply_stage_alpha()
-        if self.dist.is_main:
-            self.logger = MetricsLogger(
-                self.run_dir, tensorboard=cfg.train.tensorboard,
-                resume_step=self.step if loaded is not None else None,
-            )
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        else:  # only rank 0 logs
-            self.logger = NullLogger(self.run_dir)
+        self.logger = self.run.open_logger(self.step if loaded is not None else None)
         if self.dist.enabled:
             self.echo(
                 f"data parallel: {self.dist.world_size} processes ({self.dist.strategy}, "
@@ -461,6 +182,38 @@ class Trainer:
         self.resumed_from = resume_path
         self._setup_done = True
         return self
+
+    def use_data(self, train_data: Any, val_sets: dict[str, list]) -> None:
+        """Train on ``train_data`` and validate on ``val_sets`` (a recipe's own data)."""
+        self.train_data, self.val_sets = train_data, val_sets
+
+    def describe(self) -> str:
+        """One paragraph: the model, the data, the device and the plasticity rules."""
+        m = self.model
+        n = sum(p.numel() for p in m.parameters())
+        d = self.data
+        if hasattr(d, "train_tokens"):
+            n_train, n_val = len(d.train_tokens), len(d.val_tokens)
+        else:  # curriculum: per-stage streams
+            n_train = sum(len(v) for v in d.train.values())
+            n_val = sum(len(v) for v in d.val.values())
+        # the model's own shape (a HF model's, not the recipe's unused model.n_layer / n_embd)
+        mc = getattr(m, "config", None)
+        n_layer = getattr(mc, "n_layer", self.cfg.model.n_layer)
+        n_embd = getattr(mc, "n_embd", self.cfg.model.n_embd)
+        text = (
+            f"model: {n_layer} layers x {n_embd} dim, "
+            f"{n / 1e6:.2f}M params | data: {d.description}, {n_train:,} train / "
+            f"{n_val:,} val tokens ({self.tokenizer.kind} tokenizer, vocab "
+            f"{self.tokenizer.vocab_size}) | device: {self.device}"
+        )
+        if self.engine is not None:
+            text += "\nplasticity: " + ", ".join(
+                f"{r.name} ({len(r.params)} tensors)" for r in self.engine.rules
+            )
+            if self.cfg.reward.interval:
+                text += f"; reward every {self.cfg.reward.interval} steps"
+        return text
 
     # ------------------------------------------------------------------ state
 
@@ -475,7 +228,7 @@ class Trainer:
             "data": self.train_data.state_dict(),
             "rng": rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "callbacks": callback_states(self.callbacks),
         }
 
     def _restore(self, loaded: dict[str, Any]) -> None:
@@ -497,73 +250,21 @@ class Trainer:
         self.train_data.load_state_dict(s["data"])
         if self.scaler is not None and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
-        saved_cbs = s.get("callbacks", {})
-        current = {cb.name for cb in self.callbacks}
-        for name, st in saved_cbs.items():
-            if st and name not in current:
-                raise UserError(
-                    f"The checkpoint {str(path)!r} holds {name!r} state (e.g. plasticity rules) that "
-                    "this run does not have; resume with the settings it was started with."
-                )
-        for cb in self.callbacks:
-            if cb.name in saved_cbs:
-                cb.load_state_dict(saved_cbs[cb.name])
-            elif cb.state_dict():
-                raise UserError(
-                    f"The checkpoint {str(path)!r} has no state for {cb.name!r}; it was trained "
-                    "without it, so resume with the settings it was started with."
-                )
+        load_callback_states(self.callbacks, s.get("callbacks", {}), path)
         set_rng_state(s["rng"])
 
-    def save(self, best: bool = False) -> Path:
-        """Write a full checkpoint for the current step (atomically); prune old ones.
+    def checkpoint_payload(self):
+        """``(model, optimizer_state)`` to write, or None on ranks that do not write."""
+        return self.dist.checkpoint_state(self.model, self.optimizer)
 
-        Refuses (UserError) to write non-finite parameters or optimizer state; a failed
-        write (full disk, read-only directory) leaves the previous checkpoints as they were
-        and is reported as one sentence that names the one that survives.
-        """
-        name = "best" if best else ckpt.checkpoint_name(self.step)
-        path = self.ckpt_dir / name
-        if not self._state_finite():
-            raise UserError(
-                f"Not writing checkpoint {name} at step {self.step}: the parameters or optimizer "
-                f"state are not finite. {self._last_good()}"
-            )
-        self._finite_step = self.step
-        # rank 0 writes; under FSDP every rank takes part in gathering the full state
-        to_save = self.dist.checkpoint_state(self.model, self.optimizer)
-        if to_save is not None:
-            model_src, optimizer_state = to_save
-            try:
-                ckpt.save_checkpoint(
-                    path,
-                    model=model_src,
-                    state=self.state(),
-                    optimizer_state=optimizer_state,
-                    config_text=dump_config(self.cfg),
-                    tokenizer=self.tokenizer,
-                )
-            except OSError as exc:
-                latest = checkpoint_io.latest_checkpoint(self.ckpt_dir)
-                kept = (
-                    f"the previous checkpoint {latest} survives intact"
-                    if latest is not None else "no earlier checkpoint exists"
-                )
-                if best and (path / checkpoint_io.STATE_FILE).is_file():
-                    kept += f", and so does the previous {path}"
-                raise UserError(
-                    f"Could not write checkpoint {path} ({exc.strerror or exc}); {kept}. Free "
-                    "disk space or fix the directory's permissions, then resume with train.resume=auto."
-                ) from exc
-            if not best:
-                ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
-        if not best:
-            self._last_saved_step = self.step
-        return path
+    def save(self, best: bool = False) -> Path:
+        """Write a full checkpoint for the current step (:meth:`Run.save`)."""
+        return self.run.save(self, best)
 
     # ------------------------------------------------------------------ eval
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of ``train.amp`` (a no-op in float32)."""
         if self.amp is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp)
@@ -582,21 +283,10 @@ class Trainer:
         means over stages, ``<stage>/loss`` each stage's, ``stage_loss`` the current one's.
         """
         results = {
-            name: lm_metrics(self.forward_model, batches, self.byte_lengths, self.device, self._autocast)
+            name: lm_metrics(self.forward_model, batches, self.byte_lengths, self.device, self.autocast)
             for name, batches in self.val_sets.items()
         }
-        if self.curriculum is None:
-            return results["val"]
-        out: dict[str, float] = {}
-        for key in ("loss", "bpb"):
-            out[key] = sum(r[key] for r in results.values()) / len(results)
-        out["ppl"] = math.exp(min(out["loss"], 50.0))
-        out["tokens"] = sum(r["tokens"] for r in results.values())
-        for name, r in results.items():
-            out[f"{name}/loss"] = r["loss"]
-        out["stage_loss"] = results[self.curriculum.stage]["loss"]
-        out["stage"] = self.curriculum.current
-        return out
+        return results["val"] if self.curriculum is None else stage_means(results, self.curriculum)
 
     @torch.no_grad()
     def sample(
@@ -635,107 +325,37 @@ class Trainer:
         checkpoint and return with ``summary["interrupted"] = True``.
         """
         self.setup()
-        self._acquire_lock()  # released when the previous train() returned
-        try:
+        with self.run.session():
             return self._train(stop_at)
-        finally:
-            self.close()
 
     def _train(self, stop_at: int | None) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-        model = self.model
-        model.train()
+        self.model.train()
         for cb in self.callbacks:
             cb.on_train_start(self)
-        interrupted = False
-        signum = None
-        window_tokens, window_start = 0, time.perf_counter()
-        start_step = self.step
-        start_tokens = self.tokens_seen
-        t_start = time.perf_counter()
-        bar = None
-        if tc.progress and self.dist.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=end, initial=self.step, desc=cfg.name, unit="step",
-                dynamic_ncols=True, file=sys.stderr, leave=True,
-                # redraw rarely when stderr is a log file rather than a terminal
-                mininterval=0.1 if sys.stderr.isatty() else 15.0,
-            )
-        try:
-            with StopRequest() as stop:
-                self._stop = stop
-                while self.step < end:
-                    record = self._train_step()
-                    window_tokens += record["tokens"]
-                    if bar is not None:
-                        bar.update(1)
-                    if self.step % tc.log_interval == 0 or self.step == end:
-                        now = time.perf_counter()
-                        tps = window_tokens / max(now - window_start, 1e-9)
-                        window_tokens, window_start = 0, now
-                        record["tokens_per_s"] = tps
-                        if self.dist.is_main:
-                            record["mfu"] = self._mfu(tps)
-                        if self.engine is not None:
-                            record.update(self.engine.stats())
-                        self.logger.log("train", self.step, **{
-                            k: v for k, v in record.items() if k != "tokens"
-                        })
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}",
-                                            mfu=f"{record['mfu']:.1%}")
-                    if tc.eval_interval and (self.step % tc.eval_interval == 0 or self.step == tc.max_steps):
-                        self._eval_and_log()
-                    if tc.sample_interval and self.step % tc.sample_interval == 0:
-                        self._sample_and_log()
-                    if (tc.ckpt_interval and self.step % tc.ckpt_interval == 0) or self.step == tc.max_steps:
-                        self.save()
-                    # several processes stop together, at the step all of them agreed on
-                    if self._stop_agreed if self.dist.enabled else stop.requested:
-                        interrupted = True
-                        signum = stop.signum
-                        if self.dist.enabled:
-                            if self._last_saved_step != self.step:
-                                self.save()
-                        elif not checkpoint_io.list_checkpoints(self.ckpt_dir) or checkpoint_io.latest_checkpoint(
-                            self.ckpt_dir
-                        ).name != ckpt.checkpoint_name(self.step):
-                            self.save()
-                        self.echo(f"Stopped at step {self.step}; checkpoint saved. Resume with train.resume=auto.")
-                        break
-        finally:
-            self._stop = None
-            if bar is not None:
-                bar.close()
-        elapsed = time.perf_counter() - t_start
-        run_tps = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)
+        start_step, start_tokens = self.step, self.tokens_seen
+        summary = self.run.loop(self, end)
+        run_tps = (self.tokens_seen - start_tokens) / max(summary["elapsed_s"], 1e-9)
         run_mfu = self._mfu(run_tps) if self.dist.is_main and self.step > start_step else None
         if run_mfu is not None:
             self.echo(
                 f"throughput: {run_tps:,.0f} tokens/s over {self.dist.world_size} process(es), "
                 f"MFU {run_mfu:.1%} (peak: {self._peak.source})"
             )
-        if self.step >= tc.max_steps and not interrupted:
+        png = None
+        if self.step >= tc.max_steps and not summary["interrupted"]:
             if not tc.sample_interval:
                 self._sample_and_log()
-            png = None
             if self.dist.is_main:
                 png = plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", cfg.name)
-        else:
-            png = None
         self.logger.close()
         return {
             "tokens_per_s": run_tps,
             "mfu": run_mfu,
             "step": self.step,
-            "steps_run": self.step - start_step,
-            "elapsed_s": elapsed,
+            **summary,
             "tokens_seen": self.tokens_seen,
-            "interrupted": interrupted,
-            "exit_code": StopRequest.exit_code(signum) if interrupted else 0,
             "nonfinite_steps": self.nonfinite_total,
             "last_eval": dict(self.last_eval),
             "best_val": self.best_val,
@@ -744,6 +364,35 @@ class Trainer:
             "loss_curve": str(png) if png else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
+
+    # the run shell's hooks (training/run.py)
+
+    @property
+    def progress_desc(self) -> str:
+        return self.cfg.name
+
+    def log_extras(self, tokens_per_s: float) -> dict[str, Any]:
+        extras: dict[str, Any] = {}
+        if self.dist.is_main:
+            extras["mfu"] = self._mfu(tokens_per_s)
+        if self.engine is not None:
+            extras.update(self.engine.stats())
+        return extras
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:,.0f}",
+                "mfu": f"{record['mfu']:.1%}"}
+
+    def train_step(self) -> dict[str, Any]:
+        """One gradient step (the shell's hook; :meth:`_train_step` does it)."""
+        return self._train_step()
+
+    def after_step(self) -> None:
+        tc = self.cfg.train
+        if tc.eval_interval and (self.step % tc.eval_interval == 0 or self.step == tc.max_steps):
+            self._eval_and_log()
+        if tc.sample_interval and self.step % tc.sample_interval == 0:
+            self._sample_and_log()
 
     def _train_step(self) -> dict[str, Any]:
         tc = self.cfg.train
@@ -764,7 +413,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # DDP all-reduces the gradients in the last micro-batch's backward only
             set_grad_sync(self.forward_model, micro == tc.grad_accum - 1)
-            with self._autocast():
+            with self.autocast():
                 _, loss = self.forward_model(x, y)
             total = loss / tc.grad_accum
             for cb in self.callbacks:
@@ -802,7 +451,7 @@ class Trainer:
                 raise UserError(
                     f"The loss was not finite for {self.nonfinite_streak} steps in a row "
                     f"(last at step {self.step}); lower train.lr, enable train.grad_clip, or "
-                    f"check the data. {self._last_good()}"
+                    f"check the data. {self.run.last_good()}"
                 )
             return record
         self.nonfinite_streak = 0
@@ -833,15 +482,7 @@ class Trainer:
         # saved, and the run stops at the last good checkpoint on disk.
         done = self.step + 1
         if done % tc.log_interval == 0 or done >= tc.max_steps:
-            if not self._state_finite():
-                self.logger.log("nonfinite_state", done, loss=loss_value)
-                raise UserError(
-                    f"The parameters or optimizer state are non-finite after step {done} although "
-                    f"the loss was finite ({loss_value:.4g}; last seen finite at step "
-                    f"{self._finite_step}); nothing non-finite was saved. {self._last_good()} "
-                    "Lower train.lr or set train.grad_clip > 0."
-                )
-            self._finite_step = done
+            self.run.guard_finite(done, loss_value, self.state_finite())
         self.step += 1
         self.history.append({"step": self.step, "loss": loss_value})
         if self.curriculum is not None and self.curriculum.advance == "steps":
@@ -856,10 +497,10 @@ class Trainer:
         """Means across ranks of the step's loss, penalty and replay loss, and whether any
         rank was asked to stop, in one all-reduce: every rank logs, checks finiteness,
         feeds AdaptiveLR and stops on the same values."""
-        stop = float(self._stop is not None and self._stop.requested)
+        stop = float(self.run.stop is not None and self.run.stop.requested)
         replay = 0.0 if replay_loss is None else replay_loss
         loss, penalty, replay, stop = self.dist.mean([loss, penalty, replay, stop], self.device)
-        self._stop_agreed = stop > 0
+        self.run.stop_agreed = stop > 0
         return loss, penalty, (None if replay_loss is None else replay)
 
     def _mfu(self, tokens_per_s: float) -> float:
@@ -886,7 +527,7 @@ class Trainer:
         rx, ry = self.dist.local_rows(rx), self.dist.local_rows(ry)  # this rank's rows
         rx, ry = rx.to(self.device), ry.to(self.device)
         set_grad_sync(self.forward_model, False)  # reduced with the last micro-batch
-        with self._autocast():
+        with self.autocast():
             _, rloss = self.forward_model(rx, ry)
         scaled = rloss * (pc.replay_weight / self.cfg.train.grad_accum)
         if self.scaler is not None:
@@ -936,10 +577,3 @@ class Trainer:
         text = self.sample()
         self.logger.log("sample", self.step, text=text)
         self.echo(f"[step {self.step}] sample: {text!r}")
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove a previous run's outputs (used by ``neuroplastic demo`` for its own dir)."""
-    run_dir = Path(run_dir)
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
