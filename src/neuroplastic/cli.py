@@ -122,9 +122,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from neuroplastic.evaluation.tasks import EvalOptions, evaluate
+    from neuroplastic.recipes import reward_for
 
     options = EvalOptions(**{f.name: getattr(args, f.name) for f in fields(EvalOptions)})
-    task, result = evaluate(args.task, args.checkpoint, options, device=args.device)
+    task, result = evaluate(args.task, args.checkpoint, options, device=args.device,
+                            reward_for=reward_for)
     for message in result.pop("warnings", []):
         print(f"neuroplastic: warning: {message}", file=sys.stderr)
     if args.json and task.to_json is not None:

@@ -12,11 +12,11 @@ split here) are k other items of the same file drawn with ``seed``, each
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from neuroplastic.data.sources import iter_jsonl
 from neuroplastic.errors import UserError
 from neuroplastic.evaluation.multiple_choice import MCInstance, shot_instances
 
@@ -51,52 +51,38 @@ def load_hellaswag(path: str | Path) -> list[dict]:
     ``ctx_b``, ``ind`` when the file has them) from a jsonl file (or its folder)."""
     path = _hellaswag_file(Path(path))
     items: list[dict] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise UserError(f"{path} line {n}: not valid JSON ({e}); fix that line.") from e
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path} line {n}: expected a JSON object; fix that line.")
-                for key in ("ctx", "endings", "label"):
-                    if key not in rec:
-                        raise UserError(f"{path} line {n}: missing key {key!r}; fix that line.")
-                endings = rec["endings"]
-                if (
-                    not isinstance(endings, list)
-                    or len(endings) < 2
-                    or not all(isinstance(e, str) for e in endings)
-                ):
-                    raise UserError(
-                        f"{path} line {n}: 'endings' must be a list of at least 2 strings; "
-                        "fix that line."
-                    )
-                if not isinstance(rec["ctx"], str):
-                    raise UserError(f"{path} line {n}: 'ctx' must be a string; fix that line.")
-                label = _label(rec["label"])
-                if label is None or not 0 <= label < len(endings):
-                    raise UserError(
-                        f"{path} line {n}: 'label' must be an integer from 0 to "
-                        f"{len(endings) - 1} but is {rec['label']!r}; fix that line."
-                    )
-                item = {
-                    "ctx": rec["ctx"],
-                    "endings": list(endings),
-                    "label": label,
-                    "activity_label": str(rec.get("activity_label") or ""),
-                }
-                for key in ("ctx_a", "ctx_b", "ind"):
-                    if key in rec:
-                        item[key] = rec[key]
-                items.append(item)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8.") from e
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e}).") from e
+    for n, rec in iter_jsonl(path, fix="fix that line."):
+        for key in ("ctx", "endings", "label"):
+            if key not in rec:
+                raise UserError(f"{path} line {n}: missing key {key!r}; fix that line.")
+        endings = rec["endings"]
+        if (
+            not isinstance(endings, list)
+            or len(endings) < 2
+            or not all(isinstance(e, str) for e in endings)
+        ):
+            raise UserError(
+                f"{path} line {n}: 'endings' must be a list of at least 2 strings; "
+                "fix that line."
+            )
+        if not isinstance(rec["ctx"], str):
+            raise UserError(f"{path} line {n}: 'ctx' must be a string; fix that line.")
+        label = _label(rec["label"])
+        if label is None or not 0 <= label < len(endings):
+            raise UserError(
+                f"{path} line {n}: 'label' must be an integer from 0 to "
+                f"{len(endings) - 1} but is {rec['label']!r}; fix that line."
+            )
+        item = {
+            "ctx": rec["ctx"],
+            "endings": list(endings),
+            "label": label,
+            "activity_label": str(rec.get("activity_label") or ""),
+        }
+        for key in ("ctx_a", "ctx_b", "ind"):
+            if key in rec:
+                item[key] = rec[key]
+        items.append(item)
     if not items:
         raise UserError(f"{path} holds no HellaSwag items.")
     return items

@@ -63,7 +63,8 @@ class EvalOptions:
 
 @dataclass
 class LoadedModel:
-    """A model to evaluate: ``config`` is its RunConfig for our checkpoints, else None."""
+    """A model to evaluate: ``config`` is its RunConfig for our checkpoints, else None;
+    ``reward_for(cfg, tokenizer)``: the reward such a run trained with (see :func:`evaluate`)."""
 
     model: Any
     tokenizer: Any
@@ -71,6 +72,7 @@ class LoadedModel:
     directory: Path
     info: dict = field(default_factory=dict)
     device: str = "cpu"
+    reward_for: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,15 +136,24 @@ def check_options(task: EvalTask, options: EvalOptions) -> None:
         task.check(options)
 
 
-def evaluate(name: str, checkpoint: str, options: EvalOptions, device: str = "auto") -> tuple[EvalTask, dict]:
+def evaluate(name: str, checkpoint: str, options: EvalOptions, device: str = "auto",
+             reward_for: Callable[[Any, Any], Any] | None = None) -> tuple[EvalTask, dict]:
     """Check the options, load the model at ``checkpoint`` and run task ``name`` on it:
-    ``(task, result)``."""
+    ``(task, result)``.
+
+    ``reward_for(cfg, tokenizer)`` is the reward a run of ours trained with (the ``rewards``
+    task scores with it); the layer that knows the recipes passes it (``neuroplastic
+    evaluate`` passes :func:`neuroplastic.recipes.reward_for`). Without it a run is scored
+    with its ``reward.weights``.
+    """
     from neuroplastic.runtime import resolve_device
 
     task = get_task(name)
     check_options(task, options)
     resolved = str(resolve_device(device))  # a device this machine lacks: one sentence
-    return task, task.run(load_model(checkpoint, resolved), options)
+    loaded = load_model(checkpoint, resolved)
+    loaded.reward_for = reward_for
+    return task, task.run(loaded, options)
 
 
 # =========================================================================== loading
@@ -454,10 +465,8 @@ def _run_rewards(loaded: LoadedModel, options: EvalOptions) -> dict:
     cfg, tok, directory, device = loaded.config, loaded.tokenizer, Path(loaded.directory), loaded.device
     if cfg is None:
         raise UserError("--task rewards needs one of our checkpoints or run directories.")
-    if cfg.recipe_module == "controlled_generation":  # the reward the run trained with
-        from neuroplastic.recipes.controlled_generation import reward_for
-
-        reward_fn = reward_for(cfg, tok)
+    if loaded.reward_for is not None:  # the reward the run trained with
+        reward_fn = loaded.reward_for(cfg, tok)
     else:
         reward_fn = MultiObjectiveReward(dict(cfg.reward.weights))
     pairs = reward_pairs(cfg, tok, directory, options.limit or 20, seed=0)

@@ -31,6 +31,13 @@ class Recipe:
         """Callbacks for the gradient trainer, built once its setup has the model and data."""
         return []
 
+    def reward(self, cfg: RunConfig, tokenizer: Any = None) -> Any:
+        """The reward a run of this recipe trains with (what ``evaluate --task rewards``
+        scores with): by default the config's ``reward.weights``."""
+        from neuroplastic.rewards import MultiObjectiveReward
+
+        return MultiObjectiveReward(dict(cfg.reward.weights))
+
 
 _REGISTRY: dict[str, Recipe] = {}
 
@@ -61,6 +68,11 @@ def get_recipe(name: str) -> Recipe:
             f"{', '.join(sorted(_REGISTRY))} (or register one with neuroplastic.recipes.register)."
         )
     return _REGISTRY[name]
+
+
+def reward_for(cfg: RunConfig, tokenizer: Any = None) -> Any:
+    """The reward a run of ``cfg`` trains with (its recipe's :meth:`Recipe.reward`)."""
+    return get_recipe(cfg.recipe_module).reward(cfg, tokenizer)
 
 
 def strategy_for(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Any:

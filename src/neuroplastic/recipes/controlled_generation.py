@@ -241,5 +241,8 @@ class ControlledGenerationRecipe(Recipe):
         opts.check_length_target(trainer.cfg.model.block_size)
         return [ControlledGeneration(opts, trainer.tokenizer)]
 
+    def reward(self, cfg, tokenizer: Any = None):
+        return reward_for(cfg, tokenizer)
+
 
 RECIPE = ControlledGenerationRecipe()

@@ -21,7 +21,6 @@ it for you): tasks found there replace the built-in ones of the same name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -110,20 +109,17 @@ def gsm8k_dataset(data_dir: str | None = None, **_: Any):
     the train file (see the module docs)."""
     from neuroplastic.data.cot import split_examples
     from neuroplastic.data.registry import data_dirs
+    from neuroplastic.data.sources import iter_jsonl
 
     train_path = _local("gsm8k", data_dir)
 
     def rows(path: Path) -> list[dict]:
         out = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    out.append({"question": rec["question"], "answer": rec["answer"]})
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise UserError(f"{path} line {n}: not a GSM8K record ({exc}).") from exc
+        for n, rec in iter_jsonl(path, fix="fix that line."):
+            if not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
+                raise UserError(f"{path} line {n}: not a GSM8K record (it needs the text fields "
+                                "'question' and 'answer'); fix that line.")
+            out.append({"question": rec["question"], "answer": rec["answer"]})
         return out
 
     train = rows(train_path)
