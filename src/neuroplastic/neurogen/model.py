@@ -68,6 +68,7 @@ from neuroplastic.models.checkpoint_io import (
 )
 from neuroplastic.plasticity.consolidation import ReplayBuffer
 from neuroplastic.plasticity.engine import RewardBaseline
+from neuroplastic.training.optim import adamw
 
 __all__ = ["CHECKPOINT_FORMAT", "NeuroGenModel", "make_config", "metadata_path"]
 
@@ -166,8 +167,8 @@ class NeuroGenModel:
     def _build(self, cfg: BrainConfig) -> None:
         self.cfg = cfg
         self.brain = Brain(cfg).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.brain.readout_parameters(), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.optimizer = adamw(self.brain.readout_parameters(), lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.dopamine = Dopamine(RewardBaseline(decay=cfg.dopamine_baseline_decay))
         self.three_factor = ThreeFactor(cfg.three_factor_lr)
         self.tagging = SynapticTagging(cfg.tag_threshold, cfg.capture_rate, cfg.early_decay, cfg.prp_threshold)
