@@ -2,7 +2,7 @@
 
 One train step is what :class:`neuroplastic.training.trainer.Trainer` does per step:
 forward with targets (under autocast when AMP is on), backward, gradient clipping,
-AdamW step (``build_optimizer``: fused on CUDA, foreach on CPU, learning rate set from
+AdamW step (``build_optimizer``: fused on CUDA and CPU, learning rate set from
 ``lr_at``) and ``zero_grad``, on random tokens. As in the trainer, ``torch.compile``
 wraps the model only; the optimizer step stays eager. Warmup steps (which include the
 compilation) are not timed. Both modes of one size are measured in the same run, each on
