@@ -611,3 +611,28 @@ def test_streaming_trainer_with_a_bpe_tokenizer_and_jsonl_data(tmp_path):
     tok = load_tokenizer(tmp_path / "run" / "tokenizer")
     assert tok.kind == "bpe" and res["statistics"]["tokens_processed"] > 0
     assert NeuroGenModel.from_checkpoint(res["checkpoint"]).vocab_size == tok.vocab_size
+
+
+def test_motor_bag_gradient_equals_embedding_bag():
+    """The sparse-matmul backward of the readout's motor dictionary gives embedding_bag's
+    gradient (up to float rounding), with repeated indices and zero-weight (empty) slots."""
+    import torch.nn.functional as F
+
+    from neuroplastic.models.brain import MotorBag, motor_bag
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50, (37, 6), generator=gen)
+    idx[:, 0] = idx[:, 1]  # repeats inside a row
+    val = torch.rand(37, 6, generator=gen)
+    val[::3, 2] = 0.0  # empty slots
+    motor = torch.randn(50, 8, generator=gen, requires_grad=True)
+    g = torch.randn(37, 8, generator=gen)
+    ref = F.embedding_bag(idx, motor, per_sample_weights=val, mode="sum")
+    (gref,) = torch.autograd.grad(ref, motor, g)
+    out = MotorBag.apply(idx, val, motor)
+    (gout,) = torch.autograd.grad(out, motor, g)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(gout, gref, rtol=1e-5, atol=1e-6)
+    assert motor_bag(idx, val, motor).grad_fn.name().startswith("MotorBag")
+    with torch.no_grad():
+        assert torch.equal(motor_bag(idx, val, motor), ref)
