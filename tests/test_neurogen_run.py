@@ -16,7 +16,7 @@ import pytest
 
 from neuroplastic.models import checkpoint_io
 from tests.conftest import SAMPLE_TEXT
-from tests.test_neurogen import _train_opts
+from tests.test_neurogen import train_opts
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +76,8 @@ def test_single_file_run_directory_resumes_and_continues_in_the_new_format(tmp_p
     NeuroGenModel.save_checkpoint with the trainer's position) resumes from its newest file."""
     from neuroplastic.neurogen.train import list_checkpoints, load_model, train
 
-    straight = train(_train_opts(tmp_path / "a", max_chunks=6), echo=lambda s: None)
-    train(_train_opts(tmp_path / "b", max_chunks=4), echo=lambda s: None)
+    straight = train(train_opts(tmp_path / "a", max_chunks=6), echo=lambda s: None)
+    train(train_opts(tmp_path / "b", max_chunks=4), echo=lambda s: None)
     ckpt_dir = tmp_path / "b" / "run" / "checkpoints"
     for step in (2, 4):  # rewrite the run as the old trainer left it
         model, state = load_model(ckpt_dir / f"step_{step:07d}", -1)
@@ -88,7 +88,7 @@ def test_single_file_run_directory_resumes_and_continues_in_the_new_format(tmp_p
     assert [p.name for _, p in list_checkpoints(ckpt_dir)] == [
         "checkpoint_step_2.safetensors", "checkpoint_step_4.safetensors"]
     lines: list[str] = []
-    opts = _train_opts(tmp_path / "b", max_chunks=6, resume=True, data=str(tmp_path / "b" / "corpus.txt"))
+    opts = train_opts(tmp_path / "b", max_chunks=6, resume=True, data=str(tmp_path / "b" / "corpus.txt"))
     resumed = train(opts, echo=lines.append)
     assert resumed["resumed_from"].name == "checkpoint_step_4.safetensors"
     assert any("single-file format" in line for line in lines)
@@ -127,7 +127,7 @@ def test_bad_checkpoints_and_changed_data_are_one_sentence(tmp_path, capsys):
     from neuroplastic.data.tokenizers import build_tokenizer
     from neuroplastic.neurogen.train import train
 
-    train(_train_opts(tmp_path, max_chunks=2), echo=lambda s: None)
+    train(train_opts(tmp_path, max_chunks=2), echo=lambda s: None)
     run = tmp_path / "run"
     other = tmp_path / "other.txt"
     other.write_text(SAMPLE_TEXT[::-1])

@@ -221,7 +221,6 @@ def neurogen_config(config_text: str, path: Path) -> dict[str, Any]:
 
 def brain_config(path: Path) -> dict[str, Any]:
     """The brain settings a checkpoint (either format) was trained with."""
-    from neuroplastic.models import checkpoint_io
     from neuroplastic.neurogen.model import NeuroGenModel
 
     if path.is_dir():
@@ -249,11 +248,12 @@ def model_from_loaded(loaded: dict[str, Any], gpu_device: int):
     return model
 
 
-def load_model(path: Path, gpu_device: int):
+def load_model(path: str | Path, gpu_device: int):
     """``(model, trainer_state)`` from a checkpoint of either format (:func:`resolve_checkpoint`)."""
     from neuroplastic.models import checkpoint_io
     from neuroplastic.neurogen.model import NeuroGenModel
 
+    path = Path(path)
     if path.is_dir():
         loaded = checkpoint_io.load_checkpoint(path)
         return model_from_loaded(loaded, gpu_device), loaded["state"]
