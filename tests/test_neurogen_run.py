@@ -147,3 +147,17 @@ def test_bad_checkpoints_and_changed_data_are_one_sentence(tmp_path, capsys):
     shutil.rmtree(ckpt / "tokenizer")  # the run's own tokenizer/ is used then
     (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:100])
     one_error([*common, "--data", str(tmp_path / "corpus.txt")], "model.safetensors")
+
+
+def test_without_max_chunks_the_run_ends_with_the_data(tmp_path):
+    """--max-chunks 0: the run shell stops when the stream ends (the strategy's ``finished``),
+    after a last, shorter step, and saves and logs that step."""
+    from neuroplastic.neurogen.train import list_checkpoints, train
+
+    res = train(train_opts(tmp_path, max_chunks=0, tokens_per_chunk=1024, checkpoint_interval=4, log_interval=3),
+                echo=lambda s: None)
+    n_tokens = len(SAMPLE_TEXT.encode("utf-8")) + 1  # one document and its end-of-text token
+    assert res["steps"] == 10 and res["tokens"] == (n_tokens - 1) // 32 * 32  # whole 32-token streams
+    assert [p.name for _, p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step_0000004", "step_0000008", "step_0000010"]
+    assert sorted(_train_losses(tmp_path / "run")) == [3, 6, 9, 10]
