@@ -372,7 +372,7 @@ def test_it_learns_tinyshakespeare_at_scale_one_eighth():
 # ------------------------------------------------------------------ the command line
 
 
-def _train_opts(tmp_path, **kw):
+def train_opts(tmp_path, **kw):
     from neuroplastic.neurogen.train import TrainOptions
 
     data = tmp_path / "corpus.txt"
@@ -387,12 +387,12 @@ def _train_opts(tmp_path, **kw):
 
 
 def test_streaming_trainer_checkpoints_logs_and_resumes_exactly(tmp_path):
-    from neuroplastic.neurogen.train import list_checkpoints, train
+    from neuroplastic.neurogen.train import list_checkpoints, load_model, train
 
-    straight = train(_train_opts(tmp_path / "a", max_chunks=6), echo=lambda s: None)
+    straight = train(train_opts(tmp_path / "a", max_chunks=6), echo=lambda s: None)
     assert straight["steps"] == 6
     ckpts = [p.name for _, p in list_checkpoints(tmp_path / "a" / "run" / "checkpoints")]
-    assert ckpts == ["checkpoint_step_2.safetensors", "checkpoint_step_4.safetensors", "checkpoint_step_6.safetensors"]
+    assert ckpts == ["step_0000002", "step_0000004", "step_0000006"]
     recs = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
@@ -400,29 +400,29 @@ def test_streaming_trainer_checkpoints_logs_and_resumes_exactly(tmp_path):
         assert key in train_recs[-1], key
     assert (tmp_path / "a" / "run" / "loss_curve.png").is_file()
 
-    train(_train_opts(tmp_path / "b", max_chunks=4), echo=lambda s: None)
+    train(train_opts(tmp_path / "b", max_chunks=4), echo=lambda s: None)
     with pytest.raises(UserError, match="--resume"):  # not a terminal and no choice given
-        train(_train_opts(tmp_path / "b", max_chunks=6), echo=lambda s: None, isatty=False)
+        train(train_opts(tmp_path / "b", max_chunks=6), echo=lambda s: None, isatty=False)
     questions = []
-    resumed = train(_train_opts(tmp_path / "b", max_chunks=6), echo=lambda s: None, isatty=True,
+    resumed = train(train_opts(tmp_path / "b", max_chunks=6), echo=lambda s: None, isatty=True,
                     ask=lambda q: questions.append(q) or "y")
     assert "Load checkpoint? (y/n)" in questions[0]
-    assert resumed["resumed_from"].name == "checkpoint_step_4.safetensors" and resumed["steps"] == 6
+    assert resumed["resumed_from"].name == "step_0000004" and resumed["steps"] == 6
     assert resumed["avg_loss"] == straight["avg_loss"]
-    a = NeuroGenModel.from_checkpoint(tmp_path / "a" / "run" / "checkpoints" / "checkpoint_step_6.safetensors")
-    b = NeuroGenModel.from_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "checkpoint_step_6.safetensors")
+    a, _ = load_model(tmp_path / "a" / "run" / "checkpoints" / "step_0000006", -1)
+    b, _ = load_model(tmp_path / "b" / "run" / "checkpoints" / "step_0000006", -1)
     assert a.get_statistics() == b.get_statistics()
     # "n" starts over; --no-resume too (removing the old checkpoints)
-    fresh = train(_train_opts(tmp_path / "b", max_chunks=2), echo=lambda s: None, isatty=True, ask=lambda q: "n")
+    fresh = train(train_opts(tmp_path / "b", max_chunks=2), echo=lambda s: None, isatty=True, ask=lambda q: "n")
     assert fresh["resumed_from"] is None and fresh["steps"] == 2
-    assert [p.name for _, p in list_checkpoints(tmp_path / "b" / "run" / "checkpoints")] == ["checkpoint_step_2.safetensors"]
+    assert [p.name for _, p in list_checkpoints(tmp_path / "b" / "run" / "checkpoints")] == ["step_0000002"]
 
 
 def test_init_from_fine_tunes_with_a_new_lr(tmp_path):
     from neuroplastic.neurogen.train import train
 
-    first = train(_train_opts(tmp_path, max_chunks=2), echo=lambda s: None)
-    tuned = train(_train_opts(tmp_path, out=str(tmp_path / "tuned"), init_from=str(first["checkpoint"]), lr=1e-4,
+    first = train(train_opts(tmp_path, max_chunks=2), echo=lambda s: None)
+    tuned = train(train_opts(tmp_path, out=str(tmp_path / "tuned"), init_from=str(first["checkpoint"]), lr=1e-4,
                               max_chunks=2), echo=lambda s: None)
     assert tuned["steps"] == 2 and tuned["statistics"]["lr"] == 1e-4
     assert tuned["statistics"]["tokens_processed"] == 2 * first["statistics"]["tokens_processed"]
@@ -453,7 +453,7 @@ def test_cli_exit_2_paths(tmp_path, capsys):
 def test_cli_subprocess_must_choose_resume_without_a_terminal(tmp_path):
     from neuroplastic.neurogen.train import train
 
-    train(_train_opts(tmp_path, max_chunks=2), echo=lambda s: None)
+    train(train_opts(tmp_path, max_chunks=2), echo=lambda s: None)
     r = run_cli("neurogen", "train", "--data", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "run"),
                 "--max-chunks", "3", "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -470,7 +470,7 @@ def test_cli_subprocess_train_resume_and_generate(tmp_path):
             "--max-seq-length", "32", "--checkpoint-interval", "2"]
     r = run_cli(*args, "--max-chunks", "2")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "checkpoint_step_2.safetensors" in r.stdout
+    assert "step_0000002" in r.stdout
     r = run_cli(*args, "--max-chunks", "3", "--resume")
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
     r = run_cli("neurogen", "generate", str(tmp_path / "r"), "--prompt", "The heart", "--max-length", "20")
@@ -602,15 +602,15 @@ def test_kernel_top_k_selection_is_exact_with_ties():
 
 def test_streaming_trainer_with_a_bpe_tokenizer_and_jsonl_data(tmp_path):
     from neuroplastic.data.tokenizers import load_tokenizer
-    from neuroplastic.neurogen.train import train
+    from neuroplastic.neurogen.train import load_model, train
 
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"body": s + "."}) + "\n" for s in SAMPLE_TEXT.split(". ") if s))
-    res = train(_train_opts(tmp_path, data=str(data), field="body", tokenizer="bpe", bpe_vocab_size=300,
+    res = train(train_opts(tmp_path, data=str(data), field="body", tokenizer="bpe", bpe_vocab_size=300,
                             max_chunks=2), echo=lambda s: None)
     tok = load_tokenizer(tmp_path / "run" / "tokenizer")
     assert tok.kind == "bpe" and res["statistics"]["tokens_processed"] > 0
-    assert NeuroGenModel.from_checkpoint(res["checkpoint"]).vocab_size == tok.vocab_size
+    assert load_model(res["checkpoint"], -1)[0].vocab_size == tok.vocab_size
 
 
 def test_motor_bag_gradient_equals_embedding_bag():

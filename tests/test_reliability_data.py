@@ -349,7 +349,7 @@ def test_neurogen_resume_notes_an_ignored_embedding_dim(tmp_path, capsys):
     assert main([*common, "--embedding-dim", "64", "--scale", "0.03125", "--max-chunks", "3"]) == 0
     out_text = capsys.readouterr().out
     assert ("note: --embedding-dim 64 (the checkpoint has 8) is ignored with --resume; the checkpoint "
-            "checkpoint_step_2.safetensors decides the model's size") in out_text
+            "step_0000002 decides the model's size") in out_text
     assert "embedding_dim=8" in out_text  # the model really is the checkpoint's
     assert main([*common, "--max-chunks", "4"]) == 0  # nothing given: no note
     assert "note: --embedding-dim" not in capsys.readouterr().out

@@ -39,7 +39,7 @@ def add_neurogen_parser(sub, parser_class) -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in the run directory")
     r.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over (removes the run directory's checkpoints)")
-    t.add_argument("--init-from", help="start a new run from this checkpoint (fine-tuning)")
+    t.add_argument("--init-from", help="start a new run from this checkpoint (a checkpoint or a run directory; fine-tuning)")
     t.add_argument("--lr", type=float, help="learning rate of the readout and embeddings")
     t.add_argument("--embedding-dim", type=int, default=None,
                    help="embedding size of a new run (default 512; on --resume the checkpoint's is used)")
@@ -55,7 +55,7 @@ def add_neurogen_parser(sub, parser_class) -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="progress", action="store_false")
 
     g = ngs.add_parser("generate", help="continue a prompt with a trained brain")
-    g.add_argument("checkpoint", help="checkpoint file, or a run directory (its latest checkpoint)")
+    g.add_argument("checkpoint", help="checkpoint (step_NNNNNNN/ or a single file), or a run directory (its latest checkpoint)")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-length", type=int, default=100, help="new tokens (default 100)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
@@ -97,8 +97,7 @@ def _resume_size_note(args) -> str | None:
     """A note when --embedding-dim / --scale are given with --resume: the checkpoint decides them."""
     from pathlib import Path
 
-    from neuroplastic.neurogen.model import NeuroGenModel
-    from neuroplastic.neurogen.train import list_checkpoints
+    from neuroplastic.neurogen.train import brain_config, list_checkpoints
 
     given = {k: v for k, v in (("embedding-dim", args.embedding_dim), ("scale", args.scale)) if v is not None}
     if args.resume is not True or not given:
@@ -106,7 +105,7 @@ def _resume_size_note(args) -> str | None:
     found = list_checkpoints(Path(args.out) / "checkpoints")
     if not found:
         return None  # no checkpoint: the run starts new and uses the options
-    config = NeuroGenModel.read_metadata(found[-1][1]).get("config") or {}
+    config = brain_config(found[-1][1])
     saved = {"embedding-dim": config.get("embedding_dim"), "scale": config.get("scale")}
     parts = [f"--{k} {v} (the checkpoint has {saved[k]})" for k, v in given.items()
              if saved[k] is None or float(v) != float(saved[k])]
@@ -144,33 +143,27 @@ def _train(args, echo) -> int:
     print(f"run dir: {s['run_dir']}; last checkpoint: {s['checkpoint']}")
     if s["loss_curve"]:
         print(f"loss curve: {s['loss_curve']}")
-    return 0
+    # after SIGTERM / Ctrl-C: saved, then 143 / 130, as `neuroplastic train`
+    return s["exit_code"]
 
 
 def _generate(args) -> int:
     from pathlib import Path
 
     from neuroplastic.data.tokenizers import load_tokenizer
-    from neuroplastic.neurogen.model import NeuroGenModel
-    from neuroplastic.neurogen.train import list_checkpoints
+    from neuroplastic.neurogen.train import brain_config, load_model, resolve_checkpoint, run_dir_of
 
-    path = Path(args.checkpoint)
-    run_dir = None
-    if path.is_dir():
-        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
-        if not found:
-            raise UserError(f"{path} has no checkpoint_step_N.safetensors; give a checkpoint file or a run directory.")
-        path = found[-1][1]
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    path = resolve_checkpoint(args.checkpoint)
     if args.max_length < 0:
         raise UserError("--max-length must be >= 0.")
-    NeuroGenModel.read_metadata(path)  # a missing or foreign checkpoint is reported first
-    tok_dir = Path(args.tokenizer) if args.tokenizer else (
-        (run_dir or (path.parent.parent if path.parent.name == "checkpoints" else path.parent)) / "tokenizer")
+    brain_config(path)  # a foreign checkpoint is reported first
+    tok_dir = Path(args.tokenizer) if args.tokenizer else run_dir_of(path) / "tokenizer"
+    if not args.tokenizer and not tok_dir.exists() and (path / "tokenizer").is_dir():
+        tok_dir = path / "tokenizer"  # a checkpoint directory copied without its run
     if not tok_dir.exists():
         raise UserError(f"no tokenizer at {tok_dir}; pass --tokenizer DIR (the run's tokenizer/ folder).")
     tok = load_tokenizer(tok_dir)
-    model = NeuroGenModel.from_checkpoint(path, gpu_device=-1)
+    model, _ = load_model(path, gpu_device=-1)
     if tok.vocab_size != model.vocab_size:
         raise UserError(f"the tokenizer at {tok_dir} has {tok.vocab_size} tokens but the checkpoint {model.vocab_size}.")
     ids = tok.encode(args.prompt) or [tok.eos_id]

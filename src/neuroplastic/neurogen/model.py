@@ -452,7 +452,8 @@ class NeuroGenModel:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _learning_state(self) -> dict[str, Any]:
+    def learning_state(self) -> dict[str, Any]:
+        """The optimizer's and every learning rule's state, and the sampler's (tensors included)."""
         return {
             "dopamine": self.dopamine.state_dict(),
             "three_factor": self.three_factor.state_dict(),
@@ -472,16 +473,13 @@ class NeuroGenModel:
             raise UserError(f"{str(path)!r} is a directory; give a file path such as {str(path / 'brain.ckpt')!r}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v for k, v in model_tensors(self.brain).items()}
-        learning = flatten_state(self._learning_state(), tensors, "learning")
+        learning = flatten_state(self.learning_state(), tensors, "learning")
         doc = {
             "format": CHECKPOINT_FORMAT,
             "format_version": FORMAT_VERSION,
             "config": self.cfg.to_dict(),
             "structure": self.cfg.structure(),
-            "counters": {"step": self.step, "tokens_processed": self.tokens_processed,
-                         "loss_sum": self.loss_sum, "last_loss": self.last_loss,
-                         "last_accuracy": self.last_accuracy},
-            "activity_stats": self.activity_stats,
+            **self.counters_state(),
             "learning": learning,
             "extra": extra or {},
         }
@@ -499,6 +497,16 @@ class NeuroGenModel:
                 if t.exists():
                     t.unlink()
         return path
+
+    def counters_state(self) -> dict[str, Any]:
+        """The counters and last activity statistics (JSON-able): what
+        :meth:`restore` takes besides the tensors and the learning state."""
+        return {
+            "counters": {"step": self.step, "tokens_processed": self.tokens_processed,
+                         "loss_sum": self.loss_sum, "last_loss": self.last_loss,
+                         "last_accuracy": self.last_accuracy},
+            "activity_stats": self.activity_stats,
+        }
 
     @staticmethod
     def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -555,16 +563,27 @@ class NeuroGenModel:
         if saved != self.cfg:
             self._build(saved)
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            learning = unflatten_state(learning_skeleton, tensors)
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"Checkpoint {str(path)!r} is inconsistent (tensor {exc} is missing).") from exc
+        self.restore(model_state, learning, doc, path)
+        return doc.get("extra") or {}
+
+    def restore(self, model_state: dict[str, torch.Tensor], learning: Any, counters: dict[str, Any],
+                source: str | os.PathLike) -> None:
+        """Put a saved brain back: its tensors (``brain.state_dict()``), :meth:`learning_state`
+        and :meth:`counters_state`; ``source`` (the checkpoint) is named in errors. The model
+        must already have the checkpoint's configuration."""
         expected = self.brain.state_dict()
         missing = [k for k in expected if k not in model_state]
         if missing or any(tuple(model_state[k].shape) != tuple(expected[k].shape) for k in expected):
-            raise UserError(f"Checkpoint {str(path)!r} does not fit this brain (missing or misshapen {missing[:2] or 'tensors'}); it is damaged or from another version.")
-        self.brain.load_state_dict(model_state)
+            raise UserError(f"Checkpoint {str(source)!r} does not fit this brain (missing or misshapen {missing[:2] or 'tensors'}); it is damaged or from another version.")
         try:
-            learning = unflatten_state(learning_skeleton, tensors)
             learning["optimizer"]
         except (KeyError, TypeError) as exc:
-            raise UserError(f"Checkpoint {str(path)!r} is inconsistent (tensor {exc} is missing).") from exc
+            raise UserError(f"Checkpoint {str(source)!r} is inconsistent (tensor {exc} is missing).") from exc
+        self.brain.load_state_dict(model_state)
         self.optimizer.load_state_dict(learning["optimizer"])
         self.dopamine.load_state_dict(learning["dopamine"])
         self.three_factor.load_state_dict(learning["three_factor"])
@@ -572,14 +591,13 @@ class NeuroGenModel:
         self.scaling.load_state_dict(learning["scaling"])
         self.replay.load_state_dict(learning["replay"])
         self.sample_generator.set_state(learning["sample_generator"].to(torch.uint8).clone())
-        c = doc["counters"]
+        c = counters["counters"]
         self.step = int(c["step"])
         self.tokens_processed = int(c["tokens_processed"])
         self.loss_sum = float(c["loss_sum"])
         self.last_loss = float(c["last_loss"])
         self.last_accuracy = float(c["last_accuracy"])
-        self.activity_stats = doc.get("activity_stats") or {}
-        return doc.get("extra") or {}
+        self.activity_stats = counters.get("activity_stats") or {}
 
     def __repr__(self) -> str:
         return (f"NeuroGenModel(vocab_size={self.vocab_size}, embedding_dim={self.embedding_dim}, "

@@ -8,12 +8,21 @@ end-of-text token. Every ``tokens_per_chunk`` tokens make one training step: the
 cut into ``tokens_per_chunk // max_seq_length`` streams of ``max_seq_length`` tokens that
 the brain processes in parallel (``NeuroGenModel.train_step``).
 
-The run directory holds ``tokenizer/``, ``metrics.jsonl`` (and TensorBoard logs),
-``checkpoints/checkpoint_step_N.safetensors`` (+ ``.json``) every ``checkpoint_interval``
-steps and at the end, and ``loss_curve.png``. The checkpoint also stores the stream position
-(document and token), so ``--resume`` continues with the next unseen token. With existing
-checkpoints and neither ``--resume`` nor ``--no-resume``, a terminal asks
-"Load checkpoint? (y/n)"; anything else is told to choose.
+The step is :class:`NeuroGenStep`, a step strategy run by the one run shell
+(:class:`~neuroplastic.training.run.Run`: run directory and lock, resume, checkpoints,
+logger, stop signal, loop). The run directory holds ``tokenizer/``, ``config.yaml``,
+``options.json``, ``metrics.jsonl`` (and TensorBoard logs), ``loss_curve.png`` and the
+shell's checkpoints ``checkpoints/step_NNNNNNN/`` every ``checkpoint_interval`` steps and at
+the end: the brain's tensors (``model.safetensors``), the optimizer's and learning rules'
+state (``optimizer.safetensors``), the stream position (document and token), the carried
+token, the loss sum, the counters and the RNG states (``state.json``), and the config
+(``config.yaml``: the brain's settings and these options). ``--resume`` continues with the
+next unseen token, bit for bit as an uninterrupted run. With existing checkpoints and
+neither ``--resume`` nor ``--no-resume``, a terminal asks "Load checkpoint? (y/n)";
+anything else is told to choose. A run directory of the older single-file format
+(``checkpoints/checkpoint_step_N.safetensors`` + ``.json``, which
+``NeuroGenModel.save_checkpoint`` still writes) resumes from its newest file and writes the
+new format from then on.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import numpy as np
 
 from neuroplastic.errors import UserError
 
-CKPT_RE = re.compile(r"^checkpoint_step_(\d+)\.safetensors$")
+LEGACY_RE = re.compile(r"^checkpoint_step_(\d+)\.safetensors$")  # NeuroGenModel.save_checkpoint files
 
 
 @dataclass
@@ -128,6 +137,12 @@ class TokenStream:
                 self._load()
         return out
 
+    def at_end(self) -> bool:
+        """Whether every token has been taken (opens the stream to find out)."""
+        if self._it is None:
+            self._open()
+        return self.exhausted
+
     def state_dict(self) -> dict[str, int]:
         return {"doc": self.doc, "offset": self.offset}
 
@@ -138,22 +153,115 @@ class TokenStream:
         self.exhausted = False
 
 
-# ------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------ checkpoints
 
 
 FREQUENCY_TOKENS = 1_000_000  # tokens counted to order a new run's adaptive softmax
+KEEP_ALL = sys.maxsize  # the run keeps every checkpoint, as before the run shell
 
 
-def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+def legacy_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``checkpoint_step_N.safetensors`` files (the single-file format, with their ``.json``), oldest first."""
     from neuroplastic.neurogen.model import metadata_path
 
     found = []
     if ckpt_dir.is_dir():
         for p in ckpt_dir.iterdir():
-            m = CKPT_RE.match(p.name)
+            m = LEGACY_RE.match(p.name)
             if m and metadata_path(p).is_file():
                 found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints of both formats as ``(step, path)``, oldest first (at equal steps the
+    run shell's ``step_NNNNNNN/`` directory comes last, i.e. counts as the newer)."""
+    from neuroplastic.models import checkpoint_io
+
+    shell = [(int(p.name[5:]), p) for p in checkpoint_io.list_checkpoints(ckpt_dir)]
+    return sorted(legacy_checkpoints(ckpt_dir) + shell, key=lambda sp: (sp[0], sp[1].is_dir()))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint's path: a ``step_NNNNNNN/`` directory or a single-file checkpoint as
+    given, or the newest checkpoint of a run directory."""
+    from neuroplastic.models import checkpoint_io
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Checkpoint {str(path)!r} does not exist.")
+    if path.is_file() or (path / checkpoint_io.STATE_FILE).is_file():
+        return path
+    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found:
+        raise UserError(f"{path} holds no NeuroGen checkpoint (checkpoints/step_NNNNNNN/ or "
+                        "checkpoint_step_N.safetensors); give a checkpoint or a run directory.")
+    return found[-1][1]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint lives in (``RUN/checkpoints/CKPT`` -> ``RUN``)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def neurogen_config(config_text: str, path: Path) -> dict[str, Any]:
+    """The ``neurogen`` section of a checkpoint's ``config.yaml`` (``brain``, ``options``)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        doc = None
+    section = doc.get("neurogen") if isinstance(doc, dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("brain"), dict):
+        raise UserError(f"Checkpoint {str(path)!r} is not a NeuroGen checkpoint (its config.yaml has no "
+                        "neurogen.brain section); give one written by `neuroplastic neurogen train`.")
+    return section
+
+
+def brain_config(path: Path) -> dict[str, Any]:
+    """The brain settings a checkpoint (either format) was trained with."""
+    from neuroplastic.neurogen.model import NeuroGenModel
+
+    if path.is_dir():
+        text = (path / "config.yaml").read_text(encoding="utf-8") if (path / "config.yaml").is_file() else ""
+        return neurogen_config(text, path)["brain"]
+    return NeuroGenModel.read_metadata(path).get("config") or {}
+
+
+def model_from_loaded(loaded: dict[str, Any], gpu_device: int):
+    """The :class:`NeuroGenModel` in a run-shell checkpoint read by
+    ``checkpoint_io.load_checkpoint``: built with its brain settings, then restored."""
+    from neuroplastic.models import checkpoint_io
+    from neuroplastic.neurogen.model import NeuroGenModel
+
+    path = loaded["path"]
+    conf = dict(neurogen_config(loaded["config_text"], path)["brain"])
+    if not isinstance(loaded["state"].get("model"), dict):
+        raise UserError(f"Checkpoint {str(path)!r} is inconsistent (its state.json has no model counters).")
+    try:
+        model = NeuroGenModel(conf.pop("vocab_size"), conf.pop("embedding_dim"), gpu_device, **conf)
+    except KeyError as exc:
+        raise UserError(f"Checkpoint {str(path)!r} has no {exc} in its config.yaml; it is damaged.") from exc
+    tensors = checkpoint_io.load_safetensors(path / "model.safetensors")
+    model.restore(tensors, loaded["optimizer"], loaded["state"]["model"], path)
+    return model
+
+
+def load_model(path: str | Path, gpu_device: int):
+    """``(model, trainer_state)`` from a checkpoint of either format (:func:`resolve_checkpoint`)."""
+    from neuroplastic.models import checkpoint_io
+    from neuroplastic.neurogen.model import NeuroGenModel
+
+    path = Path(path)
+    if path.is_dir():
+        loaded = checkpoint_io.load_checkpoint(path)
+        return model_from_loaded(loaded, gpu_device), loaded["state"]
+    model = NeuroGenModel.from_checkpoint(path, gpu_device=gpu_device)
+    return model, (NeuroGenModel.read_metadata(path).get("extra") or {}).get("trainer") or {}
+
+
+# ------------------------------------------------------------------ helpers
 
 
 def _ask_resume(latest: Path, n: int, ask: Callable[[str], str]) -> bool:
@@ -166,12 +274,12 @@ def _ask_resume(latest: Path, n: int, ask: Callable[[str], str]) -> bool:
             return False
 
 
-def build_tokenizer_for(opts: TrainOptions, run_dir: Path, echo: Callable[[str], None]):
+def build_tokenizer_for(opts: TrainOptions, saved: Path | None, echo: Callable[[str], None]):
+    """The run's tokenizer: the one saved at ``saved`` (a resumed run), else built from ``opts``."""
     from neuroplastic.data import sources
     from neuroplastic.data.tokenizers import build_tokenizer, load_tokenizer
 
-    saved = run_dir / "tokenizer"
-    if opts.resume and saved.is_dir():
+    if saved is not None and saved.is_dir():
         return load_tokenizer(saved)
     if opts.tokenizer == "bpe":
         def texts() -> Iterator[str]:
@@ -202,195 +310,335 @@ def flat_stats(stats: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-# ------------------------------------------------------------------ the run
-
-
-def train(opts: TrainOptions, echo: Callable[[str], None] = print,
-          ask: Callable[[str], str] | None = None, isatty: bool | None = None) -> dict[str, Any]:
-    """Run the streaming trainer; returns a summary. ``ask``/``isatty`` are for tests."""
-    import torch
-
+def eval_blocks(opts: TrainOptions, tok) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """``(x, y)`` held-out blocks of ``--eval-data`` (``(None, None)`` without it)."""
     from neuroplastic.data import sources
-    from neuroplastic.neurogen.model import NeuroGenModel
-    from neuroplastic.training.metrics import MetricsLogger, plot_loss_curve
-    from neuroplastic.training.run import StopRequest
 
-    opts.validate()
-    run_dir = Path(opts.out)
-    ckpt_dir = run_dir / "checkpoints"
-    existing = list_checkpoints(ckpt_dir)
-    if existing and opts.resume is None and not opts.init_from:
-        tty = sys.stdin.isatty() if isatty is None else isatty
-        if not tty:
-            raise UserError(
-                f"{ckpt_dir} already has checkpoints (latest {existing[-1][1].name}); pass --resume to "
-                "continue from it or --no-resume to start over."
-            )
-        opts.resume = _ask_resume(existing[-1][1], len(existing), ask or input)
-    if opts.resume and not existing:
-        echo(f"no checkpoint in {ckpt_dir}; starting a new run")
-        opts.resume = False
-    if not opts.resume:
+    if not opts.eval_data:
+        return None, None
+    ev = TokenStream(lambda: sources.iter_documents(opts.eval_data, field=opts.field, data_dir=opts.data_dir),
+                     tok.encode, tok.eos_id).take(opts.eval_tokens + 1)
+    L = min(opts.max_seq_length, len(ev) - 1)
+    n = (len(ev) - 1) // L if L > 0 else 0
+    if n < 1:
+        raise UserError(f"--eval-data {opts.eval_data} has fewer than 2 tokens.")
+    arr = np.asarray(ev[: n * L + 1], dtype=np.int64)
+    return arr[:-1].reshape(n, L), arr[1:].reshape(n, L)
+
+
+# ------------------------------------------------------------------ the step strategy
+
+
+class NeuroGenStep:
+    """NeuroGen's local-rule training step as a step strategy of the run shell
+    (:class:`~neuroplastic.training.run.Run`): one chunk of the token stream per step
+    (``NeuroGenModel.train_step``), the held-out loss at every checkpoint interval.
+    ``ask``/``isatty`` decide a resume on a terminal (tests pass their own)."""
+
+    progress_desc = "neurogen"
+
+    def __init__(self, opts: TrainOptions, echo: Callable[[str], None] = print,
+                 ask: Callable[[str], str] | None = None, isatty: bool | None = None):
+        from neuroplastic.training.run import Run, RunSettings
+
+        self.opts = opts.validate()
+        self.echo = echo
+        self.ask = ask or input
+        self.isatty = isatty
+        settings = RunSettings(
+            out_dir=opts.out, max_steps=opts.max_chunks or math.inf, ckpt_interval=opts.checkpoint_interval,
+            keep_last=KEEP_ALL, log_interval=opts.log_interval, progress=opts.progress,
+            tensorboard=opts.tensorboard,
+        )
+        self.run = Run(None, echo, settings=settings, config_text=self.config_text,
+                       check=self.check_compatible, resume_hint="--resume")
+        self.step = 0
+        self.carry: int | None = None
+        self.loss_sum = 0.0
+        self.tokens = 0
+        self.resumed_from: Path | None = None
+        self.last_eval: float | None = None
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+    @property
+    def finished(self) -> bool:
+        """The data has ended (the run shell stops, saves and logs)."""
+        return self.stream.at_end()
+
+    # ---- set-up
+
+    def decide_resume(self) -> bool:
+        """``opts.resume`` settled (asking on a terminal); False removes the old checkpoints."""
+        opts = self.opts
+        ckpt_dir = self.run.ckpt_dir
+        existing = list_checkpoints(ckpt_dir)
+        if existing and opts.resume is None and not opts.init_from:
+            tty = sys.stdin.isatty() if self.isatty is None else self.isatty
+            if not tty:
+                raise UserError(
+                    f"{ckpt_dir} already has checkpoints (latest {existing[-1][1].name}); pass --resume to "
+                    "continue from it or --no-resume to start over."
+                )
+            opts.resume = _ask_resume(existing[-1][1], len(existing), self.ask)
+        if opts.resume and not existing:
+            self.echo(f"no checkpoint in {ckpt_dir}; starting a new run")
+            opts.resume = False
+        return bool(opts.resume)
+
+    def setup(self) -> NeuroGenStep:
+        from neuroplastic.data import sources
+
+        sources.iter_documents(self.opts.data, field=self.opts.field, data_dir=self.opts.data_dir)  # checks the source now
+        resume = self.decide_resume()
+        self.run.settings.resume = "auto" if resume else "none"
+        self.run.setup(lambda: self.build(resume))
+        return self
+
+    def start_over(self) -> None:
+        """Remove a previous run's checkpoints, tokenizer and TensorBoard logs (``--no-resume``)."""
+        run_dir, ckpt_dir = self.run.run_dir, self.run.ckpt_dir
+        existing = list_checkpoints(ckpt_dir)
         if existing:
-            echo(f"starting over: removing {len(existing)} checkpoint(s) in {ckpt_dir}")
+            self.echo(f"starting over: removing {len(existing)} checkpoint(s) in {ckpt_dir}")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
-    gpu = opts.gpu_device
-    if gpu >= 0 and not torch.cuda.is_available():
-        echo("CUDA is not available; training on the CPU")
-        gpu = -1
-
-    # ---- data, tokenizer, model
-    sources.iter_documents(opts.data, field=opts.field, data_dir=opts.data_dir)  # checks the source now
-    tok = build_tokenizer_for(opts, run_dir, echo)
-    trainer_state: dict[str, Any] = {}
-    resumed_from = None
-    if opts.resume:
-        step_n, path = existing[-1]
-        model = NeuroGenModel.from_checkpoint(path, gpu_device=gpu)
-        trainer_state = (NeuroGenModel.read_metadata(path).get("extra") or {}).get("trainer") or {}
-        resumed_from = path
-        if model.vocab_size != tok.vocab_size:
-            raise UserError(f"The checkpoint's vocabulary ({model.vocab_size}) differs from the tokenizer in {run_dir / 'tokenizer'} ({tok.vocab_size}).")
-    elif opts.init_from:
-        model = NeuroGenModel.from_checkpoint(opts.init_from, gpu_device=gpu)
-        if model.vocab_size != tok.vocab_size:
+    def load_resumed(self, gpu: int) -> tuple[Any, dict[str, Any], Path]:
+        """``(model, trainer state, tokenizer dir)`` of the checkpoint to resume: the run
+        shell's newest, else the newest single-file one."""
+        path, loaded = self.run.resume()
+        if loaded is not None:
+            self.resumed_from = path
+            return model_from_loaded(loaded, gpu), loaded["state"], path / "tokenizer"
+        step, legacy = legacy_checkpoints(self.run.ckpt_dir)[-1]
+        model, state = load_model(legacy, gpu)
+        if state.get("data", self.opts.data) != self.opts.data:
             raise UserError(
-                f"{opts.init_from} has vocab_size {model.vocab_size} but the tokenizer {opts.tokenizer!r} has "
-                f"{tok.vocab_size}; use the tokenizer the checkpoint was trained with (--tokenizer)."
+                f"Cannot resume from {str(legacy)!r}: it was trained on --data {state['data']!r}, not "
+                f"{self.opts.data!r}; resume with the data it was trained on, or start a new run with --init-from."
             )
-        echo(f"initialised from {opts.init_from}")
-    else:
-        from neuroplastic.config import parse_override
+        self.echo(f"{legacy.name} has the single-file format; new checkpoints go to "
+                  f"{self.run.ckpt_dir}/step_NNNNNNN/")
+        self.resumed_from = legacy
+        return model, state, self.run.run_dir / "tokenizer"
 
+    def build(self, resume: bool) -> None:
+        import torch
+
+        from neuroplastic.data import sources
+        from neuroplastic.runtime import set_rng_state
+
+        opts, run_dir = self.opts, self.run.run_dir
+        if not resume:
+            self.start_over()
+        gpu = opts.gpu_device
+        if gpu >= 0 and not torch.cuda.is_available():
+            self.echo("CUDA is not available; training on the CPU")
+            gpu = -1
+        state: dict[str, Any] = {}
+        if resume:
+            self.model, state, tok_dir = self.load_resumed(gpu)
+            self.tokenizer = build_tokenizer_for(opts, tok_dir if tok_dir.is_dir() else run_dir / "tokenizer", self.echo)
+            if self.model.vocab_size != self.tokenizer.vocab_size:
+                raise UserError(f"The checkpoint's vocabulary ({self.model.vocab_size}) differs from its tokenizer "
+                                f"({self.tokenizer.vocab_size}); resume from an earlier checkpoint or start over with --no-resume.")
+        else:
+            self.tokenizer = build_tokenizer_for(opts, None, self.echo)
+            self.model = self.new_model(gpu)
+        if opts.overrides and (resume or opts.init_from):
+            self.echo("note: --set options apply to new runs only; the checkpoint's brain settings are used")
+        if opts.lr is not None:
+            self.model.set_lr(opts.lr)
+        if not (run_dir / "tokenizer").is_dir():
+            self.tokenizer.save(run_dir / "tokenizer")
+        self.stream = TokenStream(lambda: sources.iter_documents(opts.data, field=opts.field, data_dir=opts.data_dir),
+                                  self.tokenizer.encode, self.tokenizer.eos_id)
+        self.restore_position(state)
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2), encoding="utf-8")
+        self.eval_x, self.eval_y = eval_blocks(opts, self.tokenizer)
+        self.L = min(opts.max_seq_length, opts.tokens_per_chunk)
+        self.B = max(1, opts.tokens_per_chunk // self.L)
+        if resume:
+            if opts.max_chunks and self.step > opts.max_chunks:
+                raise UserError(
+                    f"Checkpoint {str(self.resumed_from)!r} is at step {self.step}, past --max-chunks "
+                    f"{opts.max_chunks}; raise --max-chunks above {self.step} to train further."
+                )
+            self.run.check_resumed(self, self.resumed_from)
+        self.logger = self.run.open_logger(self.step if resume else None)
+
+    def new_model(self, gpu: int):
+        """A new brain (from ``--init-from``, or built from the options), its adaptive
+        softmax ordered by the stream's token frequencies."""
+        from neuroplastic.config import parse_override
+        from neuroplastic.data import sources
+        from neuroplastic.neurogen.model import NeuroGenModel
+
+        opts, tok = self.opts, self.tokenizer
+        if opts.init_from:
+            model, _ = load_model(resolve_checkpoint(opts.init_from), gpu)
+            if model.vocab_size != tok.vocab_size:
+                raise UserError(
+                    f"{opts.init_from} has vocab_size {model.vocab_size} but the tokenizer {opts.tokenizer!r} has "
+                    f"{tok.vocab_size}; use the tokenizer the checkpoint was trained with (--tokenizer)."
+                )
+            self.echo(f"initialised from {opts.init_from}")
+            return model
         extra = dict(parse_override(o) for o in opts.overrides)
         extra.setdefault("seed", opts.seed)
         extra.setdefault("scale", opts.scale)
         model = NeuroGenModel(tok.vocab_size, opts.embedding_dim, gpu, **extra)
-    if opts.overrides and (opts.resume or opts.init_from):
-        echo("note: --set options apply to new runs only; the checkpoint's brain settings are used")
-    if opts.lr is not None:
-        model.set_lr(opts.lr)
-    if not (run_dir / "tokenizer").is_dir():
-        tok.save(run_dir / "tokenizer")
-    if model.cfg.softmax == "adaptive" and not (opts.resume or opts.init_from):
-        # the adaptive softmax's head takes the most frequent tokens: count them once, up front
-        sample = TokenStream(lambda: sources.iter_documents(opts.data, field=opts.field, data_dir=opts.data_dir),
-                             tok.encode, tok.eos_id).take(FREQUENCY_TOKENS)
-        model.set_token_frequencies(np.bincount(np.asarray(sample, dtype=np.int64), minlength=model.vocab_size))
-        echo(f"adaptive softmax: clusters ordered by the frequencies of the first {len(sample):,} training tokens")
+        if model.cfg.softmax == "adaptive":
+            # the adaptive softmax's head takes the most frequent tokens: count them once, up front
+            sample = TokenStream(lambda: sources.iter_documents(opts.data, field=opts.field, data_dir=opts.data_dir),
+                                 tok.encode, tok.eos_id).take(FREQUENCY_TOKENS)
+            model.set_token_frequencies(np.bincount(np.asarray(sample, dtype=np.int64), minlength=model.vocab_size))
+            self.echo(f"adaptive softmax: clusters ordered by the frequencies of the first {len(sample):,} training tokens")
+        return model
 
-    stream = TokenStream(
-        lambda: sources.iter_documents(opts.data, field=opts.field, data_dir=opts.data_dir), tok.encode, tok.eos_id
-    )
-    if trainer_state.get("stream"):
-        stream.load_state_dict(trainer_state["stream"])
-    step = int(trainer_state.get("step", 0))
-    loss_sum = float(trainer_state.get("loss_sum", 0.0))
-    tokens = int(trainer_state.get("tokens", 0))
-    carry = trainer_state.get("carry")
-    (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2), encoding="utf-8")
+    def restore_position(self, state: dict[str, Any]) -> None:
+        """The stream position, carried token, step and sums of a checkpoint's trainer state."""
+        if state.get("stream"):
+            self.stream.load_state_dict(state["stream"])
+        self.step = int(state.get("step", 0))
+        self.loss_sum = float(state.get("loss_sum", 0.0))
+        self.tokens = int(state.get("tokens", 0))
+        carry = state.get("carry")
+        self.carry = None if carry is None else int(carry)
 
-    eval_x = eval_y = None
-    if opts.eval_data:
-        ev = TokenStream(lambda: sources.iter_documents(opts.eval_data, field=opts.field, data_dir=opts.data_dir),
-                         tok.encode, tok.eos_id).take(opts.eval_tokens + 1)
-        L = min(opts.max_seq_length, len(ev) - 1)
-        n = (len(ev) - 1) // L
-        if n < 1:
-            raise UserError(f"--eval-data {opts.eval_data} has fewer than 2 tokens.")
-        arr = np.asarray(ev[: n * L + 1], dtype=np.int64)
-        eval_x, eval_y = arr[:-1].reshape(n, L), arr[1:].reshape(n, L)
+    def check_compatible(self, loaded: dict[str, Any], path: Path) -> None:
+        """The run shell's check before resuming: the stream position counts documents of
+        the checkpoint's ``--data`` (and ``--field``), so they must be the same now."""
+        saved = neurogen_config(loaded["config_text"], path).get("options") or {}
+        for key in ("data", "field"):
+            then, now = saved.get(key), getattr(self.opts, key)
+            if then != now:
+                raise UserError(
+                    f"Cannot resume from {str(path)!r}: it was trained with --{key} {then!r}, not {now!r}; "
+                    "resume with the settings it was trained with, or start a new run with --init-from."
+                )
 
-    L = min(opts.max_seq_length, opts.tokens_per_chunk)
-    B = max(1, opts.tokens_per_chunk // L)
-    logger = MetricsLogger(run_dir, tensorboard=opts.tensorboard, resume_step=step if opts.resume else None)
-    echo(f"{model!r}; {B} streams x {L} tokens per step; data: {opts.data}; tokenizer: {tok.kind} (vocab {tok.vocab_size})")
-    if resumed_from is not None:
-        echo(f"resuming from {resumed_from} (step {step})")
+    def config_text(self) -> str:
+        """``config.yaml``: the brain's settings and the options of this run."""
+        import yaml
 
-    def save() -> Path:
-        path = ckpt_dir / f"checkpoint_step_{step}.safetensors"
-        model.save_checkpoint(path, extra={"trainer": {
-            "step": step, "stream": stream.state_dict(), "carry": carry, "loss_sum": loss_sum, "tokens": tokens,
-            "data": opts.data, "tokenizer": str(run_dir / "tokenizer")}})
-        return path
+        options = dataclasses.asdict(self.opts)
+        return yaml.safe_dump({"neurogen": {"brain": self.model.cfg.to_dict(), "options": options}}, sort_keys=False)
 
-    def evaluate() -> float | None:
-        if eval_x is None:
-            return None
-        loss = float(np.mean([model.evaluate(eval_x[i : i + 16], eval_y[i : i + 16]) for i in range(0, len(eval_x), 16)]))
-        logger.log("eval", step, loss=loss)
-        return loss
+    def describe(self) -> str:
+        tok = self.tokenizer
+        return (f"{self.model!r}; {self.B} streams x {self.L} tokens per step; data: {self.opts.data}; "
+                f"tokenizer: {tok.kind} (vocab {tok.vocab_size})")
 
-    bar = None
-    if opts.progress:
-        from tqdm.auto import tqdm
+    # ---- the run shell's hooks
 
-        bar = tqdm(total=opts.max_chunks or None, initial=step, desc="neurogen", unit="step", dynamic_ncols=True,
-                   file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 15.0)
-    last_ckpt = None
-    t_window, n_window = time.perf_counter(), 0
-    t0 = time.perf_counter()
-    tokens_at_start = tokens
-    interrupted = False
-    try:
-        with StopRequest() as stop:
-            while not opts.max_chunks or step < opts.max_chunks:
-                # consecutive chunks overlap by one token: the last target is the next input
-                chunk = ([carry] if carry is not None else []) + stream.take(B * L + (carry is None))
-                if len(chunk) < 2:
-                    break
-                last = len(chunk) < B * L + 1
-                if last:  # the end of the data: whole streams of L tokens, or one shorter stream
-                    b, ln = ((len(chunk) - 1) // L, L) if len(chunk) > L else (1, len(chunk) - 1)
-                else:
-                    b, ln = B, L
-                arr = np.asarray(chunk[: b * ln + 1], dtype=np.int64)
-                carry = int(arr[-1])
-                x, y = arr[:-1].reshape(b, ln), arr[1:].reshape(b, ln)
-                loss = model.train_step(x, y)
-                step += 1
-                tokens += x.size
-                loss_sum += loss
-                n_window += x.size
-                if bar is not None:
-                    bar.update(1)
-                if step % opts.log_interval == 0:
-                    now = time.perf_counter()
-                    tps = n_window / max(now - t_window, 1e-9)
-                    t_window, n_window = now, 0
-                    st = model.get_statistics()
-                    rec = {"loss": loss, "avg_loss": loss_sum / step, "tokens_per_s": tps, "tokens": tokens}
-                    rec.update({k: v for k, v in flat_stats(st).items() if k not in ("loss", "step", "tokens_processed")})
-                    logger.log("train", step, **rec)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.3f}", avg=f"{loss_sum / step:.3f}", tok_s=f"{tps:,.0f}",
-                                        dopa=f"{st['dopamine']:+.2f}", fr_pfc=f"{st['modules']['pfc']['firing_rate']:.4f}",
-                                        recall=f"{st['recall_rate']:.2f}", consol=st["consolidation_events"])
-                if step % opts.checkpoint_interval == 0:
-                    last_ckpt = save()
-                    evaluate()
-                if stop.requested:
-                    interrupted = True
-                    break
-                if last:
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-    if step and (last_ckpt is None or not last_ckpt.name.endswith(f"_{step}.safetensors")):
-        last_ckpt = save()
-        evaluate()
-    logger.close()
-    png = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", title=f"neurogen: {opts.data}")
-    elapsed = time.perf_counter() - t0
-    return {
-        "steps": step, "tokens": tokens, "avg_loss": loss_sum / step if step else math.nan,
-        "tokens_per_s": (tokens - tokens_at_start) / max(elapsed, 1e-9), "checkpoint": last_ckpt,
-        "run_dir": run_dir, "loss_curve": png, "interrupted": interrupted, "resumed_from": resumed_from,
-        "statistics": model.get_statistics(),
-    }
+    def train_step(self) -> dict[str, Any]:
+        """One chunk: ``B`` streams of ``L`` tokens (at the end of the data, whole streams of
+        ``L`` tokens or one shorter stream)."""
+        B, L = self.B, self.L
+        # consecutive chunks overlap by one token: the last target is the next input
+        chunk = ([self.carry] if self.carry is not None else []) + self.stream.take(B * L + (self.carry is None))
+        if len(chunk) < 2:
+            raise UserError(f"--data {self.opts.data} holds fewer than 2 tokens; give more text.")
+        if len(chunk) < B * L + 1:
+            b, ln = ((len(chunk) - 1) // L, L) if len(chunk) > L else (1, len(chunk) - 1)
+        else:
+            b, ln = B, L
+        arr = np.asarray(chunk[: b * ln + 1], dtype=np.int64)
+        self.carry = int(arr[-1])
+        x, y = arr[:-1].reshape(b, ln), arr[1:].reshape(b, ln)
+        loss = self.model.train_step(x, y)
+        self.step += 1
+        self.tokens += x.size
+        self.loss_sum += loss
+        return {"loss": loss, "tokens": int(x.size)}
+
+    def state(self) -> dict[str, Any]:
+        from neuroplastic.runtime import rng_state
+
+        return {"step": self.step, "stream": self.stream.state_dict(), "carry": self.carry,
+                "loss_sum": self.loss_sum, "tokens": self.tokens, "model": self.model.counters_state(),
+                "rng": rng_state()}
+
+    def state_finite(self) -> bool:
+        import torch
+
+        opt_state = self.model.optimizer.state.values()
+        tensors = list(self.model.brain.state_dict().values())
+        tensors += [v for st in opt_state for v in st.values() if isinstance(v, torch.Tensor)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+    def checkpoint_payload(self):
+        return self.model.brain, self.model.learning_state()
+
+    def log_extras(self, tokens_per_s: float) -> dict[str, Any]:
+        self.stats = self.model.get_statistics()
+        extras: dict[str, Any] = {"avg_loss": self.loss_sum / self.step, "tokens_seen": self.tokens}
+        extras.update({k: v for k, v in flat_stats(self.stats).items()
+                       if k not in ("loss", "step", "tokens_processed")})
+        return extras
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, Any]:
+        st = self.stats
+        return {"loss": f"{record['loss']:.3f}", "avg": f"{self.loss_sum / self.step:.3f}",
+                "tok_s": f"{record['tokens_per_s']:,.0f}", "dopa": f"{st['dopamine']:+.2f}",
+                "fr_pfc": f"{st['modules']['pfc']['firing_rate']:.4f}", "recall": f"{st['recall_rate']:.2f}",
+                "consol": st["consolidation_events"]}
+
+    def after_step(self) -> None:
+        """The held-out loss at every checkpoint interval and at the end."""
+        if self.eval_x is None:
+            return
+        at_end = self.step == self.run.settings.max_steps or self.finished
+        if self.step % self.opts.checkpoint_interval and not at_end:
+            return
+        x, y = self.eval_x, self.eval_y
+        self.last_eval = float(np.mean([self.model.evaluate(x[i : i + 16], y[i : i + 16])
+                                        for i in range(0, len(x), 16)]))
+        self.logger.log("eval", self.step, loss=self.last_eval)
+
+    # ---- the run
+
+    def train(self) -> dict[str, Any]:
+        """Step until ``--max-chunks`` or the end of the data; the summary :func:`train` returns."""
+        from neuroplastic.training.metrics import plot_loss_curve
+
+        t0 = time.perf_counter()
+        tokens_at_start = self.tokens
+        with self.run.session():
+            self.model.brain.train()
+            summary = self.run.loop(self, self.run.settings.max_steps)
+            self.logger.close()
+        run_dir = self.run.run_dir
+        png = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", title=f"neurogen: {self.opts.data}")
+        elapsed = time.perf_counter() - t0
+        found = list_checkpoints(self.run.ckpt_dir)
+        return {
+            "steps": self.step, "tokens": self.tokens, "avg_loss": self.loss_sum / self.step if self.step else math.nan,
+            "tokens_per_s": (self.tokens - tokens_at_start) / max(elapsed, 1e-9),
+            "checkpoint": found[-1][1] if found else None, "run_dir": run_dir, "loss_curve": png,
+            "interrupted": summary["interrupted"], "exit_code": summary["exit_code"],
+            "resumed_from": self.resumed_from, "last_eval": self.last_eval,
+            "statistics": self.model.get_statistics(),
+        }
+
+
+def train(opts: TrainOptions, echo: Callable[[str], None] = print,
+          ask: Callable[[str], str] | None = None, isatty: bool | None = None) -> dict[str, Any]:
+    """Run the streaming trainer in the run shell; returns a summary (with ``exit_code``:
+    130/143 after Ctrl-C/SIGTERM, which save first). ``ask``/``isatty`` are for tests."""
+    step = NeuroGenStep(opts, echo=echo, ask=ask, isatty=isatty).setup()
+    echo(step.describe())
+    if step.resumed_from is not None:
+        echo(f"resuming from {step.resumed_from} (step {step.step})")
+        if opts.max_chunks and step.step >= opts.max_chunks:
+            echo(f"Nothing to train: {step.resumed_from} is already at --max-chunks {opts.max_chunks}; "
+                 "raise --max-chunks to train further.")
+    return step.train()

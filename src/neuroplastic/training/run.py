@@ -17,7 +17,13 @@ needle-recall step) with these members:
 * ``log_extras(tokens_per_s) -> dict`` and ``postfix(record) -> dict``: extra keys for
   the ``train`` log line and the progress bar;
 * ``after_step()``: evaluation and samples at their intervals;
-* ``progress_desc``: the progress bar's label.
+* ``progress_desc``: the progress bar's label;
+* optionally ``finished``: True once a streaming strategy's data has ended before ``end``
+  (the loop then logs, saves and stops as it does at ``train.max_steps``).
+
+A run whose config is not a :class:`~neuroplastic.config.RunConfig` (``neuroplastic
+neurogen train``) gives :class:`Run` a :class:`RunSettings`, the text of its
+``config.yaml`` and its own compatibility check instead.
 
 ``neuroplastic train`` drives a strategy through ``setup()`` (which resumes it when asked),
 ``describe()``, ``resumed_from``, ``train() -> summary`` (with ``run_dir``, ``last_eval``
@@ -34,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +122,50 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
+@dataclass
+class RunSettings:
+    """What the shell reads of a run's settings, for a run configured otherwise than by a
+    :class:`~neuroplastic.config.RunConfig` (whose ``train`` section has the same fields).
+    ``max_steps`` may be ``math.inf`` (until the strategy's data ends)."""
+
+    out_dir: str
+    max_steps: int | float
+    resume: str = "none"  # none | auto | a checkpoint path
+    ckpt_interval: int = 0
+    keep_last: int = 2
+    log_interval: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+
+
+def data_ended(strategy) -> bool:
+    """Whether a streaming strategy's data has ended (its optional ``finished``)."""
+    return bool(getattr(strategy, "finished", False))
+
+
 class Run:
     """The shell of one training run (module docstring); ``dist`` is the process group
-    the strategy set up (one process by default)."""
+    the strategy set up (one process by default).
 
-    def __init__(self, cfg: RunConfig, echo: Callable[[str], None]):
+    ``cfg`` is a ``neuroplastic train`` config (its ``train`` section holds the settings).
+    Another kind of run passes ``cfg=None`` with ``settings``, ``config_text`` (returns the
+    text of ``config.yaml``), ``check`` (``check(loaded, path)`` raises UserError for a
+    checkpoint it cannot resume) and ``resume_hint`` (how its user resumes, named in
+    messages).
+    """
+
+    def __init__(self, cfg: RunConfig | None, echo: Callable[[str], None], *,
+                 settings: RunSettings | None = None, config_text: Callable[[], str] | None = None,
+                 check: Callable[[dict[str, Any], Path], None] | None = None,
+                 resume_hint: str = "train.resume=auto"):
+        if cfg is None and (settings is None or config_text is None or check is None):
+            raise TypeError("Run(cfg=None) needs settings, config_text and check")
         self.cfg = cfg
         self.echo = echo
+        self._settings = settings
+        self._config_text = config_text
+        self._check = check
+        self.resume_hint = resume_hint
         self.dist = Distributed()
         self.logger: MetricsLogger | NullLogger | None = None
         self.stop: StopRequest | None = None
@@ -133,7 +177,18 @@ class Run:
     # ------------------------------------------------------------------ directory
 
     @property
+    def settings(self):
+        """``cfg.train`` (a TrainConfig), or the :class:`RunSettings` given."""
+        return self.cfg.train if self.cfg is not None else self._settings
+
+    def config_text(self) -> str:
+        """What ``config.yaml`` holds (in the run directory and in every checkpoint)."""
+        return dump_config(self.cfg) if self.cfg is not None else self._config_text()
+
+    @property
     def run_dir(self) -> Path:
+        if self.cfg is None:
+            return Path(self._settings.out_dir)
         return Path(self.cfg.train.out_dir.format(name=self.cfg.name))
 
     @property
@@ -188,7 +243,7 @@ class Run:
 
     def resume_path(self) -> Path | None:
         """The checkpoint ``train.resume`` names (None: start fresh)."""
-        spec = self.cfg.train.resume
+        spec = self.settings.resume
         if spec in ("", "none"):
             existing = checkpoint_io.list_checkpoints(self.ckpt_dir)
             if existing:
@@ -218,6 +273,9 @@ class Run:
         """Refuse a checkpoint whose model, data or curriculum settings differ from now."""
         import yaml
 
+        if self.cfg is None:
+            self._check(loaded, resume_path)
+            return
         cfg = self.cfg
         saved_cfg = config_from_dict(yaml.safe_load(loaded["config_text"]))
         now_model = cfg.to_dict()["model"]
@@ -249,7 +307,7 @@ class Run:
                 f"Checkpoint {str(resume_path)!r} holds non-finite parameters or optimizer "
                 "state; resume from an earlier checkpoint with train.resume=PATH."
             )
-        max_steps = self.cfg.train.max_steps
+        max_steps = self.settings.max_steps
         if strategy.step > max_steps:
             raise UserError(
                 f"Checkpoint {str(resume_path)!r} is at step {strategy.step}, past "
@@ -261,9 +319,9 @@ class Run:
         """The metrics logger (rank 0; the others get a NullLogger) and ``config.yaml``."""
         if self.dist.is_main:
             self.logger = MetricsLogger(
-                self.run_dir, tensorboard=self.cfg.train.tensorboard, resume_step=resume_step
+                self.run_dir, tensorboard=self.settings.tensorboard, resume_step=resume_step
             )
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            (self.run_dir / "config.yaml").write_text(self.config_text(), encoding="utf-8")
         else:
             self.logger = NullLogger(self.run_dir)
         return self.logger
@@ -277,7 +335,7 @@ class Run:
             return "No checkpoint had been written yet, so there is none to resume from."
         return (
             f"The last good checkpoint is untouched: {latest} (step {int(latest.name[5:])}); "
-            "resume from it with train.resume=auto."
+            f"resume from it with {self.resume_hint}."
         )
 
     def guard_finite(self, done: int, loss: float, finite: bool) -> None:
@@ -318,7 +376,7 @@ class Run:
                     model=model_src,
                     state=strategy.state(),
                     optimizer_state=optimizer_state,
-                    config_text=dump_config(self.cfg),
+                    config_text=self.config_text(),
                     tokenizer=strategy.tokenizer,
                 )
             except OSError as exc:
@@ -331,10 +389,10 @@ class Run:
                     kept += f", and so does the previous {path}"
                 raise UserError(
                     f"Could not write checkpoint {path} ({exc.strerror or exc}); {kept}. Free "
-                    "disk space or fix the directory's permissions, then resume with train.resume=auto."
+                    f"disk space or fix the directory's permissions, then resume with {self.resume_hint}."
                 ) from exc
             if not best:
-                ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+                ckpt.prune_checkpoints(self.ckpt_dir, self.settings.keep_last)
         if not best:
             self.last_saved_step = step
         return path
@@ -346,7 +404,7 @@ class Run:
 
         Returns ``steps_run``, ``elapsed_s``, ``interrupted`` and ``exit_code``.
         """
-        tc = self.cfg.train
+        tc = self.settings
         interrupted = False
         signum = None
         window_tokens, window_start = 0, time.perf_counter()
@@ -365,13 +423,14 @@ class Run:
         try:
             with StopRequest() as stop:
                 self.stop = stop
-                while strategy.step < end:
+                while strategy.step < end and not data_ended(strategy):
                     record = strategy.train_step()
                     step = strategy.step
+                    ended = data_ended(strategy)
                     window_tokens += record["tokens"]
                     if bar is not None:
                         bar.update(1)
-                    if step % tc.log_interval == 0 or step == end:
+                    if step % tc.log_interval == 0 or step == end or ended:
                         now = time.perf_counter()
                         tps = window_tokens / max(now - window_start, 1e-9)
                         window_tokens, window_start = 0, now
@@ -383,7 +442,7 @@ class Run:
                         if bar is not None:
                             bar.set_postfix(**strategy.postfix(record))
                     strategy.after_step()
-                    if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or step == tc.max_steps:
+                    if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or step == tc.max_steps or ended:
                         self.save(strategy)
                     # several processes stop together, at the step all of them agreed on
                     if self.stop_agreed if self.dist.enabled else stop.requested:
@@ -396,7 +455,7 @@ class Run:
                             self.ckpt_dir
                         ).name != ckpt.checkpoint_name(step):
                             self.save(strategy)
-                        self.echo(f"Stopped at step {step}; checkpoint saved. Resume with train.resume=auto.")
+                        self.echo(f"Stopped at step {step}; checkpoint saved. Resume with {self.resume_hint}.")
                         break
         finally:
             self.stop = None
