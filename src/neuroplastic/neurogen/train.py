@@ -351,7 +351,10 @@ class NeuroGenStep:
             tensorboard=opts.tensorboard,
         )
         self.run = Run(None, echo, settings=settings, config_text=self.config_text,
-                       check=self.check_compatible, resume_hint="--resume")
+                       check=self.check_compatible, names={
+            "resume": "--resume", "max_steps": "--max-chunks", "stabilise": "Lower --lr.",
+            "resume_path": "--resume after moving the later step_* directories out of checkpoints/",
+        })
         self.step = 0
         self.carry: int | None = None
         self.loss_sum = 0.0

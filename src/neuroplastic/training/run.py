@@ -143,6 +143,16 @@ def data_ended(strategy) -> bool:
     return bool(getattr(strategy, "finished", False))
 
 
+#: What a run's messages name, as ``neuroplastic train`` spells it; another kind of run
+#: passes its own spelling (``Run(names=...)``).
+OPTION_NAMES = {
+    "resume": "train.resume=auto",
+    "resume_path": "train.resume=PATH",
+    "max_steps": "train.max_steps",
+    "stabilise": "Lower train.lr or set train.grad_clip > 0.",
+}
+
+
 class Run:
     """The shell of one training run (module docstring); ``dist`` is the process group
     the strategy set up (one process by default).
@@ -150,14 +160,14 @@ class Run:
     ``cfg`` is a ``neuroplastic train`` config (its ``train`` section holds the settings).
     Another kind of run passes ``cfg=None`` with ``settings``, ``config_text`` (returns the
     text of ``config.yaml``), ``check`` (``check(loaded, path)`` raises UserError for a
-    checkpoint it cannot resume) and ``resume_hint`` (how its user resumes, named in
-    messages).
+    checkpoint it cannot resume) and ``names``: how its user spells what the messages name
+    (keys of :data:`OPTION_NAMES`).
     """
 
     def __init__(self, cfg: RunConfig | None, echo: Callable[[str], None], *,
                  settings: RunSettings | None = None, config_text: Callable[[], str] | None = None,
                  check: Callable[[dict[str, Any], Path], None] | None = None,
-                 resume_hint: str = "train.resume=auto"):
+                 names: dict[str, str] | None = None):
         if cfg is None and (settings is None or config_text is None or check is None):
             raise TypeError("Run(cfg=None) needs settings, config_text and check")
         self.cfg = cfg
@@ -165,7 +175,8 @@ class Run:
         self._settings = settings
         self._config_text = config_text
         self._check = check
-        self.resume_hint = resume_hint
+        self.names = {**OPTION_NAMES, **(names or {})}
+        self.resume_hint = self.names["resume"]
         self.dist = Distributed()
         self.logger: MetricsLogger | NullLogger | None = None
         self.stop: StopRequest | None = None
@@ -305,13 +316,13 @@ class Run:
         if not strategy.state_finite():
             raise UserError(
                 f"Checkpoint {str(resume_path)!r} holds non-finite parameters or optimizer "
-                "state; resume from an earlier checkpoint with train.resume=PATH."
+                f"state; resume from an earlier checkpoint with {self.names['resume_path']}."
             )
         max_steps = self.settings.max_steps
         if strategy.step > max_steps:
             raise UserError(
                 f"Checkpoint {str(resume_path)!r} is at step {strategy.step}, past "
-                f"train.max_steps={max_steps}; raise train.max_steps above {strategy.step} "
+                f"{self.names['max_steps']}={max_steps}; raise {self.names['max_steps']} above {strategy.step} "
                 "to train further (or evaluate the checkpoint as it is)."
             )
 
@@ -346,7 +357,7 @@ class Run:
                 f"The parameters or optimizer state are non-finite after step {done} although "
                 f"the loss was finite ({loss:.4g}; last seen finite at step "
                 f"{self.finite_step}); nothing non-finite was saved. {self.last_good()} "
-                "Lower train.lr or set train.grad_clip > 0."
+                f"{self.names['stabilise']}"
             )
         self.finite_step = done
 
