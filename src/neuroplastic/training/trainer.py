@@ -10,7 +10,6 @@ for bit on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,11 +47,14 @@ from neuroplastic.training.distributed import (
     setup_distributed,
 )
 from neuroplastic.training.inputs import prepare_inputs
-from neuroplastic.training.metrics import plot_loss_curve
-from neuroplastic.training.mfu import MfuMeter
-from neuroplastic.training.optim import build_optimizer, lr_at
+from neuroplastic.training.optim import build_optimizer, lr_at, set_lr
+from neuroplastic.training.precision import Precision
+from neuroplastic.training.report import Report
 from neuroplastic.training.run import Run
 from neuroplastic.training.validation import sample_text, validation_metrics
+
+#: the step counters that ``state.json`` stores (in this order)
+COUNTERS = ("step", "tokens_seen", "nonfinite_total", "nonfinite_streak", "best_val", "best_step")
 
 
 class Trainer:
@@ -136,19 +138,17 @@ class Trainer:
 
         self.model, self.forward_model = build_model(cfg, self.device, self.dist, self.model_factory)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
-        self.scaler = (
-            torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        )
+        self.precision = Precision(self.amp, self.device)  # autocast, float16's GradScaler
         self.engine = build_engine(cfg, self.model, self.optimizer)
-        self.mfu = MfuMeter(self.model, self.block_size, self.device, self.amp,
-                            tc.peak_tflops, self.dist.world_size)
+        self.report = Report(self.model, self.block_size, self.device, self.amp, tc.peak_tflops,
+                             self.dist, self.engine, self.echo)  # MFU, log extras, loss curve
         # what callbacks see (callbacks.StepContext); logger and step are filled in below
         self.context = StepContext(
             cfg=cfg, model=self.model, optimizer=self.optimizer, device=self.device,
             tokenizer=self.tokenizer, data=self.data, block_size=self.block_size,
             byte_lengths=self.byte_lengths, world_size=self.dist.world_size,
             engine=self.engine, curriculum=self.curriculum, echo=self.echo,
-            run_dir=self.run_dir, autocast=self.autocast, use_data=self.use_data,
+            run_dir=self.run_dir, autocast=self.precision.autocast, use_data=self.use_data,
             evaluate=self.evaluate, sample=self.sample,
         )
         self.callbacks = build_callbacks(cfg, self.context, self.callbacks)
@@ -159,11 +159,7 @@ class Trainer:
         apply_stage_alpha(cfg, self.model, self.curriculum)
         self.logger = self.context.logger = self.run.open_logger(self.step if loaded is not None else None)
         self.context.step = self.step
-        if self.dist.enabled:
-            self.echo(
-                f"data parallel: {self.dist.world_size} processes ({self.dist.strategy}, "
-                f"{self.dist.backend}), global batch {tc.batch_size * self.dist.world_size}"
-            )
+        self.report.data_parallel(tc.batch_size)
         self.resumed_from = resume_path
         self._setup_done = True
         return self
@@ -180,15 +176,10 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_streak": self.nonfinite_streak,
-            "best_val": self.best_val,
-            "best_step": self.best_step,
+            **{name: getattr(self, name) for name in COUNTERS},
             "data": self.train_data.state_dict(),
             "rng": rng_state(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "scaler": self.precision.state_dict(),
             "callbacks": callback_states(self.callbacks),
         }
 
@@ -202,15 +193,10 @@ class Trainer:
                 f"The optimizer state in {str(path)!r} does not fit this model ({exc})."
             ) from exc
         s = loaded["state"]
-        self.step = int(s["step"])
-        self.tokens_seen = int(s["tokens_seen"])
-        self.nonfinite_total = int(s["nonfinite_total"])
-        self.nonfinite_streak = int(s["nonfinite_streak"])
-        self.best_val = float(s["best_val"])
-        self.best_step = int(s["best_step"])
+        for name in COUNTERS:  # int, or float for best_val
+            setattr(self, name, type(getattr(self, name))(s[name]))
         self.train_data.load_state_dict(s["data"])
-        if self.scaler is not None and s.get("scaler"):
-            self.scaler.load_state_dict(s["scaler"])
+        self.precision.load_state_dict(s.get("scaler"))
         load_callback_states(self.callbacks, s.get("callbacks", {}), path)
         set_rng_state(s["rng"])
 
@@ -224,18 +210,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
 
-    def autocast(self):
-        """The autocast context of ``train.amp`` (a no-op in float32)."""
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp)
-
     def evaluate(self) -> dict[str, float]:
         """Validation loss, perplexity and bits per byte (with a curriculum: the means
         over stages, each stage's, and the current one's; see
         :func:`~neuroplastic.training.validation.validation_metrics`)."""
         return validation_metrics(self.forward_model, self.val_sets, self.byte_lengths,
-                                  self.device, self.autocast, self.curriculum)
+                                  self.device, self.precision.autocast, self.curriculum)
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None,
                temperature: float | None = None, top_k: int | None = 50,
@@ -266,19 +246,14 @@ class Trainer:
             cb.on_train_start(self.context)
         start_step, start_tokens = self.step, self.tokens_seen
         summary = self.run.loop(self, end)
-        run_tps = (self.tokens_seen - start_tokens) / max(summary["elapsed_s"], 1e-9)
-        run_mfu = self.mfu(run_tps) if self.dist.is_main and self.step > start_step else None
-        if run_mfu is not None:
-            self.echo(
-                f"throughput: {run_tps:,.0f} tokens/s over {self.dist.world_size} process(es), "
-                f"MFU {run_mfu:.1%} (peak: {self.mfu.peak.source})"
-            )
+        run_tps, run_mfu = self.report.throughput(
+            self.tokens_seen - start_tokens, summary["elapsed_s"], self.step > start_step
+        )
         png = None
         if self.step >= tc.max_steps and not summary["interrupted"]:
             if not tc.sample_interval:
                 self._sample_and_log()
-            if self.dist.is_main:
-                png = plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", cfg.name)
+            png = self.report.loss_curve(self.logger.path, self.run_dir, cfg.name)
         self.logger.close()
         return {
             "tokens_per_s": run_tps,
@@ -302,16 +277,10 @@ class Trainer:
         return self.cfg.name
 
     def log_extras(self, tokens_per_s: float) -> dict[str, Any]:
-        extras: dict[str, Any] = {}
-        if self.dist.is_main:
-            extras["mfu"] = self.mfu(tokens_per_s)
-        if self.engine is not None:
-            extras.update(self.engine.stats())
-        return extras
+        return self.report.log_extras(tokens_per_s)
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:,.0f}",
-                "mfu": f"{record['mfu']:.1%}"}
+        return self.report.postfix(record)
 
     def after_step(self) -> None:
         tc = self.cfg.train
@@ -325,8 +294,7 @@ class Trainer:
         tc, ctx = self.cfg.train, self.context
         lr = lr_at(self.step, tc)
         ctx.step, ctx.loss, ctx.reward = self.step, None, None
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
         penalty_value = 0.0
         tokens = 0
@@ -340,7 +308,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # DDP all-reduces the gradients in the last micro-batch's backward only
             set_grad_sync(self.forward_model, micro == tc.grad_accum - 1)
-            with self.autocast():
+            with self.precision.autocast():
                 _, loss = self.forward_model(x, y)
             total = loss / tc.grad_accum
             for cb in self.callbacks:
@@ -348,17 +316,16 @@ class Trainer:
                 if pen is not None:
                     total = total + pen / tc.grad_accum
                     penalty_value += float(pen.detach()) / tc.grad_accum
-            if self.scaler is not None:
-                self.scaler.scale(total).backward()
-            else:
-                total.backward()
+            self.precision.backward(total)
             loss_sum += loss.detach().float()
             tokens += x.numel()
         loss_value = float(loss_sum) / tc.grad_accum
-        if self.dist.enabled:
-            loss_value, penalty_value, replay_loss = self._reduce_step(
-                loss_value, penalty_value, replay_loss
+        if self.dist.enabled:  # every rank logs, checks finiteness, feeds AdaptiveLR, stops alike
+            stop = self.run.stop is not None and self.run.stop.requested
+            (loss_value, penalty_value, replay), self.run.stop_agreed = self.dist.agree(
+                [loss_value, penalty_value, replay_loss or 0.0], stop, self.device
             )
+            replay_loss = None if replay_loss is None else replay
             tokens *= self.dist.world_size
         self.tokens_seen += tokens
         record: dict[str, Any] = {"loss": loss_value, "lr": lr, "tokens": tokens}
@@ -383,8 +350,7 @@ class Trainer:
             return record
         self.nonfinite_streak = 0
         ctx.loss = loss_value
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+        self.precision.unscale(self.optimizer)
         if tc.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             record["grad_norm"] = float(grad_norm)
@@ -392,13 +358,8 @@ class Trainer:
             cb.after_backward(ctx)
         if self.engine is not None:  # the lr used (and logged): scheduled x AdaptiveLR's multiplier
             record["lr"] = lr * self.engine.lr_multiplier()
-            for group in self.optimizer.param_groups:
-                group["lr"] = record["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            set_lr(self.optimizer, record["lr"])
+        self.precision.step(self.optimizer)
         for cb in self.callbacks:
             cb.after_step(ctx, record)
         self.optimizer.zero_grad(set_to_none=True)
@@ -418,18 +379,6 @@ class Trainer:
                 self._stage_changed(old)
         return record
 
-    def _reduce_step(
-        self, loss: float, penalty: float, replay_loss: float | None
-    ) -> tuple[float, float, float | None]:
-        """Means across ranks of the step's loss, penalty and replay loss, and whether any
-        rank was asked to stop, in one all-reduce: every rank logs, checks finiteness,
-        feeds AdaptiveLR and stops on the same values."""
-        stop = float(self.run.stop is not None and self.run.stop.requested)
-        replay = 0.0 if replay_loss is None else replay_loss
-        loss, penalty, replay, stop = self.dist.mean([loss, penalty, replay, stop], self.device)
-        self.run.stop_agreed = stop > 0
-        return loss, penalty, (None if replay_loss is None else replay)
-
     @property
     def replay(self):
         """The replay buffer of a rule that keeps one (Consolidation with replay_capacity)."""
@@ -445,13 +394,9 @@ class Trainer:
         rx, ry = self.dist.local_rows(rx), self.dist.local_rows(ry)  # this rank's rows
         rx, ry = rx.to(self.device), ry.to(self.device)
         set_grad_sync(self.forward_model, False)  # reduced with the last micro-batch
-        with self.autocast():
+        with self.precision.autocast():
             _, rloss = self.forward_model(rx, ry)
-        scaled = rloss * (pc.replay_weight / self.cfg.train.grad_accum)
-        if self.scaler is not None:
-            self.scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
+        self.precision.backward(rloss * (pc.replay_weight / self.cfg.train.grad_accum))
         return float(rloss.detach())
 
     def _stage_changed(self, old: int) -> None:
