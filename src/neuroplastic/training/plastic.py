@@ -1,12 +1,16 @@
-"""The plasticity engine as a trainer callback."""
+"""The plasticity engine in the gradient trainer: its hooks as a callback, and the replay
+of its buffer of past batches."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from neuroplastic.data.batching import sequential_blocks
 from neuroplastic.plasticity.engine import PlasticityEngine
 from neuroplastic.training.callbacks import PLASTICITY, Callback, StepContext
+from neuroplastic.training.distributed import set_grad_sync
 
 
 class EngineCallback(Callback):
@@ -73,3 +77,40 @@ class EngineCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
+
+
+class Replay:
+    """Replay of past batches inside the gradient step (``plasticity.replay_every``,
+    ``replay_weight``) from the engine's replay buffer (a Consolidation rule with
+    ``replay_capacity``): every step's batch is remembered, and every ``replay_every``
+    steps one past batch is trained on as an extra micro-batch before the new data."""
+
+    def __init__(self, engine: PlasticityEngine | None, cfg: Any, dist: Any, device: Any):
+        self.engine, self.pc, self.dist, self.device = engine, cfg.plasticity, dist, device
+        self.grad_accum = cfg.train.grad_accum
+
+    @property
+    def buffer(self) -> Any:
+        return None if self.engine is None else self.engine.replay
+
+    def remember(self, train_data: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Keep the step's batch: the whole global batch, so the buffer is the same on every rank."""
+        if self.buffer is not None:
+            gx, gy = getattr(train_data, "last_global", None) or (x, y)
+            self.buffer.add((gx.clone(), gy.clone()))
+
+    def backward(self, step: int, forward_model: torch.nn.Module, precision: Any) -> float | None:
+        """Before (0-based) step ``step``: when replay is due, forward and backward one past
+        batch (this rank's rows; its gradients are reduced with the last micro-batch) and
+        return its loss; otherwise None."""
+        pc, buf = self.pc, self.buffer
+        if buf is None or pc.replay_every <= 0 or len(buf) == 0 or (step + 1) % pc.replay_every:
+            return None
+        (rx, ry), = buf.sample(1)
+        rx, ry = self.dist.local_rows(rx), self.dist.local_rows(ry)  # this rank's rows
+        rx, ry = rx.to(self.device), ry.to(self.device)
+        set_grad_sync(forward_model, False)  # reduced with the last micro-batch
+        with precision.autocast():
+            _, rloss = forward_model(rx, ry)
+        precision.backward(rloss * (pc.replay_weight / self.grad_accum))
+        return float(rloss.detach())

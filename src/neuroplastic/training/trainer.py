@@ -48,6 +48,7 @@ from neuroplastic.training.distributed import (
 )
 from neuroplastic.training.inputs import prepare_inputs
 from neuroplastic.training.optim import build_optimizer, lr_at, set_lr
+from neuroplastic.training.plastic import Replay
 from neuroplastic.training.precision import Precision
 from neuroplastic.training.report import Report
 from neuroplastic.training.run import Run
@@ -140,6 +141,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.precision = Precision(self.amp, self.device)  # autocast, float16's GradScaler
         self.engine = build_engine(cfg, self.model, self.optimizer)
+        self.replayer = Replay(self.engine, cfg, self.dist, self.device)  # plasticity.replay_every
         self.report = Report(self.model, self.block_size, self.device, self.amp, tc.peak_tflops,
                              self.dist, self.engine, self.echo)  # MFU, log extras, loss curve
         # what callbacks see (callbacks.StepContext); logger and step are filled in below
@@ -298,13 +300,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         penalty_value = 0.0
         tokens = 0
-        replay_loss = self._replay_step()
+        replay_loss = self.replayer.backward(self.step, self.forward_model, self.precision)
         for micro in range(tc.grad_accum):
             x, y = self.train_data.next_batch()
-            if micro == 0 and self.replay is not None:
-                # the whole global batch, so that the buffer is the same on every rank
-                gx, gy = getattr(self.train_data, "last_global", None) or (x, y)
-                self.replay.add((gx.clone(), gy.clone()))
+            if micro == 0:
+                self.replayer.remember(self.train_data, x, y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # DDP all-reduces the gradients in the last micro-batch's backward only
             set_grad_sync(self.forward_model, micro == tc.grad_accum - 1)
@@ -382,22 +382,7 @@ class Trainer:
     @property
     def replay(self):
         """The replay buffer of a rule that keeps one (Consolidation with replay_capacity)."""
-        return None if self.engine is None else self.engine.replay
-
-    def _replay_step(self) -> float | None:
-        """Every ``plasticity.replay_every`` steps, one past batch as an extra micro-batch."""
-        pc = self.cfg.plasticity
-        buf = self.replay
-        if buf is None or pc.replay_every <= 0 or len(buf) == 0 or (self.step + 1) % pc.replay_every:
-            return None
-        (rx, ry), = buf.sample(1)
-        rx, ry = self.dist.local_rows(rx), self.dist.local_rows(ry)  # this rank's rows
-        rx, ry = rx.to(self.device), ry.to(self.device)
-        set_grad_sync(self.forward_model, False)  # reduced with the last micro-batch
-        with self.precision.autocast():
-            _, rloss = self.forward_model(rx, ry)
-        self.precision.backward(rloss * (pc.replay_weight / self.cfg.train.grad_accum))
-        return float(rloss.detach())
+        return self.replayer.buffer
 
     def _stage_changed(self, old: int) -> None:
         new = self.curriculum.current
