@@ -2,7 +2,8 @@
 shell (:class:`~neuroplastic.training.run.Run`).
 
 Recipes configure it; plasticity rules plug in as callbacks with the hook points of
-the design map (``penalty`` -> ``after_backward`` -> optimizer step -> ``after_step``).
+the design map (``penalty`` -> ``after_backward`` -> optimizer step -> ``after_step``),
+each given the run's :class:`~neuroplastic.training.callbacks.StepContext`.
 Everything stateful is checkpointed, so ``train.resume=auto`` continues a run exactly:
 the losses of an interrupted-and-resumed run equal those of an uninterrupted one bit
 for bit on CPU.
