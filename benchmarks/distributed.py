@@ -81,8 +81,8 @@ def worker(spec: dict) -> int:
     if t.dist.is_main:
         tps = (t.tokens_seen - tokens0) / dt
         result = {
-            "tokens_per_s": tps, "ms_per_step": 1e3 * dt / spec["steps"], "mfu": t._mfu(tps),
-            "peak": t._peak.source, "params": sum(p.numel() for p in t.model.parameters()),
+            "tokens_per_s": tps, "ms_per_step": 1e3 * dt / spec["steps"], "mfu": t.report.mfu(tps),
+            "peak": t.report.mfu.peak.source, "params": sum(p.numel() for p in t.model.parameters()),
             "backend": t.dist.backend or "-", "device": str(t.device),
         }
         if t.device.type == "cuda":

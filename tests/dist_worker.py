@@ -48,14 +48,14 @@ def run(entry: dict, out: Path) -> None:
     cfg = load_config("tiny", entry["overrides"])
     trainer = Trainer(cfg).setup()
     per_step: list[dict[str, str]] = []
-    original = trainer._train_step
+    original = trainer.train_step
 
     def step():
         record = original()
         per_step.append(fingerprints(trainer))
         return record
 
-    trainer._train_step = step
+    trainer.train_step = step
     summary = trainer.train(stop_at=entry.get("stop_at"))
     rank = trainer.dist.rank
     result = {

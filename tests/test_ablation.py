@@ -103,7 +103,7 @@ def test_sigterm_cut_run_is_marked_no_verdict_nonzero_exit_and_rerun_continues_i
     out = tmp_path / "abl"
     argv = ["ablate", "tiny", "--rule", "homeostasis", "--seeds", "2", "--mc-limit", "0", "--out", str(out),
             *_fast(tmp_path)]
-    real_step = Trainer._train_step
+    real_step = Trainer.train_step
     sent = []
 
     def step_and_maybe_signal(self):
@@ -112,7 +112,7 @@ def test_sigterm_cut_run_is_marked_no_verdict_nonzero_exit_and_rerun_continues_i
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self)
 
-    monkeypatch.setattr(Trainer, "_train_step", step_and_maybe_signal)
+    monkeypatch.setattr(Trainer, "train_step", step_and_maybe_signal)
     assert main(argv) == 143
     captured = capsys.readouterr()
     assert "incomplete (1 of 2 seeds complete)" in captured.err
@@ -126,7 +126,7 @@ def test_sigterm_cut_run_is_marked_no_verdict_nonzero_exit_and_rerun_continues_i
         assert len(m["with_"]) == len(m["without"]) == 1  # the cut seed is left out
     assert _arm_file(out, 1, "with")["status"] == "interrupted"
 
-    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "seed 0 without: complete in" in captured.out and "(kept)" in captured.out

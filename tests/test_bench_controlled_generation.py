@@ -157,8 +157,8 @@ def test_reward_training_never_sees_the_evaluation_prompts():
     from neuroplastic.training.reward import pairs_for
 
     cfg = load_config("controlled-generation")
-    trainer = SimpleNamespace(cfg=cfg)
-    trained = {p for s in STAGES for p in pairs_for(trainer, s)}
+    ctx = SimpleNamespace(cfg=cfg)  # a StepContext's cfg is all that synthetic pairs read
+    trained = {p for s in STAGES for p in pairs_for(ctx, s)}
     evaluated = reward_pairs(cfg, None, Path("."), 60, seed=0)
     assert len(evaluated) == 60
     assert not trained & set(evaluated)

@@ -108,7 +108,7 @@ def test_reward_loss_gradient_is_nonzero_and_changes_the_update(tmp_path, text_f
 
     t = _trainer(tmp_path, text_file, 0.5, "grad")
     cb = t.callbacks[0]
-    out = cb.reward_loss(t, 0)
+    out = cb.reward_loss(t.context, 0)
     assert out["reward_spread"] > 0  # the k samples of a prompt were scored differently
     out["loss"].backward()
     g_reward = _flat_grad(t.model).clone()

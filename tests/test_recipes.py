@@ -47,11 +47,11 @@ def test_a_registered_recipe_from_a_yaml_trains(tmp_path, text_file):
         def __init__(self):
             self.losses: list[float] = []
 
-        def after_step(self, trainer, metrics):
+        def after_step(self, ctx, metrics):
             self.losses.append(metrics["loss"])
 
     class CountingRecipe(Recipe):
-        def callbacks(self, trainer):
+        def callbacks(self, ctx):
             self.made = CountSteps()
             return [self.made]
 

@@ -126,7 +126,7 @@ def test_no_checkpoint_yet_is_not_called_untouched(text_file, tmp_path, capsys):
 class _NanPenalty(Callback):
     name = "nan"
 
-    def penalty(self, trainer):
+    def penalty(self, ctx):
         return torch.tensor(float("nan"))
 
 

@@ -71,8 +71,8 @@ class _NanPenalty(Callback):
     def __init__(self, bad_steps):
         self.bad_steps = set(bad_steps)
 
-    def penalty(self, trainer):
-        if trainer.step in self.bad_steps:
+    def penalty(self, ctx):
+        if ctx.step in self.bad_steps:
             return torch.tensor(float("nan"))
         return None
 

@@ -27,8 +27,11 @@ class Recipe:
 
         return Trainer(cfg, echo=echo)
 
-    def callbacks(self, trainer) -> list:
-        """Callbacks for the gradient trainer, built once its setup has the model and data."""
+    def callbacks(self, ctx: Any) -> list:
+        """Callbacks for the gradient trainer, built during its setup, once the model, data
+        and plasticity engine exist. ``ctx`` is the run's
+        :class:`~neuroplastic.training.callbacks.StepContext` (its ``logger`` is not open
+        yet); ``ctx.use_data`` replaces the training and validation data."""
         return []
 
     def reward(self, cfg: RunConfig, tokenizer: Any = None) -> Any:

@@ -26,7 +26,7 @@ In the public system these reward terms were added to the loss as constants (no
 gradient), so the "reward loss" changed nothing; here the sign is tested: on a reward
 that prefers short outputs the generated length falls, and with ``lam=0`` it does not.
 
-The mean reward of the step becomes ``trainer.reward``, so an ``eligibility`` (or any
+The mean reward of the step becomes ``ctx.reward``, so an ``eligibility`` (or any
 reward-modulated) rule in ``plasticity.rules`` applies its plastic update after the
 optimizer step. Maximum generation length follows the curriculum stage
 (``max_new_tokens``: 30 -> 80 -> 150 over definitions -> explanations -> dialogues).
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from neuroplastic.config import build_dataclass
 from neuroplastic.errors import UserError
 from neuroplastic.recipes import Recipe
-from neuroplastic.training.callbacks import Callback
+from neuroplastic.training.callbacks import Callback, StepContext
 from neuroplastic.training.reward import pairs_for
 
 
@@ -121,33 +121,33 @@ class ControlledGeneration(Callback):
         self._done_step = -1
         self.last: dict[str, float] = {}
 
-    def _prompts(self, trainer) -> list[tuple[str, str]]:
-        stage = trainer.curriculum.stage if trainer.curriculum is not None else None
+    def _prompts(self, ctx: StepContext) -> list[tuple[str, str]]:
+        stage = ctx.curriculum.stage if ctx.curriculum is not None else None
         if stage not in self._pairs:
-            self._pairs[stage] = pairs_for(trainer, stage)
+            self._pairs[stage] = pairs_for(ctx, stage)
         return self._pairs[stage]
 
-    def penalty(self, trainer) -> torch.Tensor | None:
-        if trainer.step == self._done_step or trainer.step % self.opt.every:
+    def penalty(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.step == self._done_step or ctx.step % self.opt.every:
             return None
-        self._done_step = trainer.step
-        out = self.reward_loss(trainer, trainer.step)
-        trainer.reward = out["reward"]
+        self._done_step = ctx.step
+        out = self.reward_loss(ctx, ctx.step)
+        ctx.reward = out["reward"]
         self.last = {k: v for k, v in out.items() if k != "loss"}
         if self.opt.lam == 0:
             return None
         # the trainer divides penalties by grad_accum per micro-batch; this one is once a step
-        return self.opt.lam * out["loss"] * trainer.cfg.train.grad_accum
+        return self.opt.lam * out["loss"] * ctx.cfg.train.grad_accum
 
-    def reward_loss(self, trainer, step: int) -> dict[str, Any]:
-        o, tok, model, dev = self.opt, trainer.tokenizer, trainer.model, trainer.device
-        pairs = self._prompts(trainer)
-        rng = np.random.default_rng([trainer.cfg.train.seed, step, 29])
+    def reward_loss(self, ctx: StepContext, step: int) -> dict[str, Any]:
+        o, tok, model, dev = self.opt, ctx.tokenizer, ctx.model, ctx.device
+        pairs = self._prompts(ctx)
+        rng = np.random.default_rng([ctx.cfg.train.seed, step, 29])
         picks = rng.choice(len(pairs), size=min(o.prompts_per_step, len(pairs)), replace=False)
         gen = torch.Generator(device=dev)
-        gen.manual_seed(trainer.cfg.train.seed * 1_000_003 + step + 7)
-        block = trainer.cfg.model.block_size
-        stage = trainer.curriculum.current if trainer.curriculum is not None else 0
+        gen.manual_seed(ctx.cfg.train.seed * 1_000_003 + step + 7)
+        block = ctx.cfg.model.block_size
+        stage = ctx.curriculum.current if ctx.curriculum is not None else 0
         caps = o.stage_caps(block)
         max_new = caps[min(stage, len(caps) - 1)]
         seqs, prompt_lens, preds, refs, gen_lens = [], [], [], [], []
@@ -182,7 +182,7 @@ class ControlledGeneration(Callback):
         for j, (s, pl) in enumerate(zip(seqs, prompt_lens)):
             ids[j, : len(s)] = torch.tensor(s, device=dev)
             mask[j, pl - 1 : len(s) - 1] = 1.0  # positions predicting generated tokens
-        with trainer.autocast():
+        with ctx.autocast():
             logits, _ = model(ids[:, :-1])
         logp_all = F.log_softmax(logits.float(), dim=-1)
         logp_tok = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
@@ -204,10 +204,10 @@ class ControlledGeneration(Callback):
         stats.update({f"term/{k}": float(v) for k, v in result.terms.items()})
         return stats
 
-    def after_step(self, trainer, metrics: dict[str, Any]) -> None:
-        if self.last and self._done_step == trainer.step:
+    def after_step(self, ctx: StepContext, metrics: dict[str, Any]) -> None:
+        if self.last and self._done_step == ctx.step:
             metrics.update({f"control/{k}": v for k, v in self.last.items()})
-            trainer.logger.log("control", trainer.step + 1, **self.last)
+            ctx.logger.log("control", ctx.step + 1, **self.last)
 
 
 def build_reward(options: ControlOptions, tokenizer: Any = None):
@@ -236,10 +236,10 @@ class ControlledGenerationRecipe(Recipe):
     """``recipe_module: controlled_generation``: the gradient trainer plus the reward
     producer :class:`ControlledGeneration` (it runs before the plasticity engine)."""
 
-    def callbacks(self, trainer) -> list[Callback]:
-        opts = options_of(trainer.cfg)
-        opts.check_length_target(trainer.cfg.model.block_size)
-        return [ControlledGeneration(opts, trainer.tokenizer)]
+    def callbacks(self, ctx: StepContext) -> list[Callback]:
+        opts = options_of(ctx.cfg)
+        opts.check_length_target(ctx.cfg.model.block_size)
+        return [ControlledGeneration(opts, ctx.tokenizer)]
 
     def reward(self, cfg, tokenizer: Any = None):
         return reward_for(cfg, tokenizer)

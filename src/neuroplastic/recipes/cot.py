@@ -9,7 +9,7 @@ the one trainer and changes three things:
   ``options.tasks`` is a *sequence* of tasks (default: ``[data.source]``), e.g.
   ``[gsm8k, arith]``: task A for the first share of ``train.max_steps``, then task B
   (``options.boundaries``: the fractions where the task changes; default equal shares).
-  The validation split (``trainer.evaluate``, best checkpoint) is the held-out examples
+  The validation split (the trainer's evaluation, best checkpoint) is the held-out examples
   of all tasks.
 * **Adaptive learning rate by reasoning complexity.** Every ``adaptive_lr`` rule of
   ``plasticity.rules`` gets the mean complexity of the step's batches
@@ -63,7 +63,7 @@ from neuroplastic.data.cot import (
 )
 from neuroplastic.errors import UserError
 from neuroplastic.recipes import Recipe
-from neuroplastic.training.callbacks import OBSERVE, Callback
+from neuroplastic.training.callbacks import OBSERVE, Callback, StepContext
 
 
 @dataclass
@@ -124,10 +124,10 @@ def task_names(specs: list[str]) -> list[str]:
     return names
 
 
-def _model_tokenizer(trainer) -> Any:
+def _model_tokenizer(ctx: StepContext) -> Any:
     """The HF tokenizer of an HFCausalLM (chat template), else the run's own tokenizer."""
-    tok = getattr(trainer.model, "tokenizer", None)
-    return tok if tok is not None else trainer.tokenizer
+    tok = getattr(ctx.model, "tokenizer", None)
+    return tok if tok is not None else ctx.tokenizer
 
 
 class CotCallback(Callback):
@@ -136,15 +136,15 @@ class CotCallback(Callback):
     name = "cot"
     phase = OBSERVE  # after the plasticity engine
 
-    def __init__(self, trainer, options: CotOptions):
+    def __init__(self, ctx: StepContext, options: CotOptions):
         from neuroplastic.plasticity.adaptive_lr import AdaptiveLR
 
         self.opt = options
-        cfg = trainer.cfg
+        cfg = ctx.cfg
         specs = list(options.tasks) or [cfg.data.source]
         self.names = task_names(specs)
         self.specs = dict(zip(self.names, specs))
-        tok = _model_tokenizer(trainer)
+        tok = _model_tokenizer(ctx)
         self.formatter = CotFormatter(
             tok, instruction=options.instruction, system=options.system or None,
             chat=options.chat_mode,
@@ -184,7 +184,7 @@ class CotCallback(Callback):
                 f"got {len(fractions)}."
             )
         self.starts = [0] + [max(1, round(f * max_steps)) for f in fractions]
-        self.engine = trainer.engine
+        self.engine = ctx.engine
         self.alr = []
         if self.engine is not None:
             for rule in self.engine.rules:
@@ -205,13 +205,13 @@ class CotCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
 
-    def on_train_start(self, trainer) -> None:
-        self.batches.set_task(self.task_at(trainer.step))
-        if trainer.step == 0:
-            self._eval_tasks(trainer, 0)
+    def on_train_start(self, ctx: StepContext) -> None:
+        self.batches.set_task(self.task_at(ctx.step))
+        if ctx.step == 0:
+            self._eval_tasks(ctx, 0)
 
-    def after_step(self, trainer, metrics: dict[str, Any]) -> None:
-        done = trainer.step + 1  # the trainer counts the step after its callbacks
+    def after_step(self, ctx: StepContext, metrics: dict[str, Any]) -> None:
+        done = ctx.step + 1  # the trainer counts the step after its callbacks
         record: dict[str, Any] = {"task": self.batches.task, "loss": metrics.get("loss")}
         c = self.batches.step_complexity()
         if math.isfinite(c):
@@ -229,23 +229,23 @@ class CotCallback(Callback):
                     record[f"{rule.name}_update_norm"] = rule.last_update_norm
             if "penalty" in metrics:
                 record["ewc_penalty"] = metrics["penalty"]
-        trainer.logger.log("cot", done, **record)
+        ctx.logger.log("cot", done, **record)
         self.batches.end_step()
 
-        max_steps = trainer.cfg.train.max_steps
+        max_steps = ctx.cfg.train.max_steps
         nxt = self.task_at(done)
         switched = nxt != self.batches.task and done < max_steps
         if switched:
-            self._consolidate(trainer, self.batches.task, done)
+            self._consolidate(ctx, self.batches.task, done)
             self.batches.set_task(nxt)
-            trainer.echo(f"[step {done}] task: {self.specs[record['task']]} -> {self.specs[nxt]}")
+            ctx.echo(f"[step {done}] task: {self.specs[record['task']]} -> {self.specs[nxt]}")
         elif self.opt.ewc_every and done % self.opt.ewc_every == 0 and done < max_steps:
-            self._consolidate(trainer, self.batches.task, done)
-        every = self.opt.eval_every or trainer.cfg.train.eval_interval
+            self._consolidate(ctx, self.batches.task, done)
+        every = self.opt.eval_every or ctx.cfg.train.eval_interval
         if switched or done == max_steps or (every and done % every == 0):
-            self._eval_tasks(trainer, done)
+            self._eval_tasks(ctx, done)
         if done == max_steps:
-            self.write_fisher(trainer.run_dir / "fisher.json")
+            self.write_fisher(ctx.run_dir / "fisher.json")
 
     # ------------------------------------------------------------------ pieces
 
@@ -254,49 +254,48 @@ class CotCallback(Callback):
             return []
         return self.engine.consolidating()
 
-    def _consolidate(self, trainer, task: str, step: int) -> None:
+    def _consolidate(self, ctx: StepContext, task: str, step: int) -> None:
         rules = self._ewc_rules()
         if not rules:
             return
         batches = eval_batches(
-            self.train_sets[task][: self.opt.fisher_batches * trainer.cfg.train.batch_size],
-            trainer.cfg.train.batch_size, self.pad_id,
+            self.train_sets[task][: self.opt.fisher_batches * ctx.cfg.train.batch_size],
+            ctx.cfg.train.batch_size, self.pad_id,
         )
-        device = trainer.device
+        device = ctx.device
 
         def loss_fn(model, batch):
             x, y = batch
-            with trainer.autocast():
+            with ctx.autocast():
                 return model(x.to(device), y.to(device))[1]
 
-        was_training = trainer.model.training
-        trainer.model.eval()  # no dropout in the Fisher; Hebbian hooks record nothing
+        was_training = ctx.model.training
+        ctx.model.eval()  # no dropout in the Fisher; Hebbian hooks record nothing
         try:
             for rule in rules:
                 rule.consolidate(batches, loss_fn)
         finally:
-            trainer.model.train(was_training)
+            ctx.model.train(was_training)
         self.consolidations += 1
-        trainer.logger.log("consolidate", step, task=task, rules=",".join(r.name for r in rules),
+        ctx.logger.log("consolidate", step, task=task, rules=",".join(r.name for r in rules),
                            batches=len(batches))
 
-    def task_losses(self, trainer) -> dict[str, float]:
+    def task_losses(self, ctx: StepContext) -> dict[str, float]:
         from neuroplastic.evaluation.lm import lm_metrics
 
         return {
-            name: lm_metrics(trainer.model, batches, trainer.byte_lengths, trainer.device,
-                             trainer.autocast)["loss"]
+            name: lm_metrics(ctx.model, batches, ctx.byte_lengths, ctx.device, ctx.autocast)["loss"]
             for name, batches in self.eval_sets.items()
         }
 
-    def _eval_tasks(self, trainer, step: int) -> None:
-        losses = self.task_losses(trainer)
-        trainer.logger.log("cot_eval", step, task=self.batches.task,
+    def _eval_tasks(self, ctx: StepContext, step: int) -> None:
+        losses = self.task_losses(ctx)
+        ctx.logger.log("cot_eval", step, task=self.batches.task,
                            **{f"{k}/loss": v for k, v in losses.items()})
 
-    def final_metrics(self, trainer) -> dict[str, float]:
+    def final_metrics(self, ctx: StepContext) -> dict[str, float]:
         """Held-out loss of each task (for ``neuroplastic ablate``; lower is better)."""
-        return {f"{name}_loss": v for name, v in self.task_losses(trainer).items()}
+        return {f"{name}_loss": v for name, v in self.task_losses(ctx).items()}
 
     def fisher(self) -> dict[str, Any] | None:
         """Mean Fisher per parameter and per layer of the first EWC rule that has one."""
@@ -372,11 +371,11 @@ class CotRecipe(Recipe):
     """``recipe_module: cot``: the gradient trainer on chain-of-thought batches, plus a
     :class:`CotCallback` (an observer: it runs after the plasticity engine)."""
 
-    def callbacks(self, trainer) -> list[Callback]:
-        opts = build_dataclass(CotOptions, dict(trainer.cfg.options), "options").validate()
-        cb = CotCallback(trainer, opts)
+    def callbacks(self, ctx: StepContext) -> list[Callback]:
+        opts = build_dataclass(CotOptions, dict(ctx.cfg.options), "options").validate()
+        cb = CotCallback(ctx, opts)
         # the chain-of-thought batches; validation: the held-out examples of every task
-        trainer.use_data(cb.batches, {"val": [b for v in cb.eval_sets.values() for b in v]})
+        ctx.use_data(cb.batches, {"val": [b for v in cb.eval_sets.values() for b in v]})
         return [cb]
 
 

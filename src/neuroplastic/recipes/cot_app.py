@@ -182,7 +182,7 @@ def train_cot(
             export = str(save_adapter(model, run_dir / "adapter"))
         else:
             export = str(export_merged(model, run_dir / "model"))
-    losses = cot.task_losses(trainer)
+    losses = cot.task_losses(trainer.context)
     result = {
         "run_dir": str(run_dir),
         "steps": summary["step"],

@@ -388,7 +388,7 @@ class RecallRecipe(Recipe):
     def strategy(self, cfg: RunConfig, echo=None) -> RecallStep:
         return RecallStep(cfg, echo=echo)
 
-    def callbacks(self, trainer) -> list:
+    def callbacks(self, ctx) -> list:
         raise UserError(
             "The recall recipe (recipe_module: recall) has its own training loop step "
             "(RecallStep); start it with `neuroplastic train RECIPE`, not through the "

@@ -48,7 +48,7 @@ from neuroplastic.evaluation.ablation import (
 )
 from neuroplastic.models import checkpoint_io
 from neuroplastic.plasticity.registry import rule_class
-from neuroplastic.training.callbacks import Callback
+from neuroplastic.training.callbacks import Callback, StepContext
 from neuroplastic.training.trainer import Trainer
 
 ARM_FILE = "ablation_arm.json"
@@ -83,7 +83,7 @@ def final_metrics(trainer: Trainer, mc_limit: int) -> dict[str, float]:
         cb = next((c for c in trainer.callbacks if isinstance(c, RewardCallback)), None)
         cb = cb or RewardCallback(trainer.cfg.reward)
         # fixed pseudo-steps: the same prompts and sampling seeds in both arms
-        totals = [cb.compute(trainer, 10**9 + i)["total"] for i in range(3)]
+        totals = [cb.compute(trainer.context, 10**9 + i)["total"] for i in range(3)]
         out["reward"] = sum(totals) / len(totals)
     if trainer.cfg.data.source == "synthetic" and mc_limit > 0:
         from neuroplastic.evaluation.multiple_choice import GPTScorer, evaluate_task
@@ -91,10 +91,10 @@ def final_metrics(trainer: Trainer, mc_limit: int) -> dict[str, float]:
         scorer = GPTScorer(trainer.model, trainer.tokenizer, trainer.device)
         res = evaluate_task(scorer, "synthetic-mc", limit=mc_limit)
         out["mc_acc_norm"] = res["acc_norm"]
-    for cb in trainer.callbacks:  # a recipe's own metrics (e.g. each task's loss)
+    for cb in trainer.callbacks:  # a recipe's own final_metrics(ctx) (e.g. each task's loss)
         extra = getattr(cb, "final_metrics", None)
         if extra is not None:
-            out.update(extra(trainer))
+            out.update(extra(trainer.context))
     return out
 
 
@@ -129,16 +129,16 @@ class _RunProgress(Callback):
         self.show = show
         self.bar = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, ctx: StepContext) -> None:
         if self.show:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=trainer.cfg.train.max_steps, initial=trainer.step, desc=self.desc,
+            self.bar = tqdm(total=ctx.cfg.train.max_steps, initial=ctx.step, desc=self.desc,
                             unit="step", dynamic_ncols=True, leave=False,
                             # redraw rarely when stderr is a log file rather than a terminal
                             mininterval=0.1 if sys.stderr.isatty() else 15.0)
 
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def after_step(self, ctx: StepContext, metrics: dict[str, Any]) -> None:
         self.signals.chain()
         if self.bar is not None:
             self.bar.update(1)

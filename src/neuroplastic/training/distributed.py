@@ -167,6 +167,12 @@ class Distributed:
         dist.all_reduce(t)
         return (t / self.world_size).tolist()
 
+    def agree(self, values: list[float], stop: bool, device: torch.device) -> tuple[list[float], bool]:
+        """Means across ranks of ``values`` and whether any rank was asked to ``stop``, in one
+        all-reduce (so that every rank acts on the same numbers and stops at the same step)."""
+        *means, stops = self.mean([*values, float(stop)], device)
+        return means, stops > 0
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist

@@ -143,3 +143,22 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 def mfu(flops_token: float, tokens_per_s: float, peak: Peak, processes: int = 1) -> float:
     """Fraction of ``processes`` devices' peak that ``tokens_per_s`` (all processes) achieves."""
     return flops_token * tokens_per_s / (peak.flops * max(processes, 1))
+
+
+class MfuMeter:
+    """MFU of a training run's throughput: the peak and the FLOPs per token are found on
+    the first call (measuring a peak takes a moment), then reused."""
+
+    def __init__(self, model: nn.Module, seq_len: int, device: torch.device,
+                 dtype: torch.dtype | None = None, peak_tflops: float = 0.0, processes: int = 1):
+        self.model, self.seq_len, self.device = model, seq_len, device
+        self.dtype, self.peak_tflops, self.processes = dtype, peak_tflops, processes
+        self.peak: Peak | None = None
+        self.flops_per_token = 0.0
+
+    def __call__(self, tokens_per_s: float) -> float:
+        """MFU of ``tokens_per_s`` (all processes together)."""
+        if self.peak is None:
+            self.peak = device_peak(self.device, self.dtype, self.peak_tflops)
+            self.flops_per_token = flops_per_token(self.model, self.seq_len)
+        return mfu(self.flops_per_token, tokens_per_s, self.peak, self.processes)

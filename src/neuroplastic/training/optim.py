@@ -39,3 +39,9 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -2,7 +2,8 @@
 shell (:class:`~neuroplastic.training.run.Run`).
 
 Recipes configure it; plasticity rules plug in as callbacks with the hook points of
-the design map (``penalty`` -> ``after_backward`` -> optimizer step -> ``after_step``).
+the design map (``penalty`` -> ``after_backward`` -> optimizer step -> ``after_step``),
+each given the run's :class:`~neuroplastic.training.callbacks.StepContext`.
 Everything stateful is checkpointed, so ``train.resume=auto`` continues a run exactly:
 the losses of an interrupted-and-resumed run equal those of an uninterrupted one bit
 for bit on CPU.
@@ -10,7 +11,6 @@ for bit on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +20,6 @@ import torch
 
 from neuroplastic.config import RunConfig
 from neuroplastic.errors import UserError
-from neuroplastic.evaluation.lm import lm_metrics
 from neuroplastic.runtime import (
     amp_dtype,
     resolve_device,
@@ -29,17 +28,35 @@ from neuroplastic.runtime import (
     set_rng_state,
 )
 from neuroplastic.training import checkpoint as ckpt
-from neuroplastic.training.callbacks import Callback, callback_states, load_callback_states
+from neuroplastic.training.build import (
+    apply_stage_alpha,
+    build_callbacks,
+    build_engine,
+    build_model,
+    describe,
+)
+from neuroplastic.training.callbacks import (
+    Callback,
+    StepContext,
+    callback_states,
+    load_callback_states,
+)
 from neuroplastic.training.distributed import (
     Distributed,
     rank_device,
     set_grad_sync,
     setup_distributed,
 )
-from neuroplastic.training.inputs import prepare_inputs, stage_means
-from neuroplastic.training.metrics import plot_loss_curve
-from neuroplastic.training.optim import build_optimizer, lr_at
+from neuroplastic.training.inputs import prepare_inputs
+from neuroplastic.training.optim import build_optimizer, lr_at, set_lr
+from neuroplastic.training.plastic import Replay
+from neuroplastic.training.precision import Precision
+from neuroplastic.training.report import Report
 from neuroplastic.training.run import Run
+from neuroplastic.training.validation import sample_text, validation_metrics
+
+#: the step counters that ``state.json`` stores (in this order)
+COUNTERS = ("step", "tokens_seen", "nonfinite_total", "nonfinite_streak", "best_val", "best_step")
 
 
 class Trainer:
@@ -66,7 +83,6 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []  # per-step train records (kept in memory)
         self.run = Run(cfg, self.echo)  # run dir, resume, checkpoints, logger, stop signal
-        self._peak = None
         self._setup_done = False
 
     # ------------------------------------------------------------------ setup
@@ -122,63 +138,31 @@ class Trainer:
         # every rank draws the same global batch and keeps its own rows
         self.train_data = self.dist.shard_batches(self.train_data)
 
-        if self.model_factory is not None:
-            model = self.model_factory(cfg.model)
-        else:
-            from neuroplastic.models import build_model
-
-            model = build_model(cfg.model)
-        self.model = model.to(self.device)
-        if cfg.plasticity.rules and self.dist.enabled and self.dist.fsdp:
-            raise UserError(
-                "Plasticity rules are not supported with train.parallel=fsdp yet; use "
-                "train.parallel=ddp (or drop plasticity.rules)."
-            )
-        wrapped = self.dist.wrap(self.model, self.device)  # DDP, or FSDP2 in place
-        self.forward_model = torch.compile(wrapped) if cfg.train.compile else wrapped
+        self.model, self.forward_model = build_model(cfg, self.device, self.dist, self.model_factory)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
-        self.scaler = (
-            torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.precision = Precision(self.amp, self.device)  # autocast, float16's GradScaler
+        self.engine = build_engine(cfg, self.model, self.optimizer)
+        self.replayer = Replay(self.engine, cfg, self.dist, self.device)  # plasticity.replay_every
+        self.report = Report(self.model, self.block_size, self.device, self.amp, tc.peak_tflops,
+                             self.dist, self.engine, self.echo)  # MFU, log extras, loss curve
+        # what callbacks see (callbacks.StepContext); logger and step are filled in below
+        self.context = StepContext(
+            cfg=cfg, model=self.model, optimizer=self.optimizer, device=self.device,
+            tokenizer=self.tokenizer, data=self.data, block_size=self.block_size,
+            byte_lengths=self.byte_lengths, world_size=self.dist.world_size,
+            engine=self.engine, curriculum=self.curriculum, echo=self.echo,
+            run_dir=self.run_dir, autocast=self.precision.autocast, use_data=self.use_data,
+            evaluate=self.evaluate, sample=self.sample,
         )
-        self.engine = None
-        callbacks = list(self.callbacks)
-        if cfg.plasticity.rules:
-            from neuroplastic.plasticity import PlasticityEngine
-            from neuroplastic.plasticity.registry import build_rule
-            from neuroplastic.training.plastic import EngineCallback
-
-            self.engine = PlasticityEngine(
-                self.model,
-                [build_rule(r) for r in cfg.plasticity.rules],
-                optimizer=self.optimizer,
-                baseline_decay=cfg.plasticity.baseline_decay,
-                normalize_advantage=cfg.plasticity.normalize_advantage,
-            )
-            callbacks.append(EngineCallback(self.engine))
-        if cfg.recipe_module:
-            from neuroplastic.recipes import get_recipe
-
-            callbacks[:0] = get_recipe(cfg.recipe_module).callbacks(self)
-        elif cfg.options:
-            raise UserError("options are given but no recipe_module uses them; drop them or set recipe_module.")
-        if cfg.reward.interval > 0:
-            from neuroplastic.training.reward import RewardCallback
-
-            callbacks.insert(0, RewardCallback(cfg.reward))
-        # reward producers -> plasticity engine -> observers (stable within a phase)
-        self.callbacks = sorted(callbacks, key=lambda cb: cb.phase)
-        self.reward: float | None = None  # set by a reward callback for the current step
+        self.callbacks = build_callbacks(cfg, self.context, self.callbacks)
 
         if loaded is not None:
             self._restore(loaded)
             self.run.check_resumed(self, resume_path)
-        self._apply_stage_alpha()
-        self.logger = self.run.open_logger(self.step if loaded is not None else None)
-        if self.dist.enabled:
-            self.echo(
-                f"data parallel: {self.dist.world_size} processes ({self.dist.strategy}, "
-                f"{self.dist.backend}), global batch {tc.batch_size * self.dist.world_size}"
-            )
+        apply_stage_alpha(cfg, self.model, self.curriculum)
+        self.logger = self.context.logger = self.run.open_logger(self.step if loaded is not None else None)
+        self.context.step = self.step
+        self.report.data_parallel(tc.batch_size)
         self.resumed_from = resume_path
         self._setup_done = True
         return self
@@ -189,45 +173,16 @@ class Trainer:
 
     def describe(self) -> str:
         """One paragraph: the model, the data, the device and the plasticity rules."""
-        m = self.model
-        n = sum(p.numel() for p in m.parameters())
-        d = self.data
-        if hasattr(d, "train_tokens"):
-            n_train, n_val = len(d.train_tokens), len(d.val_tokens)
-        else:  # curriculum: per-stage streams
-            n_train = sum(len(v) for v in d.train.values())
-            n_val = sum(len(v) for v in d.val.values())
-        # the model's own shape (a HF model's, not the recipe's unused model.n_layer / n_embd)
-        mc = getattr(m, "config", None)
-        n_layer = getattr(mc, "n_layer", self.cfg.model.n_layer)
-        n_embd = getattr(mc, "n_embd", self.cfg.model.n_embd)
-        text = (
-            f"model: {n_layer} layers x {n_embd} dim, "
-            f"{n / 1e6:.2f}M params | data: {d.description}, {n_train:,} train / "
-            f"{n_val:,} val tokens ({self.tokenizer.kind} tokenizer, vocab "
-            f"{self.tokenizer.vocab_size}) | device: {self.device}"
-        )
-        if self.engine is not None:
-            text += "\nplasticity: " + ", ".join(
-                f"{r.name} ({len(r.params)} tensors)" for r in self.engine.rules
-            )
-            if self.cfg.reward.interval:
-                text += f"; reward every {self.cfg.reward.interval} steps"
-        return text
+        return describe(self.context)
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
         return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_streak": self.nonfinite_streak,
-            "best_val": self.best_val,
-            "best_step": self.best_step,
+            **{name: getattr(self, name) for name in COUNTERS},
             "data": self.train_data.state_dict(),
             "rng": rng_state(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "scaler": self.precision.state_dict(),
             "callbacks": callback_states(self.callbacks),
         }
 
@@ -241,15 +196,10 @@ class Trainer:
                 f"The optimizer state in {str(path)!r} does not fit this model ({exc})."
             ) from exc
         s = loaded["state"]
-        self.step = int(s["step"])
-        self.tokens_seen = int(s["tokens_seen"])
-        self.nonfinite_total = int(s["nonfinite_total"])
-        self.nonfinite_streak = int(s["nonfinite_streak"])
-        self.best_val = float(s["best_val"])
-        self.best_step = int(s["best_step"])
+        for name in COUNTERS:  # int, or float for best_val
+            setattr(self, name, type(getattr(self, name))(s[name]))
         self.train_data.load_state_dict(s["data"])
-        if self.scaler is not None and s.get("scaler"):
-            self.scaler.load_state_dict(s["scaler"])
+        self.precision.load_state_dict(s.get("scaler"))
         load_callback_states(self.callbacks, s.get("callbacks", {}), path)
         set_rng_state(s["rng"])
 
@@ -263,58 +213,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
 
-    def autocast(self):
-        """The autocast context of ``train.amp`` (a no-op in float32)."""
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp)
-
-    @property
-    def val_batches(self):
-        """Validation batches of the current curriculum stage (or the only split)."""
-        if self.curriculum is not None:
-            return self.val_sets[self.curriculum.stage]
-        return self.val_sets["val"]
-
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits per byte.
+        """Validation loss, perplexity and bits per byte (with a curriculum: the means
+        over stages, each stage's, and the current one's; see
+        :func:`~neuroplastic.training.validation.validation_metrics`)."""
+        return validation_metrics(self.forward_model, self.val_sets, self.byte_lengths,
+                                  self.device, self.precision.autocast, self.curriculum)
 
-        With a curriculum, every stage is evaluated: ``loss``/``ppl``/``bpb`` are the
-        means over stages, ``<stage>/loss`` each stage's, ``stage_loss`` the current one's.
-        """
-        results = {
-            name: lm_metrics(self.forward_model, batches, self.byte_lengths, self.device, self.autocast)
-            for name, batches in self.val_sets.items()
-        }
-        return results["val"] if self.curriculum is None else stage_means(results, self.curriculum)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        prompt: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = 50,
-        seed: int | None = None,
-    ) -> str:
-        """A generation from ``prompt`` that does not disturb the training RNG."""
-        prompt = self.cfg.train.sample_prompt if prompt is None else prompt
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
-        ids = ids[-self.cfg.model.block_size :]
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.cfg.train.seed + self.step if seed is None else seed)
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(
-            torch.tensor([ids], device=self.device),
-            max_new_tokens or self.cfg.train.sample_tokens,
-            temperature=self.cfg.train.sample_temperature if temperature is None else temperature,
-            top_k=top_k,
-            eos_id=self.tokenizer.eos_id,
-            generator=gen,
-        )
-        self.model.train(was_training)
-        return prompt + self.tokenizer.decode(out[0, len(ids) :].tolist())
+    def sample(self, prompt: str | None = None, max_new_tokens: int | None = None,
+               temperature: float | None = None, top_k: int | None = 50,
+               seed: int | None = None) -> str:
+        """A generation from ``prompt`` that does not disturb the training RNG
+        (:func:`~neuroplastic.training.validation.sample_text`)."""
+        return sample_text(self.model, self.tokenizer, self.cfg, self.device, self.step,
+                           prompt, max_new_tokens, temperature, top_k, seed)
 
     # ------------------------------------------------------------------ train
 
@@ -332,23 +244,19 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
         self.model.train()
+        self.context.step = self.step
         for cb in self.callbacks:
-            cb.on_train_start(self)
+            cb.on_train_start(self.context)
         start_step, start_tokens = self.step, self.tokens_seen
         summary = self.run.loop(self, end)
-        run_tps = (self.tokens_seen - start_tokens) / max(summary["elapsed_s"], 1e-9)
-        run_mfu = self._mfu(run_tps) if self.dist.is_main and self.step > start_step else None
-        if run_mfu is not None:
-            self.echo(
-                f"throughput: {run_tps:,.0f} tokens/s over {self.dist.world_size} process(es), "
-                f"MFU {run_mfu:.1%} (peak: {self._peak.source})"
-            )
+        run_tps, run_mfu = self.report.throughput(
+            self.tokens_seen - start_tokens, summary["elapsed_s"], self.step > start_step
+        )
         png = None
         if self.step >= tc.max_steps and not summary["interrupted"]:
             if not tc.sample_interval:
                 self._sample_and_log()
-            if self.dist.is_main:
-                png = plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", cfg.name)
+            png = self.report.loss_curve(self.logger.path, self.run_dir, cfg.name)
         self.logger.close()
         return {
             "tokens_per_s": run_tps,
@@ -372,20 +280,10 @@ class Trainer:
         return self.cfg.name
 
     def log_extras(self, tokens_per_s: float) -> dict[str, Any]:
-        extras: dict[str, Any] = {}
-        if self.dist.is_main:
-            extras["mfu"] = self._mfu(tokens_per_s)
-        if self.engine is not None:
-            extras.update(self.engine.stats())
-        return extras
+        return self.report.log_extras(tokens_per_s)
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:,.0f}",
-                "mfu": f"{record['mfu']:.1%}"}
-
-    def train_step(self) -> dict[str, Any]:
-        """One gradient step (the shell's hook; :meth:`_train_step` does it)."""
-        return self._train_step()
+        return self.report.postfix(record)
 
     def after_step(self) -> None:
         tc = self.cfg.train
@@ -394,44 +292,41 @@ class Trainer:
         if tc.sample_interval and self.step % tc.sample_interval == 0:
             self._sample_and_log()
 
-    def _train_step(self) -> dict[str, Any]:
-        tc = self.cfg.train
+    def train_step(self) -> dict[str, Any]:
+        """One gradient step (the run shell's hook)."""
+        tc, ctx = self.cfg.train, self.context
         lr = lr_at(self.step, tc)
-        self.reward = None
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        ctx.step, ctx.loss, ctx.reward = self.step, None, None
+        set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
         penalty_value = 0.0
         tokens = 0
-        replay_loss = self._replay_step()
+        replay_loss = self.replayer.backward(self.step, self.forward_model, self.precision)
         for micro in range(tc.grad_accum):
             x, y = self.train_data.next_batch()
-            if micro == 0 and self.replay is not None:
-                # the whole global batch, so that the buffer is the same on every rank
-                gx, gy = getattr(self.train_data, "last_global", None) or (x, y)
-                self.replay.add((gx.clone(), gy.clone()))
+            if micro == 0:
+                self.replayer.remember(self.train_data, x, y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # DDP all-reduces the gradients in the last micro-batch's backward only
             set_grad_sync(self.forward_model, micro == tc.grad_accum - 1)
-            with self.autocast():
+            with self.precision.autocast():
                 _, loss = self.forward_model(x, y)
             total = loss / tc.grad_accum
             for cb in self.callbacks:
-                pen = cb.penalty(self)
+                pen = cb.penalty(ctx)
                 if pen is not None:
                     total = total + pen / tc.grad_accum
                     penalty_value += float(pen.detach()) / tc.grad_accum
-            if self.scaler is not None:
-                self.scaler.scale(total).backward()
-            else:
-                total.backward()
+            self.precision.backward(total)
             loss_sum += loss.detach().float()
             tokens += x.numel()
         loss_value = float(loss_sum) / tc.grad_accum
-        if self.dist.enabled:
-            loss_value, penalty_value, replay_loss = self._reduce_step(
-                loss_value, penalty_value, replay_loss
+        if self.dist.enabled:  # every rank logs, checks finiteness, feeds AdaptiveLR, stops alike
+            stop = self.run.stop is not None and self.run.stop.requested
+            (loss_value, penalty_value, replay), self.run.stop_agreed = self.dist.agree(
+                [loss_value, penalty_value, replay_loss or 0.0], stop, self.device
             )
+            replay_loss = None if replay_loss is None else replay
             tokens *= self.dist.world_size
         self.tokens_seen += tokens
         record: dict[str, Any] = {"loss": loss_value, "lr": lr, "tokens": tokens}
@@ -455,25 +350,19 @@ class Trainer:
                 )
             return record
         self.nonfinite_streak = 0
-        self.last_loss = loss_value
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+        ctx.loss = loss_value
+        self.precision.unscale(self.optimizer)
         if tc.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             record["grad_norm"] = float(grad_norm)
         for cb in self.callbacks:
-            cb.after_backward(self)
+            cb.after_backward(ctx)
         if self.engine is not None:  # the lr used (and logged): scheduled x AdaptiveLR's multiplier
             record["lr"] = lr * self.engine.lr_multiplier()
-            for group in self.optimizer.param_groups:
-                group["lr"] = record["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            set_lr(self.optimizer, record["lr"])
+        self.precision.step(self.optimizer)
         for cb in self.callbacks:
-            cb.after_step(self, record)
+            cb.after_step(ctx, record)
         self.optimizer.zero_grad(set_to_none=True)
         # A finite loss does not mean finite weights (a huge lr overflows the update). One
         # fused check over parameters and optimizer state (checkpoint.state_is_finite) every
@@ -491,71 +380,19 @@ class Trainer:
                 self._stage_changed(old)
         return record
 
-    def _reduce_step(
-        self, loss: float, penalty: float, replay_loss: float | None
-    ) -> tuple[float, float, float | None]:
-        """Means across ranks of the step's loss, penalty and replay loss, and whether any
-        rank was asked to stop, in one all-reduce: every rank logs, checks finiteness,
-        feeds AdaptiveLR and stops on the same values."""
-        stop = float(self.run.stop is not None and self.run.stop.requested)
-        replay = 0.0 if replay_loss is None else replay_loss
-        loss, penalty, replay, stop = self.dist.mean([loss, penalty, replay, stop], self.device)
-        self.run.stop_agreed = stop > 0
-        return loss, penalty, (None if replay_loss is None else replay)
-
-    def _mfu(self, tokens_per_s: float) -> float:
-        """Model FLOPs utilisation of ``tokens_per_s`` (all processes) on this device type."""
-        from neuroplastic.training import mfu
-
-        if self._peak is None:
-            self._peak = mfu.device_peak(self.device, self.amp, self.cfg.train.peak_tflops)
-            self._flops_per_token = mfu.flops_per_token(self.model, self.block_size)
-        return mfu.mfu(self._flops_per_token, tokens_per_s, self._peak, self.dist.world_size)
-
     @property
     def replay(self):
         """The replay buffer of a rule that keeps one (Consolidation with replay_capacity)."""
-        return None if self.engine is None else self.engine.replay
-
-    def _replay_step(self) -> float | None:
-        """Every ``plasticity.replay_every`` steps, one past batch as an extra micro-batch."""
-        pc = self.cfg.plasticity
-        buf = self.replay
-        if buf is None or pc.replay_every <= 0 or len(buf) == 0 or (self.step + 1) % pc.replay_every:
-            return None
-        (rx, ry), = buf.sample(1)
-        rx, ry = self.dist.local_rows(rx), self.dist.local_rows(ry)  # this rank's rows
-        rx, ry = rx.to(self.device), ry.to(self.device)
-        set_grad_sync(self.forward_model, False)  # reduced with the last micro-batch
-        with self.autocast():
-            _, rloss = self.forward_model(rx, ry)
-        scaled = rloss * (pc.replay_weight / self.cfg.train.grad_accum)
-        if self.scaler is not None:
-            self.scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
-        return float(rloss.detach())
-
-    def _apply_stage_alpha(self) -> None:
-        """Set the model's developmental decay scale for the current curriculum stage."""
-        alphas = self.cfg.curriculum.alphas
-        if self.curriculum is None or not alphas:
-            return
-        set_alpha = getattr(self.model, "set_alpha", None)
-        if set_alpha is None:
-            raise UserError(
-                f"curriculum.alphas is set but model.arch={self.cfg.model.arch} has no decay to "
-                "schedule; use model.arch=hebbian or drop curriculum.alphas."
-            )
-        set_alpha(float(alphas[self.curriculum.current]))
+        return self.replayer.buffer
 
     def _stage_changed(self, old: int) -> None:
         new = self.curriculum.current
-        self._apply_stage_alpha()
+        apply_stage_alpha(self.cfg, self.model, self.curriculum)
         self.logger.log("curriculum", self.step, stage=new, name=self.curriculum.stage)
         self.echo(f"[step {self.step}] curriculum: {self.curriculum.stages[old]} -> {self.curriculum.stage}")
+        self.context.step = self.step
         for cb in self.callbacks:
-            cb.on_stage_change(self, old, new)
+            cb.on_stage_change(self.context, old, new)
 
     def _eval_and_log(self) -> None:
         metrics = self.evaluate()
