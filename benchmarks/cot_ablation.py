@@ -201,30 +201,43 @@ def markdown(results: dict, png: str | None = "cot_real_forgetting.png") -> str:
     meta = results["meta"]
     stats = summarize(results)
     n_eval = meta["eval_examples"]
-    head = ["row"] + [label for _, label, _ in METRICS]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * len(METRICS)]
+    # a run with --eval-examples 0 has no exact match or log-likelihood columns
+    metrics = [m for m in METRICS if n_eval or m[0] not in ("em", "solution_ll", "final_ll")]
+    head = ["row"] + [label for _, label, _ in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * len(metrics)]
     base = results.get("base")
     if base:
         cells = [fmt(base.get(k)) if k in ("em", "solution_ll", "final_ll") else "—"
-                 for k, _, _ in METRICS]
+                 for k, _, _ in metrics]
         cells[0] = f"{base['em']:.4f} ({base['correct']}/{base['n']})"
         lines.append(f"| {LABELS['base']} | " + " | ".join(cells) + " |")
     for v in results["runs"]:
         s = stats["summary"][v]
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(fmt(*s[k]) for k, _, _ in METRICS) + " |")
+        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(fmt(*s[k]) for k, _, _ in metrics) + " |")
     diff_lines = ["| variant | metric | variant − LoRA only | verdict |", "|---|---|---|---|"]
     for v, per in stats["vs_baseline"].items():
-        for k, label, _ in METRICS:
+        for k, label, _ in metrics:
             if k in per:
                 d = per[k]
                 diff_lines.append(f"| {LABELS.get(v, v)} | {label} | "
                                   f"{fmt(d['diff_mean'], d['diff_ci'])} | {d['verdict']} |")
     times = [r.get("train_s", 0.0) for rows in results["runs"].values() for r in rows]
     label = meta.get("model_label") or Path(str(meta["model"])).name
+    title = ("SmolLM2-135M-Instruct on GSM8K" if "smollm2" in label.lower() and meta["data"] == "gsm8k"
+             else f"{label} on {meta['data']}")
+    device = meta.get("device") or ("cpu" if "device cpu;" in meta.get("machine", "") else "")
+    if device == "cpu" or not n_eval:
+        title += " (" + ", ".join(x for x in ("CPU" if device == "cpu" else "",
+                                               "" if n_eval else "losses only") if x) + ")"
+    evaluation = (
+        f"Exact match and log-likelihoods on the first {n_eval} held-out task-A problems "
+        f"(never trained on; `split_examples`, seed 0), after task B; greedy, "
+        f"{meta['max_new_tokens']} new tokens at most. Log-likelihoods in nats (higher is "
+        "better): per token of the whole reference answer, and summed over the tokens of its "
+        "`#### N` given the prompt and the reference reasoning. " if n_eval else
+        "No generation or answer log-likelihood in this run (`--eval-examples 0`). ")
     body = [
-        "## Measured: SmolLM2-135M-Instruct on GSM8K (benchmarks/cot_ablation.py)"
-        if "smollm2" in label.lower() and meta["data"] == "gsm8k" else
-        f"## Measured: {label} on {meta['data']} (benchmarks/cot_ablation.py)",
+        f"## Measured: {title} (benchmarks/cot_ablation.py)",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
@@ -235,11 +248,7 @@ def markdown(results: dict, png: str | None = "cot_real_forgetting.png") -> str:
         f"Task A `{meta['data']}` for {meta['steps'] // 2} steps, then task B `{meta['task_b']}` for "
         f"{meta['steps'] - meta['steps'] // 2} (LoRA r=8, {meta['batch_size']} × {meta['grad_accum']} "
         f"examples a step, lr {meta['lr']}), {meta['seeds']} seeds, variants paired by seed. "
-        f"Exact match and log-likelihoods on the first {n_eval} held-out task-A problems "
-        f"(never trained on; `split_examples`, seed 0), after task B; greedy, "
-        f"{meta['max_new_tokens']} new tokens at most. Log-likelihoods in nats (higher is "
-        "better): per token of the whole reference answer, and summed over the tokens of its "
-        "`#### N` given the prompt and the reference reasoning. Losses: held-out cross-entropy "
+        f"{evaluation}Losses: held-out cross-entropy "
         f"per answer token on {meta['loss_examples']} problems per task (lower is better). "
         "Mean ± 95% CI over seeds (Student t).",
         "",
@@ -274,29 +283,34 @@ def markdown(results: dict, png: str | None = "cot_real_forgetting.png") -> str:
     return "\n".join(body).rstrip() + "\n"
 
 
-def write_outputs(results: dict, out: Path, docs: Path | None) -> str:
+def png_name(key: str) -> str:
+    """The forgetting plot's file name beside the docs for section ``key``."""
+    return f"{key.replace('-', '_')}_forgetting.png"
+
+
+def write_outputs(results: dict, out: Path, docs: Path | None, key: str = KEY) -> str:
     from neuroplastic.evaluation.cot import plot_forgetting, plot_loss_per_technique
 
     runs = {LABELS.get(v, v): out / v / "seed0" for v in results["runs"]}
     png = plot_forgetting(runs, out / "forgetting.png")
     plot_loss_per_technique(runs, out / "loss_per_technique.png")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    text = markdown(results, "cot_real_forgetting.png" if docs is not None and png else None)
+    text = markdown(results, png_name(key) if docs is not None and png else None)
     (out / "table.md").write_text(text, encoding="utf-8")
     if docs is not None:
-        publish(results, out, docs)
+        publish(results, out, docs, key)
     return text
 
 
-def publish(results: dict, out: Path, docs: Path) -> None:
+def publish(results: dict, out: Path, docs: Path, key: str = KEY) -> None:
     """Write the docs section (and copy the forgetting plot beside the docs)."""
     import shutil
 
     png = out / "forgetting.png"
     has_png = png.is_file()
     if has_png:
-        shutil.copyfile(png, docs.parent / "cot_real_forgetting.png")
-    write_section(docs, KEY, markdown(results, "cot_real_forgetting.png" if has_png else None),
+        shutil.copyfile(png, docs.parent / png_name(key))
+    write_section(docs, key, markdown(results, png_name(key) if has_png else None),
                   title="# neuroplastic-cot")
 
 
@@ -430,7 +444,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/cot-ablation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--progress", action="store_true", help="per-step and per-question bars on stderr")
-    ap.add_argument("--write-docs", action="store_true", help=f"write the `{KEY}` section of docs/COT.md")
+    ap.add_argument("--write-docs", action="store_true", help="write the --docs-key section of docs/COT.md")
+    ap.add_argument("--docs-key", default=KEY, help=f"the docs section to write (default {KEY}; "
+                    "another name keeps that table, e.g. cot-real-cpu for a CPU run)")
     ap.add_argument("--docs-from", metavar="RESULTS_JSON",
                     help="only write the docs section from an earlier run's results.json")
     ap.add_argument("--docs-file", default=str(DOCS), help="the docs file (default docs/COT.md)")
@@ -450,8 +466,8 @@ def main(argv=None) -> int:
     if args.docs_from:
         src = Path(args.docs_from)
         results = json.loads(src.read_text(encoding="utf-8"))
-        publish(results, src.parent, docs)
-        print(f"wrote the `{KEY}` section of {docs} from {src}")
+        publish(results, src.parent, docs, args.docs_key)
+        print(f"wrote the `{args.docs_key}` section of {docs} from {src}")
         return 0
     if args.pack_model:
         return pack_model(*args.pack_model, args.shard_mb, args.data_dir)
@@ -512,7 +528,7 @@ def main(argv=None) -> int:
     path = Path(model)
     meta = {"command": cmd, "machine": machine, "model": model, "data": args.data,
             "model_label": args.model_label or (path.parent.name if path.name == "model" else path.name),
-            "task_b": args.task_b, "tasks": [task_a, task_b], "steps": args.steps,
+            "task_b": args.task_b, "tasks": [task_a, task_b], "steps": args.steps, "device": str(device),
             "seeds": args.seeds, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "eval_examples": len(examples), "max_new_tokens": args.max_new_tokens,
             "loss_examples": args.loss_examples, "overrides": list(args.overrides),
@@ -555,12 +571,12 @@ def main(argv=None) -> int:
     step_times = [r["step_s"] for rows_ in results["runs"].values() for r in rows_]
     meta["elapsed_s"] = time.perf_counter() - t_start
     meta["step_s"] = sum(step_times) / len(step_times) if step_times else math.nan
-    text = write_outputs(results, out, docs if args.write_docs else None)
+    text = write_outputs(results, out, docs if args.write_docs else None, args.docs_key)
     print()
     print(text)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'forgetting.png'}")
     if args.write_docs:
-        print(f"wrote the `{KEY}` section of {docs}")
+        print(f"wrote the `{args.docs_key}` section of {docs}")
     return 0
 
 

@@ -779,4 +779,16 @@ def test_cot_ablation_benchmark_losses_only(tiny, tmp_path):
     assert res["base"] is None
     row = res["runs"]["baseline"][0]
     assert "em" not in row and math.isfinite(row["task_a_loss_end"])
-    assert "| LoRA only | n/a | n/a | n/a |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    # no exact-match / log-likelihood columns without generation; the title says so
+    assert "| row | task-A loss when A ended |" in table and "exact match" not in table.split("|")[1]
+    assert "(CPU, losses only)" in table and "No generation or answer log-likelihood" in table
+    # --docs-key writes its own section and leaves the default one alone
+    docs = tmp_path / "COT.md"
+    docs.write_text("# COT\n\n<!-- begin:cot-real -->\nGPU table\n<!-- end:cot-real -->\n",
+                    encoding="utf-8")
+    assert bench.main(["--docs-from", str(out / "results.json"), "--docs-file", str(docs),
+                       "--docs-key", "cot-real-cpu"]) == 0
+    text = docs.read_text()
+    assert "GPU table" in text and text.count("<!-- begin:cot-real-cpu -->") == 1
+    assert (tmp_path / "cot_real_cpu_forgetting.png").is_file()
