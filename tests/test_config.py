@@ -8,7 +8,7 @@ from neuroplastic.errors import UserError
 
 def test_tiny_recipe_loads_with_overrides():
     cfg = load_config("tiny", ["model.n_layer=2", "train.max_steps=200", "train.lr=1e-3"])
-    assert cfg.model.n_layer == 2
+    assert cfg.model.gpt.n_layer == 2
     assert cfg.train.max_steps == 200
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.name == "tiny"
@@ -54,7 +54,7 @@ def test_recipe_file(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model: {n_layer: 3}\ntrain: {max_steps: 7}\n")
     cfg = load_config(str(p))
-    assert (cfg.model.n_layer, cfg.train.max_steps, cfg.name) == (3, 7, "r")
+    assert (cfg.model.gpt.n_layer, cfg.train.max_steps, cfg.name) == (3, 7, "r")
     p.write_text("model: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(p))
@@ -66,15 +66,16 @@ def test_recipe_file(tmp_path):
 def test_all_keys_are_dotted_leaves():
     keys = all_keys()
     assert "model.n_layer" in keys and "train.lr" in keys and "data.source" in keys
-    assert "model" not in keys
+    assert "model.gpt.n_layer" in keys and "model.hf.path" in keys and "model.hf_path" in keys
+    assert "model" not in keys and "model.gpt" not in keys
 
 
 def test_recipe_base_inheritance(tmp_path):
     p = tmp_path / "child.yaml"
     p.write_text("base: tiny\nmodel: {n_layer: 3}\n")
     cfg = load_config(str(p))
-    assert cfg.model.n_layer == 3
-    assert cfg.model.n_embd == load_config("tiny").model.n_embd  # inherited
+    assert cfg.model.gpt.n_layer == 3
+    assert cfg.model.gpt.n_embd == load_config("tiny").model.gpt.n_embd  # inherited
     assert cfg.name == "child"
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"base: {loop}\n")

@@ -363,7 +363,7 @@ def test_cot_and_lm_eval_adapter_accept_the_name(tiny_entry, tiny_wheel, tmp_pat
     from neuroplastic.recipes.cot_app import cot_config
 
     cfg = cot_config(tmp_path / "cot", model_name=NAME)
-    assert cfg.model.hf_path == NAME and cfg.data.tokenizer == NAME
+    assert cfg.model.hf.path == NAME and cfg.data.tokenizer == NAME
     from neuroplastic.models.loading import load_any_model
 
     model, tok, info = load_any_model(NAME)
