@@ -25,6 +25,9 @@ def test_unknown_recipe():
 def test_unknown_and_mistyped_keys(tmp_path):
     _assert_clean_error(run_cli("train", "tiny", "model.n_layers=4"), "model.n_layer")
     _assert_clean_error(run_cli("train", "tiny", "model.n_layer=many"), "expects an integer")
+    _assert_clean_error(run_cli("train", "tiny", "model.gpt.n_layers=4"), "did you mean 'model.gpt.n_layer'")
+    _assert_clean_error(run_cli("train", "tiny", "model.n_layer=2", "model.gpt.n_layer=3"),
+                        "model.n_layer=2", "model.gpt.n_layer=3", "same setting")
 
 
 def test_negative_lr_and_block_size_over_context(tmp_path):

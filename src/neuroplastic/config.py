@@ -476,6 +476,8 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if k not in names:
             if cls is ModelConfig:  # flat and nested names alike
                 candidates = all_keys(cls, prefix)
+            elif cls in MODEL_SECTIONS.values():  # a field of another section is close too
+                candidates = all_keys(ModelConfig, prefix.rpartition(".")[0])
             else:
                 candidates = [f"{prefix}.{n}" if prefix else n for n in names]
             raise UserError(f"Unknown config key {full!r}; {_closest(full, candidates)}")
@@ -569,7 +571,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if part not in hints:
             so_far = ".".join(parts[:i])
             names = [f"{so_far}.{n}" if so_far else n for n in hints]
-            leaf_keys = [k for k in all_keys() if k.startswith(so_far)] if so_far else all_keys()
+            # keys of the whole section (model.gpt.window: model.hebbian.window is close)
+            leaf_keys = [k for k in all_keys() if k.startswith(parts[0] + ".")] if so_far else all_keys()
             raise UserError(
                 f"Unknown config key {key!r}; {_closest(key, leaf_keys or names)}"
             )
@@ -595,7 +598,9 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
                 child[parts[-1]] = value
                 return
             if not dataclasses.is_dataclass(tp):
-                raise UserError(f"Config key {'.'.join(parts[: i + 1])!r} has no sub-keys.")
+                typed = key.split(".")  # as the user wrote it: flat keys are one part shorter
+                shown = ".".join(typed[: i + 1 - (len(parts) - len(typed))])
+                raise UserError(f"Config key {shown!r} has no sub-keys.")
             child = node.get(part)
             if not isinstance(child, dict):
                 child = {}
