@@ -61,7 +61,7 @@ def test_checkpoint_of_other_shape(tmp_path, text_file):
     r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{"train.max_steps": 4}))
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{"model.n_embd": 64}), "--resume")
-    _assert_clean_error(r, "model.n_embd")
+    _assert_clean_error(r, "model.gpt.n_embd (32 in the checkpoint, 64 now)")
 
 
 def test_train_evaluate_generate_roundtrip(tmp_path, text_file):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -313,8 +314,8 @@ def test_train_with_model_equals_registry_name(tiny_entry, tiny_wheel, tmp_path,
                f"train.out_dir={out}"])
     assert rc == 0, capsys.readouterr().err
     assert "hf tokenizer, vocab 264" in capsys.readouterr().out
-    saved = (out / "config.yaml").read_text()
-    assert f"hf_path: {NAME}" in saved  # the name, not a cache path, is what the run records
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["hf"]["path"] == NAME  # the name, not a cache path, is what the run records
     from neuroplastic.models.loading import load_trained
 
     model, tok, _, _ = load_trained(out)
