@@ -226,7 +226,7 @@ class CurriculumConfig:
     min_delta: float = 0.01
     cumulative: bool = False  # train on all stages so far instead of the current one only
     # per-stage value of the model's developmental decay scale (agiformer: 0.1, 0.5, 0.99);
-    # [] leaves model.alpha alone
+    # [] leaves the alpha the model was built with (model.hebbian.alpha, flat: model.alpha) alone
     alphas: list[float] = dataclasses.field(default_factory=list)
 
 
