@@ -332,7 +332,7 @@ def evaluate_batched(cfg: BenchConfig, reward_run: Path, ce_run: Path) -> dict[s
                 "new_tokens": float(sum(map(len, rows)) / max(len(rows), 1)),
                 "samples": [[p, t] for p, t in zip(prompts, texts)][: cfg.show]}
 
-    key = str(run_cfg.model.hf_path or run_cfg.model)
+    key = str(run_cfg.model.hf.path or run_cfg.model)
     if key not in _BEFORE:
         torch.manual_seed(run_cfg.train.seed)
         before = build_model(run_cfg.model).to(dev).eval()

@@ -68,7 +68,7 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    cfg = ModelConfig(
+    cfg = ModelConfig.from_flat(
         arch=a.arch, vocab_size=257, block_size=4096, n_layer=a.layers, n_head=a.heads,
         n_embd=a.embd, window=a.window, memory_rule=a.rule, feature_map=a.feature_map,
         memory_heads=a.memory_heads, conv_size=a.conv,

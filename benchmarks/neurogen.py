@@ -129,7 +129,7 @@ def gpt_lm(vocab: int, block: int):
     from neuroplastic.config import ModelConfig
     from neuroplastic.models.transformer import GPT
 
-    return GPT(ModelConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=4, n_embd=128))
+    return GPT(ModelConfig.from_flat(vocab_size=vocab, block_size=block, n_layer=2, n_head=4, n_embd=128))
 
 
 class TorchRunner:

@@ -47,7 +47,7 @@ CONFIGS: dict[str, list[dict]] = {
 
 def make(rules: list[dict], args, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.layers,
+    cfg = ModelConfig.from_flat(vocab_size=args.vocab, block_size=args.block, n_layer=args.layers,
                       n_head=args.heads, n_embd=args.dim)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)

@@ -658,7 +658,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 4 if args.quick else (pr.batch_cuda if device.type == "cuda" else pr.batch_cpu)
             )
             results += measure_size(
-                s, modes, ModelConfig(**pr.model), batch, device, amp,
+                s, modes, ModelConfig.from_flat(**pr.model), batch, device, amp,
                 warmup, steps, chunks, interleave, peak, bar,
             )  # fmt: skip
             free_memory(device)

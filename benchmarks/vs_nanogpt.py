@@ -129,7 +129,7 @@ def build(name: str, cfg: tuple, nano, device: str) -> torch.nn.Module:
                                         n_head=n_head, n_embd=n_embd, dropout=0.0, bias=False))
     else:
         extra = {"norm": "layernorm", "pos": "learned"} if name == "ours-matched" else {}
-        m = GPT(ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
+        m = GPT(ModelConfig.from_flat(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=0.0, bias=False, **extra))
     return m.to(device).train()
 

@@ -254,3 +254,38 @@ def test_cli_sigterm_mid_ablation_exits_143_and_rerun_finishes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "seed 0 without: continuing from step" in r.stdout and "Runs: 2 of 2 seeds complete." in r.stdout
+
+
+def test_arms_written_before_the_model_config_had_sections_are_kept(tmp_path, monkeypatch):
+    """An unfinished ablation whose arm files hold the old flat model settings continues
+    with its complete arms kept, not trained again."""
+    from neuroplastic.training.trainer import Trainer
+
+    real_train = Trainer.train
+
+    def train(self, stop_at=None):
+        if self.run_dir.name == "seed0-with":
+            raise RuntimeError("out of memory")
+        return real_train(self, stop_at)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    out = tmp_path / "abl"
+    first = run_ablation("tiny", ["homeostasis"], seeds=2, overrides=_fast(tmp_path), out_dir=out,
+                         mc_limit=0, echo=lambda s: None, progress=False)
+    assert first.exit_code == 1
+    monkeypatch.setattr(Trainer, "train", real_train)
+    for arm in ("seed0-without", "seed1-without", "seed1-with"):
+        path = out / arm / "ablation_arm.json"
+        doc = json.loads(path.read_text())
+        m = doc["settings"]["config"]["model"]
+        hf = dict(m["hf"])
+        flat = {k: m[k] for k in ("arch", "vocab_size", "block_size")}
+        flat.update({**m["gpt"], **m["hebbian"], "hf_path": hf.pop("path"), **hf})
+        doc["settings"]["config"]["model"] = flat
+        path.write_text(json.dumps(doc, indent=2))
+    said = []
+    report = run_ablation("tiny", ["homeostasis"], seeds=2, overrides=_fast(tmp_path), out_dir=out,
+                          mc_limit=0, echo=said.append, progress=False)
+    kept = sorted(line.split(":")[0] for line in said if line.endswith("(kept)"))
+    assert kept == ["seed 0 without", "seed 1    with", "seed 1 without"]
+    assert report.exit_code == 0 and report.complete_seeds() == [0, 1]

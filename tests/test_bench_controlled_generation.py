@@ -53,7 +53,7 @@ def test_benchmark_end_to_end_micro(tmp_path, capsys):
     for arm, lam in (("reward", 0.5), ("ce", 0.0)):
         run = Path(res["arms"][arm][0]["run"])
         saved = load_config(str(run / "config.yaml"))
-        assert saved.options["lam"] == lam and saved.model.hf_path == str(pre)
+        assert saved.options["lam"] == lam and saved.model.hf.path == str(pre)
         assert saved.train.max_steps == 2 and len(res["arms"][arm][0]["step_s"]) == 2
     # evaluation columns: before / reward arm / CE-only arm, terms of the recipe weights + total
     cols = json.loads((tmp_path / "b" / "seed0-rewards.json").read_text())

@@ -25,6 +25,9 @@ def test_unknown_recipe():
 def test_unknown_and_mistyped_keys(tmp_path):
     _assert_clean_error(run_cli("train", "tiny", "model.n_layers=4"), "model.n_layer")
     _assert_clean_error(run_cli("train", "tiny", "model.n_layer=many"), "expects an integer")
+    _assert_clean_error(run_cli("train", "tiny", "model.gpt.n_layers=4"), "did you mean 'model.gpt.n_layer'")
+    _assert_clean_error(run_cli("train", "tiny", "model.n_layer=2", "model.gpt.n_layer=3"),
+                        "model.n_layer=2", "model.gpt.n_layer=3", "same setting")
 
 
 def test_negative_lr_and_block_size_over_context(tmp_path):
@@ -58,7 +61,7 @@ def test_checkpoint_of_other_shape(tmp_path, text_file):
     r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{"train.max_steps": 4}))
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("train", "tiny", *tiny_overrides(text_file, out, **{"model.n_embd": 64}), "--resume")
-    _assert_clean_error(r, "model.n_embd")
+    _assert_clean_error(r, "model.gpt.n_embd (32 in the checkpoint, 64 now)")
 
 
 def test_train_evaluate_generate_roundtrip(tmp_path, text_file):

@@ -261,7 +261,7 @@ def test_mfu_pieces():
     from neuroplastic.config import ModelConfig
     from neuroplastic.models import build_model
 
-    gpt = build_model(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    gpt = build_model(ModelConfig.from_flat(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
     assert mfu.flops_per_token(gpt, 16) == gpt.flops_per_token(16)
     lin = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     lin[2].weight.requires_grad_(False)
@@ -315,7 +315,7 @@ def test_cuda_flash_sdpa_runs_the_gpt():
     from neuroplastic.config import ModelConfig
     from neuroplastic.models import build_model
 
-    m = build_model(ModelConfig(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128)).cuda()
+    m = build_model(ModelConfig.from_flat(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128)).cuda()
     x = torch.randint(0, 256, (2, 128), device="cuda")
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
         _, loss = m(x, x)

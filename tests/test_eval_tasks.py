@@ -20,7 +20,7 @@ def _tiny_checkpoint(directory: Path) -> tuple[Path, int]:
     """A one-layer GPT checkpoint and its parameter count."""
     tok = ByteTokenizer()
     cfg = RunConfig()
-    cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size = 1, 1, 16, 32
+    cfg.model.gpt.n_layer, cfg.model.gpt.n_head, cfg.model.gpt.n_embd, cfg.model.block_size = 1, 1, 16, 32
     cfg.model.vocab_size = tok.vocab_size
     model = build_model(cfg.model)
     ckpt.save_checkpoint(directory, model=model, state={"step": 0}, config_text=dump_config(cfg),

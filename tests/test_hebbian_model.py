@@ -32,7 +32,7 @@ def tiny_cfg(**kw) -> ModelConfig:
         mlp_ratio=2.0, window=6, chunk_size=4,
     )
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_flat(**base)
 
 
 def sharp_model(cfg: ModelConfig, seed: int = 0) -> HebbianLM:
@@ -89,7 +89,7 @@ def test_shift_init_makes_the_memory_an_induction_lookup():
     torch.manual_seed(0)
     model = HebbianLM(cfg)
     mix = model.transformer["h"][0].mix
-    C, K = cfg.n_embd, 4
+    C, K = cfg.gpt.n_embd, 4
     w = mix.mem_conv.weight[:, 0]
     assert torch.equal(w[:C, K - 1], torch.ones(C)) and torch.equal(w[:C, : K - 1], torch.zeros(C, K - 1))
     assert torch.equal(w[C : 2 * C, K - 2], torch.ones(C)) and w[C : 2 * C].abs().sum() == C
@@ -169,7 +169,7 @@ def test_stateful_pieces_match_full_forward(rule, conv):
     for a, b in [(0, 9), (9, 12), (12, 13), (13, 14), (14, 23)]:
         logits, _ = model(idx[:, a:b], state=state)
         pieces.append(logits)
-        assert state.pos == b and state.cached == min(b, cfg.window - 1)
+        assert state.pos == b and state.cached == min(b, cfg.hebbian.window - 1)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -320,9 +320,9 @@ def test_bad_config_raises_user_error(kw, match):
 
 def test_params_close_to_same_size_gpt():
     for rule, conv in [(r, c) for r in RULES for c in (0, 4)]:
-        cfg = ModelConfig(arch="hebbian", vocab_size=256, memory_rule=rule, conv_size=conv)
+        cfg = ModelConfig.from_flat(arch="hebbian", vocab_size=256, memory_rule=rule, conv_size=conv)
         heb = build_model(cfg)
-        gpt = build_model(ModelConfig(vocab_size=256))
+        gpt = build_model(ModelConfig.from_flat(vocab_size=256))
         assert isinstance(heb, HebbianLM) and isinstance(gpt, GPT)
         assert abs(heb.num_params() / gpt.num_params() - 1) < 0.10
         assert heb.flops_per_token() > 0

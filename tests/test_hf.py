@@ -616,7 +616,7 @@ def test_custom_code_needs_explicit_opt_in(model_dirs, tmp_path, capsys, monkeyp
     from neuroplastic.config import load_config
 
     d = _custom_code_dir(model_dirs, tmp_path)
-    assert load_config("tiny", [f"model={d}"]).model.trust_remote_code is False
+    assert load_config("tiny", [f"model={d}"]).model.hf.trust_remote_code is False
     with pytest.raises(UserError) as info:
         load_causal_lm(d)
     msg = str(info.value)

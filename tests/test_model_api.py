@@ -22,11 +22,11 @@ VOCAB = 300
 
 
 def _gpt():
-    return build_model(ModelConfig(vocab_size=VOCAB, block_size=24, n_layer=1, n_head=2, n_embd=16))
+    return build_model(ModelConfig.from_flat(vocab_size=VOCAB, block_size=24, n_layer=1, n_head=2, n_embd=16))
 
 
 def _hebbian():
-    return build_model(ModelConfig(arch="hebbian", vocab_size=VOCAB, block_size=16, n_layer=1,
+    return build_model(ModelConfig.from_flat(arch="hebbian", vocab_size=VOCAB, block_size=16, n_layer=1,
                                    n_head=2, n_embd=16, window=8, chunk_size=4))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -313,8 +314,8 @@ def test_train_with_model_equals_registry_name(tiny_entry, tiny_wheel, tmp_path,
                f"train.out_dir={out}"])
     assert rc == 0, capsys.readouterr().err
     assert "hf tokenizer, vocab 264" in capsys.readouterr().out
-    saved = (out / "config.yaml").read_text()
-    assert f"hf_path: {NAME}" in saved  # the name, not a cache path, is what the run records
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["hf"]["path"] == NAME  # the name, not a cache path, is what the run records
     from neuroplastic.models.loading import load_trained
 
     model, tok, _, _ = load_trained(out)
@@ -363,7 +364,7 @@ def test_cot_and_lm_eval_adapter_accept_the_name(tiny_entry, tiny_wheel, tmp_pat
     from neuroplastic.recipes.cot_app import cot_config
 
     cfg = cot_config(tmp_path / "cot", model_name=NAME)
-    assert cfg.model.hf_path == NAME and cfg.data.tokenizer == NAME
+    assert cfg.model.hf.path == NAME and cfg.data.tokenizer == NAME
     from neuroplastic.models.loading import load_any_model
 
     model, tok, info = load_any_model(NAME)

@@ -45,7 +45,7 @@ REQUESTS = [
 
 def tiny_gpt(block_size: int = 32, seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=BYTES.vocab_size, block_size=block_size, n_layer=2, n_head=2,
+    cfg = ModelConfig.from_flat(vocab_size=BYTES.vocab_size, block_size=block_size, n_layer=2, n_head=2,
                       n_embd=32, mlp_ratio=2.0, **kw)
     model = GPT(cfg)
     with torch.no_grad():  # larger weights: peaked, position-dependent logits

@@ -35,7 +35,7 @@ NEEDLE_RE = re.compile(r"The secret key is (\d+)\.")
 
 
 def _tiny_cfg(block_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=TOK.vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=8)
+    return ModelConfig.from_flat(vocab_size=TOK.vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=8)
 
 
 class OracleGPT(GPT):

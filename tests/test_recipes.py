@@ -18,7 +18,7 @@ def test_every_recipe_loads_and_its_rules_build(name):
         model = build_model(cfg.model)
     n = sum(p.numel() for p in model.parameters())
     if name == "neuroplastic-llm-seed":
-        assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (24, 2048, 16)
+        assert (cfg.model.gpt.n_layer, cfg.model.gpt.n_embd, cfg.model.gpt.n_head) == (24, 2048, 16)
         assert n > 1.2e9
     assert n > 0
 

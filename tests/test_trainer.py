@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from neuroplastic.config import load_config
 from neuroplastic.errors import UserError
@@ -55,8 +56,55 @@ def test_resume_matches_uninterrupted_bitwise(text_file, tmp_path, extra):
 
 def test_resume_refuses_other_model_shape(text_file, tmp_path):
     Trainer(_cfg(text_file, tmp_path / "a")).train(stop_at=4)
-    with pytest.raises(UserError, match="model.n_layer"):
+    with pytest.raises(UserError, match=r"model\.gpt\.n_layer \(2 in the checkpoint, 3 now\)"):
         Trainer(_cfg(text_file, tmp_path / "a", **{"train.resume": "auto", "model.n_layer": 3})).setup()
+
+
+def _write_flat(config_yaml):
+    """Rewrite a config.yaml as the code wrote it before ModelConfig had sections: the
+    model's keys flat, in the old order (arch, vocab_size, block_size, the transformer's
+    shape, the memory's, hf_path and the other Hugging Face keys)."""
+    doc = yaml.safe_load(config_yaml.read_text(encoding="utf-8"))
+    m = doc["model"]
+    hf = dict(m["hf"])
+    flat = {k: m[k] for k in ("arch", "vocab_size", "block_size")}
+    flat.update(m["gpt"])
+    flat.update(m["hebbian"])
+    flat["hf_path"] = hf.pop("path")
+    flat.update(hf)
+    doc["model"] = flat
+    config_yaml.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def test_run_with_old_flat_config_yaml_loads_and_resumes_bitwise(text_file, tmp_path):
+    """A run directory written before the split (flat model keys in its config.yaml and in
+    every checkpoint's) resumes as if nothing had changed, and still refuses a model change."""
+    from neuroplastic.models.loading import load_trained
+
+    straight = Trainer(_cfg(text_file, tmp_path / "a"))
+    straight.train()
+    part1 = Trainer(_cfg(text_file, tmp_path / "b"))
+    part1.train(stop_at=6)
+    saved = [part1.run_dir / "config.yaml"]
+    saved += [c / "config.yaml" for c in checkpoint_io.list_checkpoints(part1.ckpt_dir)]
+    assert len(saved) >= 2
+    for path in saved:
+        _write_flat(path)
+        model = yaml.safe_load(path.read_text(encoding="utf-8"))["model"]
+        assert model["n_layer"] == 2 and "gpt" not in model and "hf_path" in model
+    model, _, cfg, directory = load_trained(tmp_path / "b", prefer="latest")
+    assert directory.name == ckpt.checkpoint_name(4)
+    assert (cfg.model.gpt.n_layer, cfg.model.gpt.n_embd) == (2, 32) and cfg.model.vocab_size > 0
+    assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))[0]).all()
+    with pytest.raises(UserError, match=r"model\.gpt\.n_layer \(2 in the checkpoint, 3 now\)"):
+        Trainer(_cfg(text_file, tmp_path / "b", **{"train.resume": "auto", "model.n_layer": 3})).setup()
+    part2 = Trainer(_cfg(text_file, tmp_path / "b", **{"train.resume": "auto"}))
+    part2.train()
+    assert part2.resumed_from is not None and part2.resumed_from.name == ckpt.checkpoint_name(4)
+    combined = [h["loss"] for h in part1.history[:4]] + [h["loss"] for h in part2.history]
+    assert combined == [h["loss"] for h in straight.history]  # bitwise
+    for a, b in zip(straight.model.parameters(), part2.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_fresh_run_refuses_dir_with_checkpoints(text_file, tmp_path):

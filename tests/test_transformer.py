@@ -21,7 +21,7 @@ VARIANTS = [
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=48, block_size=24, n_layer=2, n_head=4, n_embd=32, mlp_ratio=2.0)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_flat(**base)
 
 
 def sharp_model(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -41,7 +41,7 @@ def test_cached_forward_matches_full_forward(norm, pos):
     model = sharp_model(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     full, _ = model(idx)
-    cache = KVCache(cfg.n_layer, cfg.block_size)
+    cache = KVCache(cfg.gpt.n_layer, cfg.block_size)
     # prefill 5, then 4 at once (explicit mask with past keys), then 1, then 2
     pieces = []
     for a, b in [(0, 5), (5, 9), (9, 10), (10, 12)]:
@@ -140,7 +140,7 @@ def test_loss_ignores_minus_100():
 
 
 def test_seed_size_config_on_meta_device():
-    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=2048)
+    cfg = ModelConfig.from_flat(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=2048)
     with torch.device("meta"):
         model = GPT(cfg)
     assert next(model.parameters()).device.type == "meta"
@@ -184,7 +184,7 @@ def test_too_long_input_raises():
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
     model(torch.zeros(1, 8, dtype=torch.long))  # exactly block_size is fine
-    cache = KVCache(cfg.n_layer, cfg.block_size)
+    cache = KVCache(cfg.gpt.n_layer, cfg.block_size)
     model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
@@ -226,7 +226,7 @@ def test_bf16_autocast_forward(norm, pos):
 
 
 def test_init_std():
-    cfg = ModelConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, n_embd=128)
+    cfg = ModelConfig.from_flat(vocab_size=512, block_size=64, n_layer=8, n_head=4, n_embd=128)
     torch.manual_seed(0)
     model = GPT(cfg)
     blk = model.transformer["h"][0]

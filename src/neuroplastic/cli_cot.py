@@ -167,7 +167,7 @@ def _cmd_train(args, echo, table) -> int:
         _set_rule_option(cfg, "hebbian", "lr", args.hebbian_lr)
     what = ", ".join(r["type"] for r in cfg.plasticity.rules) or "none (baseline)"
     print(f"neuroplastic cot train: {args.model_name} "
-          f"({'LoRA ' + json.dumps(cfg.model.lora) if cfg.model.lora else 'full fine-tune'}), "
+          f"({'LoRA ' + json.dumps(cfg.model.hf.lora) if cfg.model.hf.lora else 'full fine-tune'}), "
           f"techniques: {what}, {cfg.train.max_steps} steps")
     res = train_cot(cfg, echo=echo)
     print(f"trained {res['steps']} steps in {res['elapsed_s']:.0f} s "

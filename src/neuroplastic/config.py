@@ -2,7 +2,7 @@
 
 A recipe is a YAML file with the sections of :class:`RunConfig`::
 
-    model: {n_layer: 4, n_embd: 128}
+    model: {n_layer: 4, n_embd: 128}      # or nested: model: {gpt: {n_layer: 4}}
     data:  {source: synthetic, tokenizer: byte}
     train: {max_steps: 300, lr: 3e-3}
 
@@ -28,13 +28,11 @@ from neuroplastic.errors import UserError
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
-@dataclass
-class ModelConfig:
-    """A GPT-style transformer (see :mod:`neuroplastic.models.transformer`)."""
+@dataclass(slots=True)
+class GPTConfig:
+    """The transformer's shape: arch=gpt, and the attention blocks of arch=hebbian
+    (see :mod:`neuroplastic.models.transformer`)."""
 
-    arch: str = "gpt"
-    vocab_size: int = 0  # 0: taken from the tokenizer
-    block_size: int = 256  # maximum context length
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -45,9 +43,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_weights: bool = True
     mlp_ratio: float = 4.0
-    # arch=hebbian (agiformer): blocks of sliding-window attention + Hebbian fast-weight memory
+
+
+@dataclass(slots=True)
+class HebbianConfig:
+    """arch=hebbian (agiformer): the Hebbian fast-weight memory beside each block's
+    sliding-window attention (see :mod:`neuroplastic.models.hebbian`)."""
+
     window: int = 128  # local attention window (tokens)
-    memory_heads: int = 0  # 0: n_head
+    memory_heads: int = 0  # 0: gpt.n_head
     memory_rule: str = "hebbian"  # hebbian | delta
     feature_map: str = "elu1"  # identity_l2 | elu1 | seed
     chunk_size: int = 64  # chunk length of the chunk-parallel memory kernel
@@ -60,15 +64,61 @@ class ModelConfig:
     # delta rule: a learned bias on the write-strength logits, initialised to this value
     # (beta = sigmoid(W h + b)); None: no bias (beta = sigmoid(W h))
     beta_bias: float | None = None
-    alpha: float = 1.0  # developmental decay scale (set by the curriculum)
-    # arch=hf: any Hugging Face causal LM from a local directory (a hub name needs allow_hub)
-    hf_path: str = ""
+    # developmental decay scale at initialisation; per curriculum stage the trainer sets
+    # the model's own copy (curriculum.alphas), not this field
+    alpha: float = 1.0
+
+
+@dataclass(slots=True)
+class HFConfig:
+    """arch=hf: any Hugging Face causal LM from a local directory (a hub name needs
+    allow_hub). ``path`` is the flat key ``model.hf_path``."""
+
+    path: str = ""
     allow_hub: bool = False
     trust_remote_code: bool = False  # run a model directory's own Python code (auto_map); off by default
     lora: dict = dataclasses.field(default_factory=dict)  # {r, alpha, dropout, target_modules}; {} = full fine-tune
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False  # bitsandbytes, CUDA only
     load_in_8bit: bool = False
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The model: its architecture, vocabulary and context, and one section per family.
+
+    ``gpt`` is the transformer's shape (arch ``gpt``, and ``hebbian``'s attention blocks),
+    ``hebbian`` the fast-weight memory (arch ``hebbian``), ``hf`` a Hugging Face model
+    (arch ``hf``). Recipes and overrides may name a section's field flat, as before the
+    sections existed: ``model.n_layer`` is ``model.gpt.n_layer``, ``model.window`` is
+    ``model.hebbian.window``, ``model.hf_path`` is ``model.hf.path`` (see
+    :data:`FLAT_MODEL_KEYS`); :meth:`from_flat` builds one from such keys.
+    """
+
+    arch: str = "gpt"  # gpt | hebbian | hf
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    block_size: int = 256  # maximum context length
+    gpt: GPTConfig = dataclasses.field(default_factory=GPTConfig)
+    hebbian: HebbianConfig = dataclasses.field(default_factory=HebbianConfig)
+    hf: HFConfig = dataclasses.field(default_factory=HFConfig)
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> ModelConfig:
+        """``ModelConfig.from_flat(n_layer=2, window=16, hf_path=...)``: keys as a recipe's
+        ``model:`` section takes them (flat or nested), checked and converted alike."""
+        return build_dataclass(cls, values, "model")
+
+
+#: the sections of :class:`ModelConfig` and their classes
+MODEL_SECTIONS: dict[str, type] = {"gpt": GPTConfig, "hebbian": HebbianConfig, "hf": HFConfig}
+#: a section field's flat key where it is not the field's own name
+_FLAT_RENAMES = {("hf", "path"): "hf_path"}
+#: flat key under ``model`` -> (section, field): ``n_layer`` -> ``("gpt", "n_layer")``
+FLAT_MODEL_KEYS: dict[str, tuple[str, str]] = {
+    _FLAT_RENAMES.get((section, f.name), f.name): (section, f.name)
+    for section, section_cls in MODEL_SECTIONS.items()
+    for f in dataclasses.fields(section_cls)
+}
 
 
 @dataclass
@@ -176,7 +226,7 @@ class CurriculumConfig:
     min_delta: float = 0.01
     cumulative: bool = False  # train on all stages so far instead of the current one only
     # per-stage value of the model's developmental decay scale (agiformer: 0.1, 0.5, 0.99);
-    # [] leaves model.alpha alone
+    # [] leaves the alpha the model was built with (model.hebbian.alpha, flat: model.alpha) alone
     alphas: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -200,15 +250,16 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check values a type check cannot; raise UserError naming the key."""
         t, m, d = self.train, self.model, self.data
+        g, h = m.gpt, m.hebbian
         positive = {
             "train.max_steps": t.max_steps,
             "train.batch_size": t.batch_size,
             "train.grad_accum": t.grad_accum,
             "train.eval_batches": t.eval_batches,
             "model.block_size": m.block_size,
-            "model.n_layer": m.n_layer,
-            "model.n_head": m.n_head,
-            "model.n_embd": m.n_embd,
+            "model.n_layer": g.n_layer,
+            "model.n_head": g.n_head,
+            "model.n_embd": g.n_embd,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -217,8 +268,8 @@ class RunConfig:
             "train.lr": t.lr, "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay,
             "train.beta1": t.beta1, "train.beta2": t.beta2, "train.grad_clip": t.grad_clip,
             "train.sample_temperature": t.sample_temperature, "train.peak_tflops": t.peak_tflops,
-            "model.rope_theta": m.rope_theta, "model.dropout": m.dropout,
-            "model.mlp_ratio": m.mlp_ratio, "model.alpha": m.alpha,
+            "model.rope_theta": g.rope_theta, "model.dropout": g.dropout,
+            "model.mlp_ratio": g.mlp_ratio, "model.alpha": h.alpha,
         }
         for key, value in finite.items():
             if not math.isfinite(value):
@@ -226,8 +277,8 @@ class RunConfig:
         for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2}.items():
             if not 0 <= value < 1:
                 raise UserError(f"{key} must be in [0, 1) (AdamW's moment decay), got {value}.")
-        if m.rope_theta <= 0:
-            raise UserError(f"model.rope_theta must be > 0, got {m.rope_theta}.")
+        if g.rope_theta <= 0:
+            raise UserError(f"model.rope_theta must be > 0, got {g.rope_theta}.")
         at_least_one = {"train.log_interval": t.log_interval, "train.max_nonfinite": t.max_nonfinite}
         for key, value in at_least_one.items():
             if value < 1:
@@ -252,7 +303,7 @@ class RunConfig:
             "train.weight_decay": t.weight_decay,
             "train.warmup_steps": t.warmup_steps,
             "train.grad_clip": t.grad_clip,
-            "model.dropout": m.dropout,
+            "model.dropout": g.dropout,
             "data.block_size": d.block_size,
             "data.max_chars": d.max_chars,
         }
@@ -261,18 +312,18 @@ class RunConfig:
                 raise UserError(f"{key} must be >= 0, got {value}.")
         if t.lr == 0:
             raise UserError("train.lr must be > 0, got 0.")
-        if not 0 <= m.dropout < 1:
-            raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}.")
+        if not 0 <= g.dropout < 1:
+            raise UserError(f"model.dropout must be in [0, 1), got {g.dropout}.")
         if not 0 < d.val_fraction < 1:
             raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
-        if m.n_embd % m.n_head:
+        if g.n_embd % g.n_head:
             raise UserError(
-                f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})."
+                f"model.n_embd ({g.n_embd}) must be divisible by model.n_head ({g.n_head})."
             )
-        if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
+        if g.pos == "rope" and (g.n_embd // g.n_head) % 2:
             raise UserError(
                 f"RoPE needs an even head size, but model.n_embd / model.n_head = "
-                f"{m.n_embd // m.n_head}; change model.n_head or use model.pos=learned."
+                f"{g.n_embd // g.n_head}; change model.n_head or use model.pos=learned."
             )
         if d.block_size > m.block_size:
             raise UserError(
@@ -280,17 +331,17 @@ class RunConfig:
                 f"model.block_size ({m.block_size}); lower data.block_size or raise model.block_size."
             )
         choices = {
-            "model.norm": (m.norm, ("rmsnorm", "layernorm")),
-            "model.pos": (m.pos, ("rope", "learned")),
+            "model.norm": (g.norm, ("rmsnorm", "layernorm")),
+            "model.pos": (g.pos, ("rope", "learned")),
             "model.arch": (m.arch, ("gpt", "hebbian", "hf")),
-            "model.memory_rule": (m.memory_rule, ("hebbian", "delta")),
-            "model.feature_map": (m.feature_map, ("identity_l2", "elu1", "seed")),
-            "model.conv_init": (m.conv_init, ("random", "shift")),
-            "model.memory_qkv": (m.memory_qkv, ("shared", "own")),
+            "model.memory_rule": (h.memory_rule, ("hebbian", "delta")),
+            "model.feature_map": (h.feature_map, ("identity_l2", "elu1", "seed")),
+            "model.conv_init": (h.conv_init, ("random", "shift")),
+            "model.memory_qkv": (h.memory_qkv, ("shared", "own")),
             "train.amp": (t.amp, ("auto", "bf16", "fp16", "none")),
             "train.parallel": (t.parallel, ("auto", "ddp", "fsdp")),
         }
-        if m.arch == "hf" and not m.hf_path:
+        if m.arch == "hf" and not m.hf.path:
             raise UserError("model.arch=hf needs model.hf_path (a local Hugging Face model directory).")
         c = self.curriculum
         choices["curriculum.advance"] = (c.advance, ("steps", "plateau"))
@@ -415,20 +466,69 @@ def _closest(key: str, candidates: list[str]) -> str:
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    if cls is ModelConfig:
+        values = nest_model_keys(values, prefix or "model")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in values.items():
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            all_keys = [f"{prefix}.{n}" if prefix else n for n in names]
-            raise UserError(f"Unknown config key {full!r}; {_closest(full, all_keys)}")
+            if cls is ModelConfig:  # flat and nested names alike
+                candidates = all_keys(cls, prefix)
+            elif cls in MODEL_SECTIONS.values():  # a field of another section is close too
+                candidates = all_keys(ModelConfig, prefix.rpartition(".")[0])
+            else:
+                candidates = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise UserError(f"Unknown config key {full!r}; {_closest(full, candidates)}")
         kwargs[k] = _coerce(v, hints[k], full)
     return cls(**kwargs)
 
 
+def nest_model_keys(values: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
+    """A ``model:`` mapping with its flat keys moved into their sections: ``{n_layer: 6,
+    hf_path: X}`` -> ``{gpt: {n_layer: 6}, hf: {path: X}}`` (:data:`FLAT_MODEL_KEYS`).
+    A setting given both ways with different values is a UserError. ``values`` is not
+    changed; the moved values are converted to their field's type."""
+    flat = [k for k in values if k in FLAT_MODEL_KEYS]
+    if not flat:
+        return values
+    out = {k: v for k, v in values.items() if k not in FLAT_MODEL_KEYS}
+    for key in flat:
+        section, name = FLAT_MODEL_KEYS[key]
+        section_cls = MODEL_SECTIONS[section]
+        sub = out.get(section, {})
+        if not isinstance(sub, dict):
+            raise UserError(
+                f"{prefix}.{section} expects a mapping of {section_cls.__name__} fields, got {sub!r}."
+            )
+        sub = dict(sub)
+        hint = typing.get_type_hints(section_cls)[name]
+        value = _coerce(values[key], hint, f"{prefix}.{key}")
+        if name in sub:
+            other = _coerce(sub[name], hint, f"{prefix}.{section}.{name}")
+            if other != value:
+                raise UserError(
+                    f"{prefix}.{key} and {prefix}.{section}.{name} are the same setting, given two "
+                    f"values ({value!r} and {other!r}); keep one of them."
+                )
+        sub[name] = value
+        out[section] = sub
+    return out
+
+
+def canonical_key(key: str) -> str:
+    """The nested spelling of a dotted key: ``model.n_layer`` -> ``model.gpt.n_layer``,
+    ``model.lora.r`` -> ``model.hf.lora.r``; other keys are returned unchanged."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[0] == "model" and parts[1] in FLAT_MODEL_KEYS:
+        parts[1:2] = FLAT_MODEL_KEYS[parts[1]]
+    return ".".join(parts)
+
+
 def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of a config class (leaves only)."""
+    """Every dotted key of a config class (leaves only), under ``model`` both the nested
+    (``model.gpt.n_layer``) and the flat (``model.n_layer``) spelling."""
     hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
@@ -437,6 +537,8 @@ def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
             keys.extend(all_keys(hints[f.name], full))
         else:
             keys.append(full)
+    if cls is ModelConfig:
+        keys.extend(f"{prefix}.{k}" if prefix else k for k in FLAT_MODEL_KEYS)
     return keys
 
 
@@ -458,8 +560,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, checking the key exists."""
-    parts = key.split(".")
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, checking the key exists. A flat
+    model key sets its section's field (``model.n_layer`` -> ``tree['model']['gpt']``), so
+    ``tree``'s model section must be nested already (:func:`nest_model_keys`)."""
+    parts = canonical_key(key).split(".")
     cls: Any = RunConfig
     node = tree
     for i, part in enumerate(parts):
@@ -467,7 +571,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if part not in hints:
             so_far = ".".join(parts[:i])
             names = [f"{so_far}.{n}" if so_far else n for n in hints]
-            leaf_keys = [k for k in all_keys() if k.startswith(so_far)] if so_far else all_keys()
+            # keys of the whole section (model.gpt.window: model.hebbian.window is close)
+            leaf_keys = [k for k in all_keys() if k.startswith(parts[0] + ".")] if so_far else all_keys()
             raise UserError(
                 f"Unknown config key {key!r}; {_closest(key, leaf_keys or names)}"
             )
@@ -493,7 +598,9 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
                 child[parts[-1]] = value
                 return
             if not dataclasses.is_dataclass(tp):
-                raise UserError(f"Config key {'.'.join(parts[: i + 1])!r} has no sub-keys.")
+                typed = key.split(".")  # as the user wrote it: flat keys are one part shorter
+                shown = ".".join(typed[: i + 1 - (len(parts) - len(typed))])
+                raise UserError(f"Config key {shown!r} has no sub-keys.")
             child = node.get(part)
             if not isinstance(child, dict):
                 child = {}
@@ -543,6 +650,13 @@ def read_recipe(name_or_path: str, _depth: int = 0) -> dict[str, Any]:
         raise UserError(f"Recipe {str(path)!r} is not valid YAML ({first}).") from exc
     if not isinstance(values, dict):
         raise UserError(f"Recipe {str(path)!r} must be a YAML mapping.")
+    if isinstance(values.get("model"), dict):
+        # each file's flat model keys into their sections before merging, so that a flat
+        # key in one file and the nested key in its base are one setting
+        try:
+            values["model"] = nest_model_keys(values["model"])
+        except UserError as exc:
+            raise UserError(f"Recipe {str(path)!r}: {exc}") from None
     base = values.pop("base", None)
     if base is not None:
         if _depth >= 8:
@@ -568,14 +682,23 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe by name (``tiny``) or path and apply ``key=value`` overrides."""
     values = read_recipe(recipe)
+    given: dict[str, tuple[str, Any]] = {}  # nested key -> (key as typed, value)
     for text in overrides or []:
         key, value = parse_override(text)
         if key == "model" and isinstance(value, str):
             # shortcut: model=PATH -> a Hugging Face causal LM and its own tokenizer
             set_dotted(values, "model.arch", "hf")
-            set_dotted(values, "model.hf_path", value)
+            set_dotted(values, "model.hf.path", value)
             set_dotted(values, "data.tokenizer", value)
             continue
+        nested = canonical_key(key)
+        typed, before = given.get(nested, (key, value))
+        if typed != key and before != value:
+            raise UserError(
+                f"{typed}={before!r} and {key}={value!r} are the same setting ({nested}) with "
+                "two values; give it once."
+            )
+        given[nested] = (key, value)
         set_dotted(values, key, value)
     return config_from_dict(values).validate()
 

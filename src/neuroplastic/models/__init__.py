@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from neuroplastic.config import ModelConfig
+from neuroplastic.config import HFConfig, ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.transformer import GPT, KVCache
 
@@ -20,18 +20,19 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
         return HebbianLM(cfg)
     if cfg.arch == "hf":
-        return build_hf_model(cfg)
+        return build_hf_model(cfg.hf)
     raise UserError(f"model.arch must be one of gpt, hebbian, hf; got {cfg.arch!r}.")
 
 
-def build_hf_model(cfg: ModelConfig) -> nn.Module:
-    """A local Hugging Face causal LM (+ LoRA from ``cfg.lora``) behind our model API."""
+def build_hf_model(cfg: HFConfig) -> nn.Module:
+    """A local Hugging Face causal LM (+ LoRA from ``cfg.lora``) behind our model API;
+    ``cfg`` is the model config's ``hf`` section."""
     import inspect
 
     from neuroplastic.models.hf import HFCausalLM, apply_lora, load_causal_lm
 
     model, tokenizer = load_causal_lm(
-        cfg.hf_path, allow_hub=cfg.allow_hub, gradient_checkpointing=cfg.gradient_checkpointing,
+        cfg.path, allow_hub=cfg.allow_hub, gradient_checkpointing=cfg.gradient_checkpointing,
         load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
         trust_remote_code=cfg.trust_remote_code,
     )
@@ -45,5 +46,5 @@ def build_hf_model(cfg: ModelConfig) -> nn.Module:
     if cfg.lora:  # checkpoints then hold the adapters and the base's name + hash
         from neuroplastic.models.hf import local_model_dir
 
-        wrapper.set_base(cfg.hf_path, local_model_dir(cfg.hf_path, cfg.allow_hub))
+        wrapper.set_base(cfg.path, local_model_dir(cfg.path, cfg.allow_hub))
     return wrapper

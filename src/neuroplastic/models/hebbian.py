@@ -3,7 +3,9 @@
 ``HebbianLM(cfg)`` (``model.arch=hebbian``) has the public API of
 :class:`neuroplastic.models.transformer.GPT` (``forward``, ``generate``, ``num_params``,
 ``flops_per_token``, ``config``, ``init_weights``), so the trainer, scorers and CLI use
-it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
+it unchanged. The blocks' shape (``n_layer``, ``n_head``, ``n_embd``, ...) comes from the
+config's ``gpt`` section, the memory's settings (``window``, ``memory_rule``, ...) from its
+``hebbian`` section. Each of the ``n_layer`` pre-norm residual blocks is::
 
     h = norm(x)
     q, k, v = split(c_attn(h))                       # one projection, shared (below)
@@ -25,10 +27,10 @@ it unchanged. Each of the ``n_layer`` pre-norm residual blocks is::
   learned bias initialised to ``model.beta_bias`` when that is set; q and k are then
   L2-normalised after the feature map so that the update is a contraction).
   ``memory_heads`` heads (``0``: ``n_head``) of size ``n_embd / memory_heads``; q and k go
-  through ``feature_map(x, cfg.feature_map)`` without RoPE (the memory has no positions
+  through ``feature_map(x, cfg.hebbian.feature_map)`` without RoPE (the memory has no positions
   and no length limit). Each head's output is RMS-normalised (a learned weight shared by
   heads, as GLA/RetNet do) because an undecayed sum grows with the sequence length.
-  Training uses the chunk-parallel kernel (``mode="chunked"``, ``cfg.chunk_size``);
+  Training uses the chunk-parallel kernel (``mode="chunked"``, ``cfg.hebbian.chunk_size``);
   single-token decoding uses the recurrent form with the carried state.
 - **Shared projections** (as in Infini-attention, arXiv 2404.07143): attention and memory
   read the same q, k, v and write through the same ``c_proj``; the memory views the
@@ -79,7 +81,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neuroplastic.config import ModelConfig
+from neuroplastic.config import GPTConfig, HebbianConfig, ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.api import LanguageModel
 from neuroplastic.models.transformer import (
@@ -142,48 +144,49 @@ def _check_hebbian_config(cfg: ModelConfig) -> None:
             f"{cfg.vocab_size}; set it from the tokenizer before building the model."
         )
     check_config(cfg)
-    if cfg.pos != "rope":
+    g, mem = cfg.gpt, cfg.hebbian
+    if g.pos != "rope":
         raise UserError(
             f"model.arch=hebbian uses RoPE positions (generation runs past block_size); "
-            f"set model.pos=rope instead of {cfg.pos!r}."
+            f"set model.pos=rope instead of {g.pos!r}."
         )
-    if cfg.window < 1:
-        raise UserError(f"model.window must be at least 1 (tokens of local attention), got {cfg.window}.")
-    if cfg.memory_heads < 0:
-        raise UserError(f"model.memory_heads must be >= 0 (0: model.n_head), got {cfg.memory_heads}.")
-    heads = cfg.memory_heads or cfg.n_head
-    if cfg.n_embd % heads:
+    if mem.window < 1:
+        raise UserError(f"model.window must be at least 1 (tokens of local attention), got {mem.window}.")
+    if mem.memory_heads < 0:
+        raise UserError(f"model.memory_heads must be >= 0 (0: model.n_head), got {mem.memory_heads}.")
+    heads = mem.memory_heads or g.n_head
+    if g.n_embd % heads:
         raise UserError(
-            f"model.n_embd ({cfg.n_embd}) must be divisible by the number of memory heads "
+            f"model.n_embd ({g.n_embd}) must be divisible by the number of memory heads "
             f"({heads}); change model.memory_heads."
         )
-    if cfg.memory_rule not in MEMORY_RULES:
+    if mem.memory_rule not in MEMORY_RULES:
         raise UserError(
-            f"model.memory_rule must be one of {', '.join(MEMORY_RULES)}; got {cfg.memory_rule!r}."
+            f"model.memory_rule must be one of {', '.join(MEMORY_RULES)}; got {mem.memory_rule!r}."
         )
-    if cfg.feature_map not in FEATURE_MAPS:
+    if mem.feature_map not in FEATURE_MAPS:
         raise UserError(
-            f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}; got {cfg.feature_map!r}."
+            f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}; got {mem.feature_map!r}."
         )
-    if cfg.chunk_size < 1:
-        raise UserError(f"model.chunk_size must be a positive integer, got {cfg.chunk_size}.")
-    if cfg.conv_size < 0:
-        raise UserError(f"model.conv_size must be >= 0 (0: no convolution), got {cfg.conv_size}.")
-    if cfg.conv_init not in ("random", "shift"):
-        raise UserError(f"model.conv_init must be random or shift; got {cfg.conv_init!r}.")
-    if cfg.conv_init == "shift" and cfg.conv_size < 2:
+    if mem.chunk_size < 1:
+        raise UserError(f"model.chunk_size must be a positive integer, got {mem.chunk_size}.")
+    if mem.conv_size < 0:
+        raise UserError(f"model.conv_size must be >= 0 (0: no convolution), got {mem.conv_size}.")
+    if mem.conv_init not in ("random", "shift"):
+        raise UserError(f"model.conv_init must be random or shift; got {mem.conv_init!r}.")
+    if mem.conv_init == "shift" and mem.conv_size < 2:
         raise UserError(
             f"model.conv_init=shift gives the memory's keys the previous token, which needs "
-            f"model.conv_size >= 2 (got {cfg.conv_size})."
+            f"model.conv_size >= 2 (got {mem.conv_size})."
         )
-    if len(cfg.decay_logit_init) not in (0, 1, heads):
+    if len(mem.decay_logit_init) not in (0, 1, heads):
         raise UserError(
             f"model.decay_logit_init takes no value, one for every memory head, or one per "
-            f"memory head ({heads}); got {len(cfg.decay_logit_init)} values."
+            f"memory head ({heads}); got {len(mem.decay_logit_init)} values."
         )
-    if cfg.memory_qkv not in ("shared", "own"):
-        raise UserError(f"model.memory_qkv must be shared or own; got {cfg.memory_qkv!r}.")
-    _check_alpha(cfg.alpha, UserError, "model.alpha")
+    if mem.memory_qkv not in ("shared", "own"):
+        raise UserError(f"model.memory_qkv must be shared or own; got {mem.memory_qkv!r}.")
+    _check_alpha(mem.alpha, UserError, "model.alpha")
 
 
 def _check_alpha(alpha: float, exc: type[Exception], name: str) -> None:
@@ -230,37 +233,39 @@ def blocked_local_attention(
 
 
 class LocalAttentionMemory(nn.Module):
-    """Sliding-window attention and fast-weight memory on shared q/k/v, gated together."""
+    """Sliding-window attention and fast-weight memory on shared q/k/v, gated together:
+    the attention's shape from ``cfg`` (the model's ``gpt`` section), the memory's settings
+    from ``mem`` (its ``hebbian`` section)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig, mem: HebbianConfig):
         super().__init__()
         C = cfg.n_embd
         self.n_head = cfg.n_head
         self.head_dim = C // cfg.n_head
-        self.window = cfg.window
-        self.mem_heads = cfg.memory_heads or cfg.n_head
+        self.window = mem.window
+        self.mem_heads = mem.memory_heads or cfg.n_head
         self.mem_dim = C // self.mem_heads
-        self.rule = cfg.memory_rule
-        self.feature = cfg.feature_map
-        self.chunk_size = cfg.chunk_size
+        self.rule = mem.memory_rule
+        self.feature = mem.feature_map
+        self.chunk_size = mem.chunk_size
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(C, 3 * C, bias=cfg.bias)
         self.c_proj = nn.Linear(C, C, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.decay_logit = nn.Parameter(torch.empty(self.mem_heads))  # p, per memory head
-        self.decay_init = [float(p) for p in cfg.decay_logit_init]
+        self.decay_init = [float(p) for p in mem.decay_logit_init]
         self.gate = nn.Parameter(torch.empty(C))  # sigmoid(gate): the memory's share
         self.mem_norm = nn.RMSNorm(self.mem_dim, eps=1e-5)
-        self.beta_bias = cfg.beta_bias
+        self.beta_bias = mem.beta_bias
         self.beta_proj = (
-            nn.Linear(C, self.mem_heads, bias=cfg.bias or cfg.beta_bias is not None)
+            nn.Linear(C, self.mem_heads, bias=cfg.bias or mem.beta_bias is not None)
             if self.rule == "delta" else None
         )
-        self.conv_size = cfg.conv_size
-        self.conv_init = cfg.conv_init
-        self.mem_attn = nn.Linear(C, 3 * C, bias=cfg.bias) if cfg.memory_qkv == "own" else None
+        self.conv_size = mem.conv_size
+        self.conv_init = mem.conv_init
+        self.mem_attn = nn.Linear(C, 3 * C, bias=cfg.bias) if mem.memory_qkv == "own" else None
         self.mem_conv = (
-            nn.Conv1d(3 * C, 3 * C, cfg.conv_size, groups=3 * C, bias=False) if cfg.conv_size else None
+            nn.Conv1d(3 * C, 3 * C, mem.conv_size, groups=3 * C, bias=False) if mem.conv_size else None
         )
 
     @torch.no_grad()
@@ -373,10 +378,10 @@ class LocalAttentionMemory(nn.Module):
 
 
 class HebbianBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig, mem: HebbianConfig):
         super().__init__()
         self.ln_1 = make_norm(cfg)
-        self.mix = LocalAttentionMemory(cfg)
+        self.mix = LocalAttentionMemory(cfg, mem)
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
@@ -404,18 +409,19 @@ class HebbianLM(LanguageModel):
         super().__init__()
         _check_hebbian_config(cfg)
         self.config = cfg
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.mem_heads = cfg.memory_heads or cfg.n_head
+        g, mem = cfg.gpt, cfg.hebbian
+        self.head_dim = g.n_embd // g.n_head
+        self.mem_heads = mem.memory_heads or g.n_head
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList(HebbianBlock(cfg) for _ in range(cfg.n_layer)),
-                ln_f=make_norm(cfg),
+                wte=nn.Embedding(cfg.vocab_size, g.n_embd),
+                drop=nn.Dropout(g.dropout),
+                h=nn.ModuleList(HebbianBlock(g, mem) for _ in range(g.n_layer)),
+                ln_f=make_norm(g),
             )
         )
-        self.lm_head = None if cfg.tie_weights else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.register_buffer("alpha", torch.tensor(float(cfg.alpha), dtype=torch.float32))
+        self.lm_head = None if g.tie_weights else nn.Linear(g.n_embd, cfg.vocab_size, bias=False)
+        self.register_buffer("alpha", torch.tensor(float(mem.alpha), dtype=torch.float32))
         self.init_weights()
 
     # ------------------------------------------------------------------ init / stats
@@ -425,11 +431,11 @@ class HebbianLM(LanguageModel):
         """GPT-2 init as in :meth:`GPT.init_weights` (residual ``c_proj`` at
         0.02 / sqrt(2 n_layer)), decay logits spread over [-3, 3] across heads, gates at 0
         (memory and attention mixed half and half), ``alpha`` from the config."""
-        gpt2_init_(self, self.config.n_layer)
+        gpt2_init_(self, self.config.gpt.n_layer)
         for module in self.modules():
             if isinstance(module, LocalAttentionMemory):
                 module.reset_memory_parameters()
-        self.alpha.fill_(float(self.config.alpha))
+        self.alpha.fill_(float(self.config.hebbian.alpha))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters (GPT's convention: with ``non_embedding`` the token
@@ -444,11 +450,11 @@ class HebbianLM(LanguageModel):
         ``12 L H Q min(T, window)`` (each query sees at most ``window`` keys) plus memory
         ``12 L Hm dk dv`` (a rank-1 state update and a state read of ``dk * dv`` each).
         The chunked kernel's intra-chunk products are not counted."""
-        cfg = self.config
+        cfg, g = self.config, self.config.gpt
         T = cfg.block_size if seq_len is None else seq_len
-        attn = 12 * cfg.n_layer * cfg.n_head * self.head_dim * min(T, cfg.window)
-        d = cfg.n_embd // self.mem_heads
-        mem = 12 * cfg.n_layer * self.mem_heads * d * d
+        attn = 12 * g.n_layer * g.n_head * self.head_dim * min(T, cfg.hebbian.window)
+        d = g.n_embd // self.mem_heads
+        mem = 12 * g.n_layer * self.mem_heads * d * d
         return float(6 * self.num_params(True) + attn + mem)
 
     # ------------------------------------------------------------------ decay
@@ -471,14 +477,14 @@ class HebbianLM(LanguageModel):
         return self.transformer["wte"].weight if self.lm_head is None else self.lm_head.weight
 
     def new_state(self) -> HebbianState:
-        return HebbianState(self.config.n_layer, self.config.window)
+        return HebbianState(self.config.gpt.n_layer, self.config.hebbian.window)
 
     def _attn_mask(self, T: int, past: int, device: torch.device) -> torch.Tensor | None:
         """Boolean ``(T, past + T)`` mask: query ``i`` (after ``past`` kept keys) sees key
         ``j`` iff ``past + i - window < j <= past + i``. ``None`` where SDPA needs none:
         no past and ``T <= window`` (plain causal), a single query (sees all kept keys), or
         a forward long enough for the blockwise kernel (:func:`blocked_local_attention`)."""
-        W = self.config.window
+        W = self.config.hebbian.window
         if T == 1 or (past == 0 and T <= W) or _blocked(T, past, W):
             return None
         rel = torch.arange(past + T, device=device)[None, :] - torch.arange(T, device=device)[:, None]
@@ -498,7 +504,7 @@ class HebbianLM(LanguageModel):
             )
         past = 0 if state is None else state.pos
         kept = 0 if state is None else state.cached
-        rope = rope_angles(torch.arange(past, past + T, device=idx.device), self.head_dim, cfg.rope_theta)
+        rope = rope_angles(torch.arange(past, past + T, device=idx.device), self.head_dim, cfg.gpt.rope_theta)
         attn_mask = self._attn_mask(T, kept, idx.device)
         log_alpha = self.alpha.float().log()
         x = self.transformer["drop"](self.transformer["wte"](idx))

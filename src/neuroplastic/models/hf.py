@@ -844,7 +844,9 @@ def export_merged(
 
 @dataclass
 class HFModelInfo:
-    """What our code reads from ``model.config`` (as :class:`~neuroplastic.config.ModelConfig`)."""
+    """What our code reads from ``model.config``: ``block_size``, ``vocab_size`` and ``arch`` as
+    on :class:`~neuroplastic.config.ModelConfig`, and the shape (``n_layer``, ``n_head``,
+    ``n_embd``) that our own models keep in ``config.gpt``."""
 
     block_size: int
     vocab_size: int

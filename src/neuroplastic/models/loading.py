@@ -79,7 +79,7 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     cfg = RunConfig()
     cfg.name = directory.name
     cfg.model.arch = "hf"
-    cfg.model.hf_path = str(path)
+    cfg.model.hf.path = str(path)
     cfg.model.block_size = model.config.block_size
     cfg.data.tokenizer = str(directory)
     return model.eval(), load_tokenizer(directory), cfg, directory
@@ -135,7 +135,7 @@ def load_trained(
         raise UserError(f"Checkpoint {str(directory)!r} has no tokenizer/; it is incomplete.")
     tokenizer = load_tokenizer(directory / "tokenizer")
     if base_model is not None and cfg.model.arch == "hf":
-        cfg.model.hf_path = str(base_model)
+        cfg.model.hf.path = str(base_model)
     model = build_model(cfg.model)
     checkpoint_io.load_model_weights(model, directory / "model.safetensors")
     model.to(device).eval()
@@ -182,8 +182,8 @@ def load_any_model(
             ref = read_base_ref(adapter)
             if ref.get("name") and (is_registry_name(ref["name"]) or Path(ref["name"]).is_dir()):
                 base = ref["name"]
-            if run_cfg is not None and run_cfg.model.hf_path:
-                base = run_cfg.model.hf_path
+            if run_cfg is not None and run_cfg.model.hf.path:
+                base = run_cfg.model.hf.path
         if base and is_registry_name(str(base)) and not Path(base).expanduser().exists():
             base = resolve_model(str(base))
         if not base or not Path(base).expanduser().is_dir():

@@ -1,6 +1,7 @@
 """A GPT-style decoder-only transformer, readable in one sitting (after karpathy/nanoGPT).
 
-Options come from :class:`neuroplastic.config.ModelConfig`:
+Options come from :class:`neuroplastic.config.ModelConfig` (``vocab_size``, ``block_size``)
+and its ``gpt`` section, :class:`neuroplastic.config.GPTConfig` (the layers see only that):
 
 - ``norm``: ``rmsnorm`` or ``layernorm`` (pre-norm blocks plus a final norm);
 - ``pos``: ``rope`` (rotary embeddings on queries and keys, base ``rope_theta``) or
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neuroplastic.config import ModelConfig
+from neuroplastic.config import GPTConfig, ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.api import LanguageModel
 
@@ -189,7 +190,7 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, eps=1e-5)
     return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
@@ -244,7 +245,7 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -298,7 +299,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         hidden = int(cfg.mlp_ratio * cfg.n_embd)
         self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
@@ -311,7 +312,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
@@ -333,26 +334,28 @@ def check_config(cfg: ModelConfig) -> None:
             f"model.vocab_size must be positive to build a GPT, got {cfg.vocab_size}; "
             "set it from the tokenizer before building the model."
         )
-    for key in ("block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"model.{key} must be a positive integer, got {getattr(cfg, key)}.")
-    if cfg.n_embd % cfg.n_head:
+    g = cfg.gpt
+    sizes = {"block_size": cfg.block_size, "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd}
+    for key, value in sizes.items():
+        if value <= 0:
+            raise UserError(f"model.{key} must be a positive integer, got {value}.")
+    if g.n_embd % g.n_head:
         raise UserError(
-            f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})."
+            f"model.n_embd ({g.n_embd}) must be divisible by model.n_head ({g.n_head})."
         )
-    if cfg.norm not in ("rmsnorm", "layernorm"):
-        raise UserError(f"model.norm must be one of rmsnorm, layernorm; got {cfg.norm!r}.")
-    if cfg.pos not in ("rope", "learned"):
-        raise UserError(f"model.pos must be one of rope, learned; got {cfg.pos!r}.")
-    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+    if g.norm not in ("rmsnorm", "layernorm"):
+        raise UserError(f"model.norm must be one of rmsnorm, layernorm; got {g.norm!r}.")
+    if g.pos not in ("rope", "learned"):
+        raise UserError(f"model.pos must be one of rope, learned; got {g.pos!r}.")
+    if g.pos == "rope" and (g.n_embd // g.n_head) % 2:
         raise UserError(
             f"RoPE needs an even head size, but model.n_embd / model.n_head = "
-            f"{cfg.n_embd // cfg.n_head}; change model.n_head or use model.pos=learned."
+            f"{g.n_embd // g.n_head}; change model.n_head or use model.pos=learned."
         )
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"model.dropout must be in [0, 1), got {cfg.dropout}.")
-    if int(cfg.mlp_ratio * cfg.n_embd) <= 0:
-        raise UserError(f"model.mlp_ratio must be positive, got {cfg.mlp_ratio}.")
+    if not 0 <= g.dropout < 1:
+        raise UserError(f"model.dropout must be in [0, 1), got {g.dropout}.")
+    if int(g.mlp_ratio * g.n_embd) <= 0:
+        raise UserError(f"model.mlp_ratio must be positive, got {g.mlp_ratio}.")
 
 
 class GPT(LanguageModel):
@@ -367,20 +370,21 @@ class GPT(LanguageModel):
         super().__init__()
         check_config(cfg)
         self.config = cfg
-        self.head_dim = cfg.n_embd // cfg.n_head
+        g = cfg.gpt
+        self.head_dim = g.n_embd // g.n_head
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=make_norm(cfg),
+                wte=nn.Embedding(cfg.vocab_size, g.n_embd),
+                drop=nn.Dropout(g.dropout),
+                h=nn.ModuleList(Block(g) for _ in range(g.n_layer)),
+                ln_f=make_norm(g),
             )
         )
-        if cfg.pos == "learned":
-            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if g.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, g.n_embd)
         # Tied: the output projection is transformer.wte.weight (no second module, so the
         # state dict has no shared tensors).
-        self.lm_head = None if cfg.tie_weights else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = None if g.tie_weights else nn.Linear(g.n_embd, cfg.vocab_size, bias=False)
         self.init_weights()
 
     # ------------------------------------------------------------------ init / stats
@@ -389,7 +393,7 @@ class GPT(LanguageModel):
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02) for linear and embedding weights, zero biases, unit norm
         weights, and residual output projections (``c_proj``) at 0.02 / sqrt(2 n_layer)."""
-        gpt2_init_(self, self.config.n_layer)
+        gpt2_init_(self, self.config.gpt.n_layer)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters. With ``non_embedding`` (nanoGPT's convention) position
@@ -409,7 +413,7 @@ class GPT(LanguageModel):
         (``block_size`` by default). PaLM appendix B, as in nanoGPT's ``estimate_mfu``."""
         cfg = self.config
         T = cfg.block_size if seq_len is None else seq_len
-        return float(6 * self.num_params(True) + 12 * cfg.n_layer * cfg.n_head * self.head_dim * T)
+        return float(6 * self.num_params(True) + 12 * cfg.gpt.n_layer * cfg.gpt.n_head * self.head_dim * T)
 
     # ------------------------------------------------------------------ forward
 
@@ -434,14 +438,14 @@ class GPT(LanguageModel):
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.transformer["wte"](idx)
         rope = None
-        if cfg.pos == "learned":
+        if cfg.gpt.pos == "learned":
             x = x + self.transformer["wpe"](pos)
         else:
             # built once per forward, in the dtype the attention computes in (autocast's)
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):
                 dtype = torch.get_autocast_dtype(x.device.type)
-            cos, sin = rope_angles(pos, self.head_dim, cfg.rope_theta, dtype)
+            cos, sin = rope_angles(pos, self.head_dim, cfg.gpt.rope_theta, dtype)
             rope = (cos[:, None, None], sin[:, None, None])
         x = self.transformer["drop"](x)
         attn_mask = None
@@ -472,7 +476,7 @@ class GPT(LanguageModel):
     # ------------------------------------------------------------------ generation
 
     def new_kv_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer, self.config.block_size)
+        return KVCache(self.config.gpt.n_layer, self.config.block_size)
 
     @staticmethod
     def _sample(

@@ -100,7 +100,7 @@ def cot_config(
     ov += list(overrides)
     cfg = load_config(recipe, ov)
     if not lora:
-        cfg.model.lora = {}
+        cfg.model.hf.lora = {}
     wanted = [TECHNIQUES[t] for t in techniques]
     rules = [r for r in cfg.plasticity.rules if r.get("type") in wanted]
     for kind in wanted:

@@ -346,7 +346,7 @@ class RecallStep:
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
-        return (f"model: {self.cfg.model.n_layer} layers x {self.cfg.model.n_embd} dim, "
+        return (f"model: {self.cfg.model.gpt.n_layer} layers x {self.cfg.model.gpt.n_embd} dim, "
                 f"{n / 1e6:.2f}M params | data: fresh needle documents (byte tokenizer) | "
                 f"device: {self.device}")
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from neuroplastic.config import RunConfig, load_config
+from neuroplastic.config import RunConfig, load_config, nest_model_keys
 from neuroplastic.errors import UserError
 from neuroplastic.evaluation.ablation import (
     NOT_ACTED,
@@ -158,6 +158,20 @@ def _settings(cfg: RunConfig, mc_limit: int) -> dict[str, Any]:
     return json.loads(json.dumps({"config": d, "mc_limit": mc_limit}, default=str))
 
 
+def _same_settings(saved: Any, settings: dict[str, Any]) -> bool:
+    """Whether an arm's saved settings are ``settings``. An arm written before the model
+    config had sections (flat ``model:`` keys, ``n_layer``) is compared nested."""
+    if saved == settings:
+        return True
+    try:
+        config = saved["config"]
+        nested = nest_model_keys(config["model"])
+    except (TypeError, KeyError, AttributeError, UserError):
+        return False
+    again = {**saved, "config": {**config, "model": nested}}
+    return json.loads(json.dumps(again, default=str)) == settings
+
+
 def _read_arm(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -179,7 +193,7 @@ def _run_arm(cfg: RunConfig, run: ArmRun, rules: list[str], mc_limit: int, signa
     arm_file = arm_dir / ARM_FILE
     settings = _settings(cfg, mc_limit)
     prev = _read_arm(arm_file) if resuming else None
-    same = prev is not None and prev.get("settings") == settings
+    same = prev is not None and _same_settings(prev.get("settings"), settings)
     if same and prev["run"].get("status") == "complete":
         try:
             done = ArmRun(**prev["run"])

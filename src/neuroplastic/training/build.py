@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from neuroplastic.config import RunConfig
+from neuroplastic.config import ModelConfig, RunConfig
 from neuroplastic.errors import UserError
 from neuroplastic.training.callbacks import Callback, StepContext
 from neuroplastic.training.distributed import Distributed
@@ -103,10 +103,12 @@ def describe(ctx: StepContext) -> str:
     else:  # curriculum: per-stage streams
         n_train = sum(len(v) for v in d.train.values())
         n_val = sum(len(v) for v in d.val.values())
-    # the model's own shape (a HF model's, not the recipe's unused model.n_layer / n_embd)
+    # the model's own shape (a HF model's, not the recipe's unused model.n_layer / n_embd):
+    # our models' config.gpt, a HF model's HFModelInfo
     mc = getattr(m, "config", None)
-    n_layer = getattr(mc, "n_layer", cfg.model.n_layer)
-    n_embd = getattr(mc, "n_embd", cfg.model.n_embd)
+    shape = mc.gpt if isinstance(mc, ModelConfig) else mc
+    n_layer = getattr(shape, "n_layer", cfg.model.gpt.n_layer)
+    n_embd = getattr(shape, "n_embd", cfg.model.gpt.n_embd)
     text = (
         f"model: {n_layer} layers x {n_embd} dim, "
         f"{n / 1e6:.2f}M params | data: {d.description}, {n_train:,} train / "

@@ -34,11 +34,11 @@ def prepare_inputs(cfg: RunConfig, resume_path: Path | None, world_size: int) ->
     tok_dir = (resume_path / "tokenizer") if resume_path is not None else None
     if tok_dir is not None and not tok_dir.is_dir():
         raise UserError(f"Checkpoint {str(resume_path)!r} has no tokenizer/; it is incomplete.")
-    if tok_dir is None and cfg.model.arch == "hf" and cfg.data.tokenizer == cfg.model.hf_path:
+    if tok_dir is None and cfg.model.arch == "hf" and cfg.data.tokenizer == cfg.model.hf.path:
         # model=NAME: the model's own tokenizer, from the directory NAME resolves to
         from neuroplastic.models.hf import local_model_dir
 
-        tok_dir = local_model_dir(cfg.model.hf_path, cfg.model.allow_hub)
+        tok_dir = local_model_dir(cfg.model.hf.path, cfg.model.hf.allow_hub)
     curriculum = None
     if cfg.curriculum.stages:
         staged = prepare_stages(cfg.data, cfg.curriculum.stages, tokenizer_dir=tok_dir)
