@@ -58,6 +58,30 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     )
 
 
+def wait_for_checkpoint(proc: subprocess.Popen, ckpts: Path, timeout: float = 300) -> Path:
+    """Wait until run ``proc`` has written a checkpoint into ``ckpts``; return it."""
+    import time
+
+    from neuroplastic.models import checkpoint_io
+
+    deadline = time.time() + timeout
+    while (latest := checkpoint_io.latest_checkpoint(ckpts)) is None:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    return latest
+
+
+def kill_at_first_checkpoint(proc: subprocess.Popen, ckpts: Path) -> int:
+    """kill -9 run ``proc`` once it has a checkpoint; the step of the newest one it left."""
+    from neuroplastic.models import checkpoint_io
+
+    wait_for_checkpoint(proc, ckpts)
+    proc.kill()
+    proc.communicate(timeout=60)
+    return int(checkpoint_io.latest_checkpoint(ckpts).name[5:])
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (tiny models: more threads only add contention)."""

@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from neuroplastic.models import checkpoint_io
-from tests.conftest import SAMPLE_TEXT
+from tests.conftest import SAMPLE_TEXT, kill_at_first_checkpoint
 from tests.test_neurogen import train_opts
 
 
@@ -48,13 +47,7 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     proc = _cli(data, part)
-    deadline = time.time() + 300
-    while checkpoint_io.latest_checkpoint(part / "checkpoints") is None:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.02)
-    proc.kill()
-    proc.communicate(timeout=60)
-    killed_at = int(checkpoint_io.latest_checkpoint(part / "checkpoints").name[5:])
+    killed_at = kill_at_first_checkpoint(proc, part / "checkpoints")
     assert killed_at < 40
     proc = _cli(data, part, "--resume")
     out, err = proc.communicate(timeout=600)

@@ -16,6 +16,7 @@ from neuroplastic.errors import UserError
 from neuroplastic.models import checkpoint_io
 from neuroplastic.recipes.recall import recall_batch, train_recall
 from neuroplastic.training.trainer import Trainer
+from tests.conftest import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,7 +156,6 @@ def _train_losses(out) -> dict[int, float]:
 
 def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
     """kill -9 mid-run, then --resume: the losses equal an uninterrupted run's, bit for bit."""
-    import time
 
     over = [f"{k}={v}" for k, v in {
         "model.n_embd": 32, "model.block_size": 512, "train.batch_size": 2,
@@ -169,13 +169,7 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     proc = _cli([*over, f"train.out_dir={part}"])
-    deadline = time.time() + 300
-    while checkpoint_io.latest_checkpoint(part / "checkpoints") is None:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.02)
-    proc.kill()
-    proc.communicate(timeout=60)
-    killed_at = int(checkpoint_io.latest_checkpoint(part / "checkpoints").name[5:])
+    killed_at = kill_at_first_checkpoint(proc, part / "checkpoints")
     assert killed_at < 60
     proc = _cli([*over, f"train.out_dir={part}", "--resume"])
     out, err = proc.communicate(timeout=600)

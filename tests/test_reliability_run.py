@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from neuroplastic.recipes.recall import train_recall
 from neuroplastic.training import checkpoint as ckpt
 from neuroplastic.training.callbacks import Callback
 from neuroplastic.training.trainer import Trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, wait_for_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -258,19 +257,11 @@ def _popen(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for_checkpoint(proc, ckpts: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while checkpoint_io.latest_checkpoint(ckpts) is None:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
-
-
 def test_trainer_exits_143_after_sigterm_with_a_checkpoint(text_file, tmp_path):
     out = tmp_path / "run"
     proc = _popen(["train", "tiny", *tiny_overrides(text_file, out, **{
         "train.max_steps": 100000, "train.ckpt_interval": 3, "train.eval_interval": 0})])
-    _wait_for_checkpoint(proc, out / "checkpoints")
+    wait_for_checkpoint(proc, out / "checkpoints")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]
@@ -290,7 +281,7 @@ def test_recall_loop_saves_and_exits_143_on_sigterm_then_resumes(tmp_path):
         "options.short_block": 256, "options.long_block": 512, "options.long_bytes": "[300,500]",
         "options.eval_lengths": "[300]", "options.eval_examples": 2}.items()]
     proc = _popen(["train", "needle-recall", *over])
-    _wait_for_checkpoint(proc, out / "checkpoints")
+    wait_for_checkpoint(proc, out / "checkpoints")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]
