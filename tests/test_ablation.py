@@ -144,17 +144,22 @@ def test_sigterm_cut_run_is_marked_no_verdict_nonzero_exit_and_rerun_continues_i
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
-def test_failed_run_is_marked_and_left_out(tmp_path, monkeypatch):
+def fail_arm(monkeypatch, run_name: str) -> None:
+    """Make the arm whose run directory is ``run_name`` fail (an out-of-memory error)."""
     from neuroplastic.training.trainer import Trainer
 
     real_train = Trainer.train
 
     def train(self, stop_at=None):
-        if self.run_dir.name == "seed0-with":
+        if self.run_dir.name == run_name:
             raise RuntimeError("out of memory")
         return real_train(self, stop_at)
 
     monkeypatch.setattr(Trainer, "train", train)
+
+
+def test_failed_run_is_marked_and_left_out(tmp_path, monkeypatch):
+    fail_arm(monkeypatch, "seed0-with")
     report = run_ablation("tiny", ["homeostasis"], seeds=2, overrides=_fast(tmp_path), out_dir=tmp_path / "abl",
                           mc_limit=0, echo=lambda s: None, progress=False)
     status = {(r.seed, r.arm): r.describe() for r in report.runs}
@@ -259,21 +264,12 @@ def test_cli_sigterm_mid_ablation_exits_143_and_rerun_finishes(tmp_path):
 def test_arms_written_before_the_model_config_had_sections_are_kept(tmp_path, monkeypatch):
     """An unfinished ablation whose arm files hold the old flat model settings continues
     with its complete arms kept, not trained again."""
-    from neuroplastic.training.trainer import Trainer
-
-    real_train = Trainer.train
-
-    def train(self, stop_at=None):
-        if self.run_dir.name == "seed0-with":
-            raise RuntimeError("out of memory")
-        return real_train(self, stop_at)
-
-    monkeypatch.setattr(Trainer, "train", train)
+    fail_arm(monkeypatch, "seed0-with")
     out = tmp_path / "abl"
     first = run_ablation("tiny", ["homeostasis"], seeds=2, overrides=_fast(tmp_path), out_dir=out,
                          mc_limit=0, echo=lambda s: None, progress=False)
     assert first.exit_code == 1
-    monkeypatch.setattr(Trainer, "train", real_train)
+    monkeypatch.undo()  # the arm trains normally again
     for arm in ("seed0-without", "seed1-without", "seed1-with"):
         path = out / arm / "ablation_arm.json"
         doc = json.loads(path.read_text())
