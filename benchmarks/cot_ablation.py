@@ -386,6 +386,38 @@ def run_workers(args, argv, out: Path, model: str, while_waiting=None) -> list[d
     return [r for r in rows if r["seed"] < args.seeds]
 
 
+# settings that must match for rows of two runs to share one table
+SAME = ("model", "data", "task_b", "steps", "device", "batch_size", "grad_accum", "lr",
+        "eval_examples", "max_new_tokens", "loss_examples", "overrides", "ewc_lambda")
+
+
+def rows_to_keep(out: Path, meta: dict, variants: list[str]) -> tuple[dict, list[dict]]:
+    """``--add``: the earlier run's results and the rows to keep (its other variants,
+    seeds below ``--seeds``); one sentence if there is none or its settings differ."""
+    src = out / "results.json"
+    if not src.is_file():
+        raise SystemExit(f"--add: no earlier run in {out} (no results.json); run without --add first")
+    earlier = json.loads(src.read_text(encoding="utf-8"))
+    def value(m: dict, k: str):
+        if k == "device" and not m.get(k):  # runs before the key existed name it in "machine"
+            return "cpu" if "device cpu;" in m.get("machine", "") else None
+        return m.get(k)
+
+    differ = [k for k in SAME if value(earlier["meta"], k) != value(meta, k)]
+    if differ:
+        k = differ[0]
+        raise SystemExit(f"--add: the run in {out} has {k}={value(earlier['meta'], k)!r}, this "
+                         f"one {value(meta, k)!r}; rows of different settings cannot share a table")
+    kept = [r for v, rs in earlier["runs"].items() if v not in variants for r in rs
+            if r["seed"] < meta["seeds"]]
+    missing = [f"{v}/seed{s}" for v in {r["variant"] for r in kept} for s in range(meta["seeds"])
+               if not any(r["variant"] == v and r["seed"] == s for r in kept)]
+    if missing:
+        raise SystemExit(f"--add: the run in {out} has no row for {', '.join(sorted(missing))} "
+                         f"(it had fewer seeds); use --seeds {earlier['meta']['seeds']} or fewer")
+    return earlier, kept
+
+
 # =========================================================================== pack
 
 
@@ -455,6 +487,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=0,
                     help="start no new run after this many seconds (0: no limit); the table "
                     "then says which runs are missing")
+    ap.add_argument("--add", action="store_true",
+                    help="add --variants to the run already in --out (same settings, checked): "
+                    "its other variants' rows are kept and paired by seed, the table is rebuilt "
+                    "from all of them")
     ap.add_argument("--only-seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--pack-model", nargs=2, metavar=("SRC", "DST"),
                     help="write a bfloat16 copy of SRC in shards to DST/model (and GSM8K from "
@@ -535,16 +571,28 @@ def main(argv=None) -> int:
             "train_examples_per_task": per_task, "ewc_lambda": args.ewc_lambda or 100.0,
             "date": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M}"}
     results: dict = {"meta": meta, "base": None, "runs": {v: [] for v in variants}}
+    kept: list[dict] = []
     if args.only_seed is None:
+        if args.add:
+            earlier, kept = rows_to_keep(out, meta, variants)
+            results["base"] = earlier.get("base")
+            meta["command"] = earlier["meta"]["command"] + "`, then `" + cmd
+            meta["earlier_elapsed_s"] = (earlier["meta"].get("earlier_elapsed_s", 0.0)
+                                         + earlier["meta"].get("elapsed_s", 0.0))
+            order = list(LABELS)
+            results["runs"] = {v: [] for v in sorted({r["variant"] for r in kept} | set(variants),
+                                                     key=lambda v: order.index(v) if v in order else 99)}
         print(f"{len(examples)} held-out {args.data} problems; {args.seeds} seeds x "
               f"{len(variants)} variants x {args.steps} steps on {device} "
-              f"({args.workers} worker(s))", flush=True)
+              f"({args.workers} worker(s))" + (f"; {len(kept)} rows kept from the earlier run"
+                                               if kept else ""), flush=True)
         rows_dir = out / "rows"
         if rows_dir.is_dir():
             for f in rows_dir.glob("seed*-*.json"):
-                f.unlink()
+                if not any(f.name == f"seed{r['seed']}-{r['variant']}.json" for r in kept):
+                    f.unlink()
     def base_row():
-        if not args.no_base and examples:
+        if not args.no_base and examples and results["base"] is None:
             results["base"] = evaluate(model, None, examples, args, device)
             print(row_line(LABELS["base"], results["base"]), flush=True)
 
@@ -559,7 +607,9 @@ def main(argv=None) -> int:
                              task_a, task_b)
         if args.only_seed is not None:  # a worker: its rows are in out/rows/
             return 0
+    rows = [r for r in rows if r["variant"] in variants] + kept
     for row in sorted(rows, key=lambda r: r["seed"]):
+        results["runs"].setdefault(row["variant"], [])
         results["runs"][row["variant"]].append(row)
     skipped = [f"{v}/seed{s}" for s in range(args.seeds) for v in variants
                if not any(r["seed"] == s and r["variant"] == v for r in rows)]
@@ -569,7 +619,7 @@ def main(argv=None) -> int:
               + ", ".join(skipped), flush=True)
     results["runs"] = {v: r for v, r in results["runs"].items() if r}
     step_times = [r["step_s"] for rows_ in results["runs"].values() for r in rows_]
-    meta["elapsed_s"] = time.perf_counter() - t_start
+    meta["elapsed_s"] = time.perf_counter() - t_start + meta.pop("earlier_elapsed_s", 0.0)
     meta["step_s"] = sum(step_times) / len(step_times) if step_times else math.nan
     text = write_outputs(results, out, docs if args.write_docs else None, args.docs_key)
     print()

@@ -792,3 +792,38 @@ def test_cot_ablation_benchmark_losses_only(tiny, tmp_path):
     text = docs.read_text()
     assert "GPU table" in text and text.count("<!-- begin:cot-real-cpu -->") == 1
     assert (tmp_path / "cot_real_cpu_forgetting.png").is_file()
+
+
+def test_cot_ablation_add_variants_to_an_earlier_run(tiny, tmp_path):
+    """--add trains only the new variants; the earlier rows are kept unchanged and the
+    table pairs them by seed; a run of other settings is refused in one sentence."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cot_ablation", Path(__file__).resolve().parents[1] / "benchmarks" / "cot_ablation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "abl"
+    common = ["--model", str(tiny["model"]), "--data", str(tiny["task_a"]), "--seeds", "2",
+              "--steps", "2", "--eval-examples", "0", "--batch-size", "4", "--block-size", "128",
+              "--loss-examples", "3", "--out", str(out), "--device", "cpu", "model.lora.dropout=0"]
+    with pytest.raises(SystemExit, match="no earlier run"):
+        bench.main([*common, "--variants", "ewc", "--add"])
+    assert bench.main([*common, "--variants", "baseline"]) == 0
+    before = json.loads((out / "results.json").read_text())
+    assert bench.main([*common, "--variants", "ewc", "--add"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["runs"]) == ["baseline", "ewc"]
+    assert res["runs"]["baseline"] == before["runs"]["baseline"]  # kept, not retrained
+    assert [r["seed"] for r in res["runs"]["ewc"]] == [0, 1]
+    assert sorted(p.name for p in (out / "rows").iterdir()) == [
+        "seed0-baseline.json", "seed0-ewc.json", "seed1-baseline.json", "seed1-ewc.json"]
+    assert "`, then `" in res["meta"]["command"] and res["meta"]["elapsed_s"] > before["meta"]["elapsed_s"]
+    table = (out / "table.md").read_text()
+    assert "| +EWC | task-A loss after B |" in table  # paired with the kept baseline
+    # rerunning a kept variant replaces its rows; other settings are refused
+    with pytest.raises(SystemExit, match="steps=2, this one 4"):
+        bench.main([*common, "--variants", "ewc", "--add", "--steps", "4"])
+    with pytest.raises(SystemExit, match="fewer seeds"):
+        bench.main([*common, "--variants", "ewc", "--add", "--seeds", "3"])
+    assert json.loads((out / "results.json").read_text())["runs"] == res["runs"]
