@@ -307,7 +307,13 @@ def test_readme_adapter_command_works_offline(tmp_path, text_file):
 
 # --------------------------------------------------------------------------- agreement (slow)
 
-REAL_MODEL = Path(os.environ.get("NEUROPLASTIC_REAL_MODEL", "/work/models/smollm2-135m-instruct"))
+def _real_model_default() -> str:
+    from neuroplastic.models.registry import model_dir
+
+    return str(model_dir("smollm2-135m-instruct"))  # the registry's cache (models fetch)
+
+
+REAL_MODEL = Path(os.environ.get("NEUROPLASTIC_REAL_MODEL") or _real_model_default())
 
 
 def lm_eval_agreement(model_dir: Path, n_hellaswag: int, mmlu_per_subject: int,
@@ -372,7 +378,8 @@ def test_per_item_agreement_with_lm_eval_hf_on_the_real_model():
     Sizes: NEUROPLASTIC_AGREEMENT_HS (HellaSwag items, default 200) and
     NEUROPLASTIC_AGREEMENT_MMLU (MMLU items per subject, default 4: 228 items)."""
     if not (REAL_MODEL / "config.json").is_file():
-        pytest.skip(f"no real model at {REAL_MODEL} (set NEUROPLASTIC_REAL_MODEL)")
+        pytest.skip(f"no real model at {REAL_MODEL} (`neuroplastic models fetch "
+                    "smollm2-135m-instruct`, or set NEUROPLASTIC_REAL_MODEL)")
     _shared("hellaswag")
     _shared("mmlu")
     n_hs = int(os.environ.get("NEUROPLASTIC_AGREEMENT_HS", "200"))
