@@ -398,6 +398,7 @@ def rows_to_keep(out: Path, meta: dict, variants: list[str]) -> tuple[dict, list
     if not src.is_file():
         raise SystemExit(f"--add: no earlier run in {out} (no results.json); run without --add first")
     earlier = json.loads(src.read_text(encoding="utf-8"))
+
     def value(m: dict, k: str):
         if k == "device" and not m.get(k):  # runs before the key existed name it in "machine"
             return "cpu" if "device cpu;" in m.get("machine", "") else None
@@ -587,9 +588,10 @@ def main(argv=None) -> int:
               f"({args.workers} worker(s))" + (f"; {len(kept)} rows kept from the earlier run"
                                                if kept else ""), flush=True)
         rows_dir = out / "rows"
+        keep = {f"seed{r['seed']}-{r['variant']}.json" for r in kept}
         if rows_dir.is_dir():
             for f in rows_dir.glob("seed*-*.json"):
-                if not any(f.name == f"seed{r['seed']}-{r['variant']}.json" for r in kept):
+                if f.name not in keep:
                     f.unlink()
     def base_row():
         if not args.no_base and examples and results["base"] is None:
@@ -609,7 +611,6 @@ def main(argv=None) -> int:
             return 0
     rows = [r for r in rows if r["variant"] in variants] + kept
     for row in sorted(rows, key=lambda r: r["seed"]):
-        results["runs"].setdefault(row["variant"], [])
         results["runs"][row["variant"]].append(row)
     skipped = [f"{v}/seed{s}" for s in range(args.seeds) for v in variants
                if not any(r["seed"] == s and r["variant"] == v for r in rows)]
