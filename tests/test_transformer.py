@@ -152,6 +152,23 @@ def test_seed_size_config_on_meta_device():
     assert model.flops_per_token(256) == 6 * n + 12 * 24 * 16 * 128 * 256
 
 
+def test_meta_construction_then_init_weights_gives_the_same_model():
+    """The RoPE tables are non-persistent buffers: after ``to_empty`` + ``init_weights`` they
+    are recomputed, so a meta-built model loaded with a state dict computes what the
+    original does."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    ref = GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.load_state_dict(ref.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=0)
+    assert "rope_cos" not in ref.state_dict()
+
+
 def test_num_params_conventions():
     tied = GPT(tiny_cfg(pos="learned"))
     wpe = tied.transformer["wpe"].weight.numel()
