@@ -422,12 +422,6 @@ class HebbianLM(LanguageModel):
         )
         self.lm_head = None if g.tie_weights else nn.Linear(g.n_embd, cfg.vocab_size, bias=False)
         self.register_buffer("alpha", torch.tensor(float(mem.alpha), dtype=torch.float32))
-        # cos/sin of positions 0..block_size-1, built once (as in GPT: angles computed per
-        # forward get fused into the rotation kernels under torch.compile and recomputed
-        # per element); positions past block_size (a carried state) are computed per call
-        shape = (cfg.block_size, self.head_dim // 2)
-        self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
         self.init_weights()
 
     # ------------------------------------------------------------------ init / stats
@@ -442,10 +436,6 @@ class HebbianLM(LanguageModel):
             if isinstance(module, LocalAttentionMemory):
                 module.reset_memory_parameters()
         self.alpha.fill_(float(self.config.hebbian.alpha))
-        pos = torch.arange(self.config.block_size, device=self.rope_cos.device)
-        cos, sin = rope_angles(pos, self.head_dim, self.config.gpt.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters (GPT's convention: with ``non_embedding`` the token
@@ -514,11 +504,7 @@ class HebbianLM(LanguageModel):
             )
         past = 0 if state is None else state.pos
         kept = 0 if state is None else state.cached
-        if past + T <= cfg.block_size:
-            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
-        else:
-            pos = torch.arange(past, past + T, device=idx.device)
-            rope = rope_angles(pos, self.head_dim, cfg.gpt.rope_theta)
+        rope = rope_angles(torch.arange(past, past + T, device=idx.device), self.head_dim, cfg.gpt.rope_theta)
         attn_mask = self._attn_mask(T, kept, idx.device)
         log_alpha = self.alpha.float().log()
         x = self.transformer["drop"](self.transformer["wte"](idx))
