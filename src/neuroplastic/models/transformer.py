@@ -45,8 +45,8 @@ def rope_angles(
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and ``sin`` of the rotary angles, each ``(T, head_dim // 2)``: computed in
-    float32, then cast to ``dtype`` (default float32) so that a forward builds them once in
-    its compute dtype instead of once per layer."""
+    float32, then cast to ``dtype`` (default float32). :class:`GPT` keeps them as tables
+    over ``block_size`` positions and slices them per forward."""
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
     )
@@ -461,9 +461,8 @@ class GPT(LanguageModel):
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):
                 dtype = torch.get_autocast_dtype(x.device.type)
-            cos = self.rope_cos[past : past + T].to(dtype)[:, None, None]
-            sin = self.rope_sin[past : past + T].to(dtype)[:, None, None]
-            rope = (cos, sin)
+            tables = (self.rope_cos, self.rope_sin)
+            rope = tuple(t[past : past + T, None, None].to(dtype) for t in tables)
         x = self.transformer["drop"](x)
         attn_mask = None
         if kv_cache is not None and past > 0 and T > 1:
