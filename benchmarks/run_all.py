@@ -45,6 +45,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     ],
     "agiformer_vs_gpt": ["--seconds", "10", "--slice", "5", "--batch", "4", "--block", "64"],
     "distributed": ["--quick"],
+    "hf_output_layer": ["--model", "tiny", "--steps", "2"],
     "needle_probe": ["--steps", "4", "--eval-every", "2", "--eval-lengths", "128", "--block", "256",
                      "--batch", "2"],
 }

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fast_weight as fw_bench  # noqa: E402
+import hf_output_layer  # noqa: E402
 import vs_nanogpt  # noqa: E402
 
 # a stand-in for nanoGPT's model.py with its interface (GPTConfig, GPT(config), forward ->
@@ -74,3 +75,15 @@ def test_fast_weight_vs_fla_on_cpu_times_our_forms_and_skips_fla(capsys):
     for form in ("hebbian torch fp32", "hebbian torch bf16", "delta torch fp32", "delta torch bf16"):
         assert any(line.startswith(form) and "median" in line for line in out.splitlines()), form
     assert "hebbian fla-path bf16" in out and "skipped" in out
+
+
+def test_hf_output_layer_tiny_times_both_arms_with_equal_losses(capsys):
+    """The targets-only arm and the all-positions arm train the same LoRA model on the
+    same cot batches; the table shows both, and their losses on the first batch agree."""
+    assert hf_output_layer.main(["--model", "tiny", "--steps", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in out.splitlines()
+            if line.startswith("| all positions") or line.startswith("| targets only")}
+    assert rows.keys() == {"all positions", "targets only"}
+    assert rows["all positions"][2].strip() == rows["targets only"][2].strip()
+    assert "of the positions on average" in out

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from neuroplastic.models.api import CausalLM
+from neuroplastic.models.api import CausalLM, supports_targets_only
 from neuroplastic.models.hf import hf_context_length
 
 
@@ -30,10 +30,13 @@ def lm_metrics(
     (``byte_lengths[token_id]``; 0 for special tokens), so it is comparable across
     tokenizers; for a byte-level model it is the usual BPC. Targets equal to ``-100``
     (padding, prompt tokens of a supervised example, context-only positions of a sliding
-    window) are left out of all three. ``progress`` shows a tqdm bar over the batches.
+    window) are left out of all three. ``progress`` shows a tqdm bar over the batches. A
+    model that takes ``targets_only`` (a Hugging Face model) runs its output layer only
+    from the first position holding a target.
     """
     was_training = model.training
     model.eval()
+    targets_only = supports_targets_only(model)
     nll, ntok, nbytes = 0.0, 0, 0
     byte_lengths = byte_lengths.cpu()
     if progress:
@@ -45,13 +48,19 @@ def lm_metrics(
                        dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            logits, _ = model(x)
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
-        )
-        nll += float(loss)  # cross_entropy skips targets == -100 (its ignore_index)
         kept = y[y != -100].cpu()
+        if targets_only:
+            # the model's mean over the kept targets, logits only from the first of them
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                _, loss = model(x, y, targets_only=True)
+            nll += float(loss) * kept.numel() if kept.numel() else 0.0
+        else:
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits, _ = model(x)
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+            )
+            nll += float(loss)  # cross_entropy skips targets == -100 (its ignore_index)
         ntok += kept.numel()
         nbytes += int(byte_lengths[kept].sum())
     model.train(was_training)

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from neuroplastic.runtime import model_device
 
-__all__ = ["CausalLM", "LanguageModel", "TokenizerAdapter"]
+__all__ = ["CausalLM", "LanguageModel", "TokenizerAdapter", "forward_targets",
+           "supports_targets_only"]
 
 
 @runtime_checkable
@@ -60,6 +61,39 @@ class CausalLM(Protocol):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor: ...
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` / DDP / FSDP wrappers."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            module = getattr(model, "module", None)
+            inner = module if isinstance(module, nn.Module) else None
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def supports_targets_only(model: nn.Module) -> bool:
+    """Whether ``model`` (through compile/DDP/FSDP wrappers) takes ``targets_only=True``:
+    the loss of ``model(idx, targets)`` with the output layer run only from the first
+    position that holds a target (:class:`~neuroplastic.models.hf.HFCausalLM`)."""
+    return bool(getattr(_innermost(model), "accepts_targets_only", False))
+
+
+def forward_targets(
+    model: nn.Module, idx: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits, loss = model(idx, targets)``, computing logits only where they are needed
+    when the model can (:func:`supports_targets_only`): the same loss, and ``logits``
+    ``(B, K, vocab)`` aligned with ``targets[:, -K:]`` (``K = T`` for other models).
+    With a prompt masked by ``-100`` (supervised fine-tuning) this skips the output layer
+    and its softmax over the prompt's positions."""
+    if supports_targets_only(model):
+        return model(idx, targets, targets_only=True)
+    return model(idx, targets)
 
 
 class LanguageModel(nn.Module):

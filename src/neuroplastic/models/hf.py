@@ -543,6 +543,21 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _keep_kwarg(model: nn.Module) -> str | None:
+    """The forward argument that limits the output layer to the last N positions:
+    ``logits_to_keep`` (transformers >= 4.50), ``num_logits_to_keep`` (4.45-4.49), or
+    None when the model's forward takes neither (custom code, other families)."""
+    inner = model.get_base_model() if is_peft(model) else model
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return None
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return name
+    return None
+
+
 # =========================================================================== LoRA
 
 
@@ -885,10 +900,17 @@ class HFCausalLM(LanguageModel):
       aligned with ``idx`` positions (our convention, *not* HF's ``labels`` that the
       model shifts itself); ``loss`` is the mean cross-entropy over targets that are not
       ``-100`` (``None`` without targets).
+    * ``model(idx, targets, targets_only=True)``: the same loss, with the output layer
+      run only from the first position where some row has a target (a prompt masked with
+      ``-100`` costs no logits); ``logits`` is then ``(B, K, vocab)``, aligned with
+      ``targets[:, -K:]`` (see :func:`~neuroplastic.models.api.forward_targets`).
     * :meth:`generate` has the semantics of :meth:`GPT.generate`.
     * ``config.block_size`` (``context_length``) is :func:`hf_context_length` of the
       model's config, 2048 when it names none.
     """
+
+    #: :func:`~neuroplastic.models.api.forward_targets` may pass ``targets_only=True``
+    accepts_targets_only = True
 
     def __init__(self, model: nn.Module, tokenizer: Any = None):
         super().__init__()
@@ -898,6 +920,9 @@ class HFCausalLM(LanguageModel):
         #: :meth:`set_base`); a checkpoint then stores the adapters, not a copy of the base.
         self.base_ref: dict[str, str] | None = None
         self._frozen_versions: dict[str, int] = {}
+        # the output-layer-limiting forward argument of ``_keep_for`` ("" when none)
+        self._keep_kw: str | None = None
+        self._keep_for: nn.Module | None = None
         self.train(model.training)  # the wrapper starts in the model's mode
         cfg = model.config
         emb = model.get_input_embeddings()
@@ -970,8 +995,20 @@ class HFCausalLM(LanguageModel):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
+        targets_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False)
+        kwargs: dict[str, Any] = {}
+        if targets_only and targets is not None:
+            if self._keep_kw is None or self._keep_for is not self.model:
+                self._keep_kw, self._keep_for = _keep_kwarg(self.model) or "", self.model
+            has = (targets != -100).any(0)
+            if self._keep_kw and bool(has.any()):
+                first = int(has.to(torch.int8).argmax())
+                if first > 0:
+                    kwargs[self._keep_kw] = idx.size(1) - first
+                    targets = targets[:, first:]
+        out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False, **kwargs)
         logits = out.logits
         loss = None
         if targets is not None:

@@ -62,6 +62,7 @@ from neuroplastic.data.cot import (
     split_examples,
 )
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import forward_targets
 from neuroplastic.recipes import Recipe
 from neuroplastic.training.callbacks import OBSERVE, Callback, StepContext
 
@@ -267,7 +268,7 @@ class CotCallback(Callback):
         def loss_fn(model, batch):
             x, y = batch
             with ctx.autocast():
-                return model(x.to(device), y.to(device))[1]
+                return forward_targets(model, x.to(device), y.to(device))[1]
 
         was_training = ctx.model.training
         ctx.model.eval()  # no dropout in the Fisher; Hebbian hooks record nothing

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from neuroplastic.data.batching import sequential_blocks
+from neuroplastic.models.api import forward_targets
 from neuroplastic.plasticity.engine import PlasticityEngine
 from neuroplastic.training.callbacks import PLASTICITY, Callback, StepContext
 from neuroplastic.training.distributed import set_grad_sync
@@ -60,7 +61,7 @@ class EngineCallback(Callback):
 
         def loss_fn(model, batch):
             x, y = batch
-            return model(x.to(device), y.to(device))[1]
+            return forward_targets(model, x.to(device), y.to(device))[1]
 
         # eval mode: no dropout in the Fisher, and Hebbian hooks record nothing
         was_training = ctx.model.training
@@ -111,6 +112,6 @@ class Replay:
         rx, ry = rx.to(self.device), ry.to(self.device)
         set_grad_sync(forward_model, False)  # reduced with the last micro-batch
         with precision.autocast():
-            _, rloss = forward_model(rx, ry)
+            _, rloss = forward_targets(forward_model, rx, ry)
         precision.backward(rloss * (pc.replay_weight / self.grad_accum))
         return float(rloss.detach())

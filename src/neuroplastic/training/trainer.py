@@ -20,6 +20,7 @@ import torch
 
 from neuroplastic.config import RunConfig
 from neuroplastic.errors import UserError
+from neuroplastic.models.api import forward_targets
 from neuroplastic.runtime import (
     amp_dtype,
     resolve_device,
@@ -310,7 +311,7 @@ class Trainer:
             # DDP all-reduces the gradients in the last micro-batch's backward only
             set_grad_sync(self.forward_model, micro == tc.grad_accum - 1)
             with self.precision.autocast():
-                _, loss = self.forward_model(x, y)
+                _, loss = forward_targets(self.forward_model, x, y)
             total = loss / tc.grad_accum
             for cb in self.callbacks:
                 pen = cb.penalty(ctx)
