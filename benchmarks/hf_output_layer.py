@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
 
     med = {name: statistics.median(v) for name, v in times.items()}
-    ratio = med["targets only"] / med["all positions"]
     cmd = "python benchmarks/hf_output_layer.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     rows = [
