@@ -433,3 +433,27 @@ def test_permission_error_while_saving_is_one_sentence(text_file, tmp_path, monk
     assert main(["train", "tiny", *tiny_overrides(text_file, tmp_path / "run")]) == 2
     line = _one_sentence(capsys)
     assert "Permission denied" in line and "no earlier checkpoint exists" in line
+
+
+def test_clearing_a_run_dir_in_use_is_refused_and_keeps_the_lock_file(tmp_path):
+    """``demo`` clears its run dir: not while another process holds the lock (one sentence,
+    nothing deleted), and never the lock file itself (deleting it would let a second
+    process lock a new file while the first still writes)."""
+    from neuroplastic.errors import UserError
+    from neuroplastic.training.checkpoint import RunLock
+    from neuroplastic.training.run import clear_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    held = RunLock(run).acquire()  # another writer (a second open file description)
+    try:
+        with pytest.raises(UserError, match="is in use by another neuroplastic process"):
+            clear_run_dir(run)
+        assert (run / "checkpoints" / "step_0000002").is_dir() and (run / "metrics.jsonl").exists()
+    finally:
+        held.release()
+    inode = (run / ".lock").stat().st_ino
+    clear_run_dir(run)
+    assert [p.name for p in run.iterdir()] == [".lock"] and (run / ".lock").stat().st_ino == inode
+    clear_run_dir(tmp_path / "absent")  # nothing to clear

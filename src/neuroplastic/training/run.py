@@ -104,10 +104,23 @@ def check_writable(directory: Path) -> None:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """Remove a previous run's outputs (used by ``neuroplastic demo`` for its own dir)."""
+    """Remove a previous run's outputs (``neuroplastic demo``, ``cot demo`` for their own
+    dirs). Refused (one sentence) while another process holds the directory's lock; the
+    lock file itself is kept, so a process that takes it later locks the same file."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
+    if not run_dir.is_dir():
+        return
+    lock = ckpt.RunLock(run_dir).acquire()
+    try:
+        for entry in run_dir.iterdir():
+            if entry.name == ckpt.RunLock.NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    finally:
+        lock.release()
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
