@@ -394,6 +394,34 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(text_file, tmp_pat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "step_0000004"]
 
 
+def test_full_disk_while_logging_is_one_sentence_and_keeps_the_checkpoints(
+    text_file, tmp_path, monkeypatch, capsys
+):
+    """metrics.jsonl cannot be appended to (the disk filled after step 6): one sentence,
+    exit 2, no traceback; the checkpoints written before stay loadable and the run resumes."""
+    from neuroplastic.training import metrics
+
+    real_open = open
+
+    def full_after_step_6(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            if any('"step": 7' in ln for ln in lines):
+                f.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    monkeypatch.setattr(metrics, "open", full_after_step_6, raising=False)
+    out = tmp_path / "run"
+    assert main(["train", "tiny", *tiny_overrides(text_file, out)]) == 2
+    line = _one_sentence(capsys)
+    assert "Could not append to" in line and "No space left on device" in line and "resume" in line
+    checkpoint_io.load_checkpoint(out / "checkpoints" / "step_0000004")
+    monkeypatch.undo()
+    assert main(["train", "tiny", *tiny_overrides(text_file, out), "train.resume=auto"]) == 0
+
+
 def test_read_only_checkpoints_dir_is_refused_at_setup(text_file, tmp_path, monkeypatch, capsys):
     """Tests run as root, whom chmod does not stop: the probe write is made to fail the way
     a read-only directory fails it (the chmod variant below runs where chmod bites)."""

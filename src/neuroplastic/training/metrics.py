@@ -8,14 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from neuroplastic.data.sources import read_jsonl
+from neuroplastic.errors import UserError
 
 
 class MetricsLogger:
     """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        resume_hint: str = "train.resume=auto",
+    ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
+        self.resume_hint = resume_hint
         if resume_step is not None and self.path.exists():
             # Drop records written after the checkpoint we resume from, so the file
             # reads like one uninterrupted run.
@@ -34,8 +42,16 @@ class MetricsLogger:
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         record = {"kind": kind, "step": step, **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        line = json.dumps(record, default=float) + "\n"
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as exc:  # full disk, read-only or vanished directory
+            raise UserError(
+                f"Could not append to {self.path} ({exc.strerror or exc}); the run stops at "
+                f"step {step}, its checkpoints are as they were. Free disk space or fix the "
+                f"directory's permissions, then resume with {self.resume_hint}."
+            ) from exc
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):

@@ -343,7 +343,8 @@ class Run:
         """The metrics logger (rank 0; the others get a NullLogger) and ``config.yaml``."""
         if self.dist.is_main:
             self.logger = MetricsLogger(
-                self.run_dir, tensorboard=self.settings.tensorboard, resume_step=resume_step
+                self.run_dir, tensorboard=self.settings.tensorboard, resume_step=resume_step,
+                resume_hint=self.resume_hint,
             )
             (self.run_dir / "config.yaml").write_text(self.config_text(), encoding="utf-8")
         else:
