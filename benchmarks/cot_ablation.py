@@ -303,13 +303,18 @@ def write_outputs(results: dict, out: Path, docs: Path | None, key: str = KEY) -
 
 
 def publish(results: dict, out: Path, docs: Path, key: str = KEY) -> None:
-    """Write the docs section (and copy the forgetting plot beside the docs)."""
+    """Write the docs section, copy the forgetting plot beside the docs, and keep the
+    results as ``results/<key>.json`` there: a later session copies it into an ``--out``
+    folder as ``results.json`` to ``--add`` variants to the same table."""
     import shutil
 
     png = out / "forgetting.png"
     has_png = png.is_file()
     if has_png:
         shutil.copyfile(png, docs.parent / png_name(key))
+    kept = docs.parent / "results" / f"{key}.json"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     write_section(docs, key, markdown(results, png_name(key) if has_png else None),
                   title="# neuroplastic-cot")
 

