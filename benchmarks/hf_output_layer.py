@@ -1,11 +1,12 @@
 """A Hugging Face LoRA fine-tuning step with the output layer over every position vs only
 from the first position that holds a target (``targets_only``, what the trainer does).
 
-Supervised chain-of-thought batches mask the prompt with ``-100``; the output layer (a
-``hidden x vocab`` matmul, 49,152 entries for SmolLM2) and its float32 softmax over the
-prompt's positions are work whose result the loss never reads.
-:func:`neuroplastic.models.api.forward_targets` asks the model for logits only from the
-first position where some row of the batch has a target (``logits_to_keep``). Both arms
+Supervised chain-of-thought batches mask the prompt (and the padding) with ``-100``; the
+output layer (a ``hidden x vocab`` matmul, 49,152 entries for SmolLM2) and its float32
+softmax over those positions are work whose result the loss never reads.
+:func:`neuroplastic.models.api.forward_targets` asks the model for logits only at the
+target positions (Llama, Qwen2, GPT-2: a pre-hook on the output layer; other families:
+from the first position where some row has a target, ``logits_to_keep``). Both arms
 train the same LoRA model (r=8 on all attention and MLP projections, AdamW) on the same
 real batches (GSM8K train problems, formatted and masked by the cot recipe's own
 ``CotFormatter``/``collate``), alternating step by step; the table gives the median step
@@ -45,7 +46,12 @@ from neuroplastic.data.cot import (  # noqa: E402
     synthetic_arithmetic,
 )
 from neuroplastic.models.api import forward_targets  # noqa: E402
-from neuroplastic.models.hf import HFCausalLM, apply_lora, load_causal_lm  # noqa: E402
+from neuroplastic.models.hf import (  # noqa: E402
+    HEAD_SELECT_TYPES,
+    HFCausalLM,
+    apply_lora,
+    load_causal_lm,
+)
 from neuroplastic.models.registry import is_registry_name, resolve_model  # noqa: E402
 
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
@@ -122,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {name: [] for name in arms}
         kept: list[float] = []
         for i, (x, y) in enumerate(batches):
-            has = (y != -100).any(0)
-            kept.append(1.0 - int(has.to(torch.int8).argmax()) / y.size(1))
+            if lm.config.model_type in HEAD_SELECT_TYPES:  # the target positions alone
+                kept.append(float((y != -100).float().mean()))
+            else:  # from the first position holding a target
+                kept.append(1.0 - int((y != -100).any(0).to(torch.int8).argmax()) / y.size(1))
             for name in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
                 t0 = time.perf_counter()
                 with autocast():

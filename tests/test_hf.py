@@ -381,14 +381,22 @@ def test_hfcausallm_forward_and_generate(kind, model_dirs):
     assert not lm.training and not model.training
 
 
+@pytest.mark.parametrize("path", ["head-select", "logits-to-keep"])
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
-def test_targets_only_skips_prompt_logits_with_the_same_loss_and_gradients(kind, model_dirs):
-    """``targets_only``: the output layer runs from the first position holding a target
-    (the model gets ``logits_to_keep``); loss and every gradient equal the full forward's,
-    and lm_metrics gives the same numbers; a model without the argument falls back."""
+def test_targets_only_skips_prompt_logits_with_the_same_loss_and_gradients(
+    kind, path, model_dirs, monkeypatch
+):
+    """``targets_only``: the output layer runs only at the target positions (a pre-hook
+    hands it their hidden states) or, for model types not known to allow that, from the
+    first position holding a target (``logits_to_keep``); loss and every gradient equal
+    the full forward's, logits are one row per target, and lm_metrics gives the same
+    numbers; a model without the argument falls back."""
     from neuroplastic.evaluation.lm import lm_metrics
+    from neuroplastic.models import hf as hf_mod
     from neuroplastic.models.api import forward_targets, supports_targets_only
 
+    if path == "logits-to-keep":
+        monkeypatch.setattr(hf_mod, "HEAD_SELECT_TYPES", frozenset())
     model, tok = load_causal_lm(model_dirs[kind])
     lm = HFCausalLM(model, tok)
     assert supports_targets_only(lm) and supports_targets_only(torch.nn.Sequential(lm)) is False
@@ -397,9 +405,12 @@ def test_targets_only_skips_prompt_logits_with_the_same_loss_and_gradients(kind,
     targets = torch.randint(2, lm.config.vocab_size, (3, 16), generator=g)
     targets[0, :9], targets[1, :5], targets[2, :12] = -100, -100, -100  # prompts
     targets[1, 14:] = -100  # padding
+    mask = targets != -100
 
-    seen = []
+    seen, head_rows = [], []
     hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    head = model.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: head_rows.append(out.shape[:-1]))
     full_logits, full = lm(idx, targets)
     full.backward()
     full_grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
@@ -407,18 +418,22 @@ def test_targets_only_skips_prompt_logits_with_the_same_loss_and_gradients(kind,
     logits, loss = forward_targets(lm, idx, targets)
     loss.backward()
     hook.remove()
-    assert "logits_to_keep" not in seen[0] and seen[1].get("logits_to_keep") == 11
-    assert logits.shape == (3, 11, lm.config.vocab_size)  # positions 5.. only
-    torch.testing.assert_close(logits, full_logits[:, 5:])
+    head.remove()
+    assert "logits_to_keep" not in seen[0]
+    if path == "head-select":
+        assert head_rows[1] == (int(mask.sum()),)  # the output layer saw the 18 targets only
+    else:
+        assert seen[1].get("logits_to_keep") == 11 and head_rows[1] == (3, 11)  # positions 5..
+    assert logits.shape == (int(mask.sum()), lm.config.vocab_size)
+    torch.testing.assert_close(logits, full_logits[mask])
     torch.testing.assert_close(loss, full)
     grads = {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}
     assert grads.keys() == full_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], full_grads[n])
 
-    # nothing masked at the start, or nothing to score: the plain forward
-    assert forward_targets(lm, idx, torch.where(targets < 0, 7, targets))[0].shape[1] == 16
-    assert forward_targets(lm, idx, torch.full_like(targets, -100))[0].shape[1] == 16
+    # nothing to score: the plain forward
+    assert forward_targets(lm, idx, torch.full_like(targets, -100))[0].shape == (3, 16, lm.config.vocab_size)
 
     # lm_metrics: the targets-only path vs the full logits of the same model
     class Plain(torch.nn.Module):  # no targets_only: full logits, cross-entropy by hand
@@ -432,7 +447,7 @@ def test_targets_only_skips_prompt_logits_with_the_same_loss_and_gradients(kind,
     batches = [(idx, targets), (idx[:2], targets[:2])]
     byte_lengths = torch.ones(lm.config.vocab_size, dtype=torch.long)
     a, b = lm_metrics(lm, batches, byte_lengths), lm_metrics(Plain(lm), batches, byte_lengths)
-    assert a["tokens"] == b["tokens"] == int((targets != -100).sum() + (targets[:2] != -100).sum())
+    assert a["tokens"] == b["tokens"] == int(mask.sum() + mask[:2].sum())
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert a["bpb"] == pytest.approx(b["bpb"], rel=1e-6)
 

@@ -78,8 +78,8 @@ def _innermost(model: nn.Module) -> nn.Module:
 
 def supports_targets_only(model: nn.Module) -> bool:
     """Whether ``model`` (through compile/DDP/FSDP wrappers) takes ``targets_only=True``:
-    the loss of ``model(idx, targets)`` with the output layer run only from the first
-    position that holds a target (:class:`~neuroplastic.models.hf.HFCausalLM`)."""
+    the loss of ``model(idx, targets)`` with the output layer run only where there are
+    targets (:class:`~neuroplastic.models.hf.HFCausalLM`)."""
     return bool(getattr(_innermost(model), "accepts_targets_only", False))
 
 
@@ -88,9 +88,10 @@ def forward_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits, loss = model(idx, targets)``, computing logits only where they are needed
     when the model can (:func:`supports_targets_only`): the same loss, and ``logits``
-    ``(B, K, vocab)`` aligned with ``targets[:, -K:]`` (``K = T`` for other models).
-    With a prompt masked by ``-100`` (supervised fine-tuning) this skips the output layer
-    and its softmax over the prompt's positions."""
+    ``(N, vocab)``, one row per target that is not ``-100`` in row-major order (other
+    models: ``(B, T, vocab)`` as usual). With a prompt masked by ``-100`` (supervised
+    fine-tuning) this skips the output layer and its softmax over the prompt's positions
+    (and over padding)."""
     if supports_targets_only(model):
         return model(idx, targets, targets_only=True)
     return model(idx, targets)

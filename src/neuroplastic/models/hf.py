@@ -543,6 +543,12 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+#: Model types whose output layer is applied to the final hidden states as they are, with
+#: only elementwise work after it, so that ``targets_only`` can hand it the target
+#: positions alone (tested on tiny models of each: same loss and gradients).
+HEAD_SELECT_TYPES = frozenset({"llama", "qwen2", "gpt2"})
+
+
 def _keep_kwarg(model: nn.Module) -> str | None:
     """The forward argument that limits the output layer to the last N positions:
     ``logits_to_keep`` (transformers >= 4.50), ``num_logits_to_keep`` (4.45-4.49), or
@@ -900,10 +906,13 @@ class HFCausalLM(LanguageModel):
       aligned with ``idx`` positions (our convention, *not* HF's ``labels`` that the
       model shifts itself); ``loss`` is the mean cross-entropy over targets that are not
       ``-100`` (``None`` without targets).
-    * ``model(idx, targets, targets_only=True)``: the same loss, with the output layer
-      run only from the first position where some row has a target (a prompt masked with
-      ``-100`` costs no logits); ``logits`` is then ``(B, K, vocab)``, aligned with
-      ``targets[:, -K:]`` (see :func:`~neuroplastic.models.api.forward_targets`).
+    * ``model(idx, targets, targets_only=True)``: the same loss, with the output layer run
+      only where it is needed (a prompt masked with ``-100`` costs no logits); ``logits``
+      is then ``(N, vocab)``, one row per target that is not ``-100`` in row-major order
+      (see :func:`~neuroplastic.models.api.forward_targets`). For the model families in
+      :data:`HEAD_SELECT_TYPES` a pre-hook on the output layer hands it only the target
+      positions' hidden states; for others the model's ``logits_to_keep`` starts the
+      output layer at the first position where some row has a target.
     * :meth:`generate` has the semantics of :meth:`GPT.generate`.
     * ``config.block_size`` (``context_length``) is :func:`hf_context_length` of the
       model's config, 2048 when it names none.
@@ -998,23 +1007,45 @@ class HFCausalLM(LanguageModel):
         *,
         targets_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kwargs: dict[str, Any] = {}
-        if targets_only and targets is not None:
-            if self._keep_kw is None or self._keep_for is not self.model:
-                self._keep_kw, self._keep_for = _keep_kwarg(self.model) or "", self.model
-            has = (targets != -100).any(0)
-            if self._keep_kw and bool(has.any()):
-                first = int(has.to(torch.int8).argmax())
-                if first > 0:
-                    kwargs[self._keep_kw] = idx.size(1) - first
-                    targets = targets[:, first:]
-        out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False, **kwargs)
+        if targets_only and targets is not None and bool((targets != -100).any()):
+            return self._forward_targets(idx, targets, attention_mask)
+        out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False)
         logits = out.logits
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
+        return logits, loss
+
+    def _forward_targets(
+        self, idx: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``targets_only``: logits ``(N, vocab)`` at the N targets, and their mean loss."""
+        mask = targets != -100
+        head = self.model.get_output_embeddings()
+        if head is not None and self.config.model_type in HEAD_SELECT_TYPES:
+            # the output layer sees only the hidden states at the target positions; what
+            # these models do to its output after it (soft-capping, scaling) is elementwise
+            def select(module, args):
+                return (args[0][mask], *args[1:])
+
+            handle = head.register_forward_pre_hook(select)
+            try:
+                out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False)
+            finally:
+                handle.remove()
+            logits = out.logits
+        else:
+            if self._keep_kw is None or self._keep_for is not self.model:
+                self._keep_kw, self._keep_for = _keep_kwarg(self.model) or "", self.model
+            kwargs: dict[str, Any] = {}
+            first = int(mask.any(0).to(torch.int8).argmax())
+            if self._keep_kw and first > 0:
+                kwargs[self._keep_kw] = idx.size(1) - first
+            out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False, **kwargs)
+            logits = out.logits[mask[:, idx.size(1) - out.logits.size(1):]]
+        loss = F.cross_entropy(logits.float(), targets[mask])
         return logits, loss
 
     @torch.no_grad()
