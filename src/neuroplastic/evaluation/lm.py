@@ -32,7 +32,7 @@ def lm_metrics(
     (padding, prompt tokens of a supervised example, context-only positions of a sliding
     window) are left out of all three. ``progress`` shows a tqdm bar over the batches. A
     model that takes ``targets_only`` (a Hugging Face model) runs its output layer only
-    from the first position holding a target.
+    where there are targets.
     """
     was_training = model.training
     model.eval()
@@ -50,7 +50,7 @@ def lm_metrics(
         x, y = x.to(device), y.to(device)
         kept = y[y != -100].cpu()
         if targets_only:
-            # the model's mean over the kept targets, logits only from the first of them
+            # the model's mean over the kept targets, logits only at their positions
             with autocast() if autocast is not None else contextlib.nullcontext():
                 _, loss = model(x, y, targets_only=True)
             nll += float(loss) * kept.numel() if kept.numel() else 0.0

@@ -532,15 +532,19 @@ def _quiet_peft():
         yield
 
 
+def _forward_params(model: nn.Module) -> Any:
+    """The parameters of the (peft-unwrapped) model's ``forward``; empty if unreadable."""
+    inner = model.get_base_model() if is_peft(model) else model
+    try:
+        return inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (4.x and early 5.x)."""
-    inner = model.get_base_model() if is_peft(model) else model
-    try:
-        params = inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 #: Model types whose output layer is applied to the final hidden states as they are, with
@@ -553,15 +557,8 @@ def _keep_kwarg(model: nn.Module) -> str | None:
     """The forward argument that limits the output layer to the last N positions:
     ``logits_to_keep`` (transformers >= 4.50), ``num_logits_to_keep`` (4.45-4.49), or
     None when the model's forward takes neither (custom code, other families)."""
-    inner = model.get_base_model() if is_peft(model) else model
-    try:
-        params = inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return None
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return name
-    return None
+    params = _forward_params(model)
+    return next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
 
 
 # =========================================================================== LoRA
@@ -929,9 +926,6 @@ class HFCausalLM(LanguageModel):
         #: :meth:`set_base`); a checkpoint then stores the adapters, not a copy of the base.
         self.base_ref: dict[str, str] | None = None
         self._frozen_versions: dict[str, int] = {}
-        # the output-layer-limiting forward argument of ``_keep_for`` ("" when none)
-        self._keep_kw: str | None = None
-        self._keep_for: nn.Module | None = None
         self.train(model.training)  # the wrapper starts in the model's mode
         cfg = model.config
         emb = model.get_input_embeddings()
@@ -1007,8 +1001,10 @@ class HFCausalLM(LanguageModel):
         *,
         targets_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if targets_only and targets is not None and bool((targets != -100).any()):
-            return self._forward_targets(idx, targets, attention_mask)
+        if targets_only and targets is not None:
+            mask = targets != -100
+            if bool(mask.any()):
+                return self._forward_targets(idx, targets, mask, attention_mask)
         out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False)
         logits = out.logits
         loss = None
@@ -1019,10 +1015,14 @@ class HFCausalLM(LanguageModel):
         return logits, loss
 
     def _forward_targets(
-        self, idx: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``targets_only``: logits ``(N, vocab)`` at the N targets, and their mean loss."""
-        mask = targets != -100
+        """``targets_only``: logits ``(N, vocab)`` at the N targets (``mask``), and their
+        mean loss."""
         head = self.model.get_output_embeddings()
         if head is not None and self.config.model_type in HEAD_SELECT_TYPES:
             # the output layer sees only the hidden states at the target positions; what
@@ -1037,12 +1037,11 @@ class HFCausalLM(LanguageModel):
                 handle.remove()
             logits = out.logits
         else:
-            if self._keep_kw is None or self._keep_for is not self.model:
-                self._keep_kw, self._keep_for = _keep_kwarg(self.model) or "", self.model
+            keep = _keep_kwarg(self.model)
             kwargs: dict[str, Any] = {}
             first = int(mask.any(0).to(torch.int8).argmax())
-            if self._keep_kw and first > 0:
-                kwargs[self._keep_kw] = idx.size(1) - first
+            if keep and first > 0:
+                kwargs[keep] = idx.size(1) - first
             out = self.model(input_ids=idx, attention_mask=attention_mask, use_cache=False, **kwargs)
             logits = out.logits[mask[:, idx.size(1) - out.logits.size(1):]]
         loss = F.cross_entropy(logits.float(), targets[mask])
