@@ -106,3 +106,29 @@ def test_shape_mismatch_is_clear(trained, tmp_path):
     path = checkpoint_io.latest_checkpoint(trained.ckpt_dir)
     with pytest.raises(UserError, match="shape"):
         checkpoint_io.load_model_weights(other, path / "model.safetensors")
+
+
+def test_checkpoint_from_before_rope_pairing_loads_as_halves_and_resume_names_the_key(text_file, tmp_path):
+    """A checkpoint whose config.yaml predates model.rope_pairing was trained with the
+    halves pairing: it evaluates as trained (same logits), and resuming it from a recipe
+    that now defaults to interleaved is refused naming the key, then works with it set."""
+    import yaml
+
+    overrides = tiny_overrides(text_file, tmp_path / "run") + ["model.rope_pairing=halves"]
+    t = Trainer(load_config("tiny", overrides))
+    t.train(stop_at=4)
+    path = checkpoint_io.latest_checkpoint(t.ckpt_dir)
+    for cfg_file in (path / "config.yaml", t.run_dir / "config.yaml"):
+        doc = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+        del doc["model"]["gpt"]["rope_pairing"]  # as an earlier version wrote it
+        cfg_file.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    model, _, cfg, _ = load_trained(path)
+    assert cfg.model.gpt.rope_pairing == "halves"
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    t.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], t.model(x)[0])
+    resume = tiny_overrides(text_file, tmp_path / "run") + ["train.resume=auto"]
+    with pytest.raises(UserError, match="rope_pairing"):
+        Trainer(load_config("tiny", resume)).setup()
+    Trainer(load_config("tiny", resume + ["model.rope_pairing=halves"])).train(stop_at=6)

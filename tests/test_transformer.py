@@ -255,31 +255,48 @@ def test_init_std():
 # --------------------------------------------------------------------------- fast paths
 
 
-def _rope_reference(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate-half RoPE through complex numbers: pair (i, i + d/2) is z = x_i + j x_{i+d/2},
-    multiplied by exp(j pos theta^(-2i/d))."""
+def _rope_reference(
+    x: torch.Tensor, pos: torch.Tensor, pairing: str = "halves", theta: float = 10000.0
+) -> torch.Tensor:
+    """RoPE through complex numbers in float64: pair (i, i + d/2) (halves) or (2i, 2i+1)
+    (interleaved) is z = a + j b, multiplied by exp(j pos theta^(-2i/d))."""
     h = x.shape[-1] // 2
     inv = theta ** (-torch.arange(0, 2 * h, 2, dtype=torch.float64) / (2 * h))
     rot = torch.polar(torch.ones(len(pos), h, dtype=torch.float64), pos.double()[:, None] * inv)
-    z = torch.complex(x[..., :h].double(), x[..., h:].double()) * rot
-    return torch.cat((z.real, z.imag), dim=-1)
+    if pairing == "halves":
+        z = torch.complex(x[..., :h].double(), x[..., h:].double()) * rot
+        return torch.cat((z.real, z.imag), dim=-1)
+    z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * rot
+    return torch.stack((z.real, z.imag), dim=-1).flatten(-2)
 
 
-def test_rope_matches_complex_reference_and_gradcheck():
-    from neuroplastic.models.transformer import apply_rope, rope_angles
+@pytest.mark.parametrize("pairing", ["interleaved", "halves"])
+def test_rope_matches_complex_reference_and_gradcheck(pairing):
+    from neuroplastic.models.transformer import _rotate_pairs, apply_rope, rope_angles
 
     torch.manual_seed(0)
     pos = torch.arange(5, 5 + 7)
     cos, sin = rope_angles(pos, 8)
     x = torch.randn(2, 3, 7, 8)
-    torch.testing.assert_close(apply_rope(x, cos, sin).double(), _rope_reference(x, pos),
-                               atol=1e-5, rtol=1e-5)
+    ref = _rope_reference(x, pos, pairing)
+    torch.testing.assert_close(apply_rope(x, cos, sin, pairing).double(), ref, atol=1e-5, rtol=1e-5)
+    # a strided input (a transposed view, as the hebbian model passes) and the real form
+    # that bfloat16 and torch.compile take
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(apply_rope(xt, cos, sin, pairing).double(), ref, atol=1e-5, rtol=1e-5)
+    if pairing == "interleaved":
+        torch.testing.assert_close(_rotate_pairs(x, cos, sin).double(), ref, atol=1e-5, rtol=1e-5)
+        out_b = apply_rope(x.bfloat16(), cos, sin, pairing)
+        assert out_b.dtype == torch.bfloat16
+        torch.testing.assert_close(out_b.double(), ref, atol=5e-2, rtol=5e-2)
     xd = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (xd,))
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double(), pairing), (xd,))
     # built once per forward in the compute dtype
     cb, sb = rope_angles(pos, 8, dtype=torch.bfloat16)
     assert cb.dtype == sb.dtype == torch.bfloat16
     torch.testing.assert_close(cb, cos.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="pairing must be one of interleaved, halves"):
+        apply_rope(x, cos, sin, "rotate")
 
 
 def test_qkv_rope_node_matches_reference():
@@ -300,6 +317,101 @@ def test_qkv_rope_node_matches_reference():
     torch.testing.assert_close(k, ref_k)
     torch.testing.assert_close(v, qkv[:, :, 2].transpose(1, 2))
     assert torch.autograd.gradcheck(lambda t: _QKVRope.apply(t, cos, sin), (qkv,))
+
+
+def test_qkv_rope_pairs_node_matches_reference():
+    """The interleaved node (one complex multiply in place, q/k/v returned as views of its
+    input) equals the reference forward, and its hand-written backward passes gradcheck,
+    also when only some of q, k, v reach the loss."""
+    from neuroplastic.models.transformer import _QKVRopePairs, rope_angles, rope_cis
+
+    torch.manual_seed(1)
+    B, T, nh, hd = 2, 6, 3, 8
+    pos = torch.arange(T)
+    cis, conj = rope_cis(*(t.double() for t in rope_angles(pos, hd)), nh)
+    assert cis.shape == (T, 2, nh, hd // 2) and cis.is_contiguous()
+    torch.testing.assert_close(conj, cis.conj())
+    qkv = torch.randn(B, T, 3, nh, hd, dtype=torch.float64, requires_grad=True)
+    out = qkv * 1  # rotated in place: a non-leaf, as c_attn's output is
+    q, k, v = _QKVRopePairs.apply(out, cis, conj)
+    assert q.shape == k.shape == v.shape == (B, nh, T, hd)
+    assert q.data_ptr() == out.data_ptr()  # views, no new buffer
+    torch.testing.assert_close(q, _rope_reference(qkv[:, :, 0].transpose(1, 2), pos, "interleaved"))
+    torch.testing.assert_close(k, _rope_reference(qkv[:, :, 1].transpose(1, 2), pos, "interleaved"))
+    torch.testing.assert_close(v, qkv[:, :, 2].transpose(1, 2))
+    assert torch.autograd.gradcheck(lambda t: _QKVRopePairs.apply(t * 1, cis, conj), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: _QKVRopePairs.apply(t * 1, cis, conj)[1], (qkv,))
+    assert torch.autograd.gradcheck(lambda t: _QKVRopePairs.apply(t * 1, cis, conj)[2], (qkv,))
+
+
+def test_in_place_rotation_fails_loudly_for_a_saved_c_attn_output():
+    """c_attn's output is rotated in place after its forward hooks ran: a hook that used the
+    output in a differentiable computation gets autograd's in-place error at backward,
+    never gradients of the wrong values; a hook that reads it at once sees the unrotated
+    projection."""
+    model = GPT(tiny_cfg())
+    attn = model.transformer["h"][0].attn
+    seen, reg = [], []
+    attn.c_attn.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    attn.c_attn.register_forward_hook(lambda m, a, out: reg.append(out.pow(2).sum()))
+    x = torch.randint(0, 48, (2, 8))
+    _, loss = model(x, x)
+    with torch.no_grad():
+        projection = attn.c_attn(model.transformer["h"][0].ln_1(model.transformer["wte"](x)))
+    torch.testing.assert_close(seen[0], projection)
+    loss.backward(retain_graph=True)  # the model's own gradients are fine
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        reg[0].backward()
+
+
+def test_rope_pairings_are_one_model_family():
+    """A halves model equals an interleaved model whose query/key features are permuted
+    within each head (i, i + d/2) -> (2i, 2i+1): same logits, forward and with a KV cache."""
+    halves = sharp_model(tiny_cfg(rope_pairing="halves"), seed=4)
+    inter = GPT(tiny_cfg(rope_pairing="interleaved"))
+    inter.load_state_dict(halves.state_dict())
+    nh, hd, C = halves.config.gpt.n_head, halves.head_dim, halves.config.gpt.n_embd
+    h = hd // 2
+    perm_head = torch.stack((torch.arange(h), torch.arange(h) + h), dim=-1).flatten()  # new -> old
+    perm = torch.cat([torch.arange(C)[n * hd:(n + 1) * hd][perm_head] for n in range(nh)])
+    with torch.no_grad():
+        for block in inter.transformer["h"]:
+            w = block.attn.c_attn.weight
+            w[:C] = w[:C][perm]
+            w[C:2 * C] = w[C:2 * C][perm]
+    x = torch.randint(0, halves.config.vocab_size, (2, 10))
+    halves.eval(), inter.eval()
+    with torch.no_grad():
+        ref, _ = halves(x)
+        torch.testing.assert_close(inter(x)[0], ref, atol=1e-4, rtol=1e-4)
+        cache = inter.new_kv_cache()
+        first, _ = inter(x[:, :6], kv_cache=cache)
+        rest, _ = inter(x[:, 6:], kv_cache=cache)
+        torch.testing.assert_close(torch.cat((first, rest), 1), ref, atol=1e-4, rtol=1e-4)
+    # without the permutation the two pairings are different functions
+    other = GPT(tiny_cfg(rope_pairing="interleaved"))
+    other.load_state_dict(halves.state_dict())
+    other.eval()
+    with torch.no_grad():
+        assert not torch.allclose(other(x)[0], ref, atol=1e-2)
+
+
+def test_saved_config_without_rope_pairing_means_halves(tmp_path):
+    """A config.yaml written before model.rope_pairing existed was trained with halves;
+    recipes and overrides get today's default (interleaved); a bad value is one sentence."""
+    from neuroplastic.config import RunConfig, config_from_dict, config_from_saved
+    from neuroplastic.errors import UserError
+
+    saved = RunConfig().to_dict()
+    del saved["model"]["gpt"]["rope_pairing"]
+    assert config_from_saved(saved).model.gpt.rope_pairing == "halves"
+    assert config_from_dict(saved).model.gpt.rope_pairing == "interleaved"
+    flat = {"model": {"n_layer": 2, "pos": "rope"}}  # a saved config from before the sections
+    assert config_from_saved(flat).model.gpt.rope_pairing == "halves"
+    saved["model"]["gpt"]["rope_pairing"] = "interleaved"
+    assert config_from_saved(saved).model.gpt.rope_pairing == "interleaved"
+    with pytest.raises(UserError, match="model.rope_pairing must be one of interleaved, halves"):
+        GPT(tiny_cfg(rope_pairing="rotate"))
 
 
 def test_rmsnorm_matches_formula():
@@ -343,12 +455,15 @@ def test_state_dict_names_unchanged():
     ]
 
 
-@pytest.mark.parametrize("norm,pos", [("rmsnorm", "rope"), ("layernorm", "learned")])
-def test_compiled_path_equals_eager(norm, pos):
+@pytest.mark.parametrize(
+    "norm,pos,pairing",
+    [("rmsnorm", "rope", "interleaved"), ("rmsnorm", "rope", "halves"), ("layernorm", "learned", "interleaved")],
+)
+def test_compiled_path_equals_eager(norm, pos, pairing):
     """Under torch.compile the plain formulas are traced instead of the eager autograd
     nodes: same loss and gradients."""
     torch.manual_seed(3)
-    cfg = tiny_cfg(norm=norm, pos=pos)
+    cfg = tiny_cfg(norm=norm, pos=pos, rope_pairing=pairing)
     model = GPT(cfg)
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     y = torch.randint(0, cfg.vocab_size, (2, 12))

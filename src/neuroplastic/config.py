@@ -41,6 +41,9 @@ class GPTConfig:
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     pos: str = "rope"  # rope | learned
     rope_theta: float = 10000.0
+    # which head dims RoPE rotates together: interleaved (2i, 2i+1) | halves (i, i + d/2);
+    # a saved config without this key was trained with halves (see config_from_saved)
+    rope_pairing: str = "interleaved"
     tie_weights: bool = True
     mlp_ratio: float = 4.0
 
@@ -613,6 +616,29 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     if not isinstance(values, dict):
         raise UserError("A recipe must be a YAML mapping with sections model, data, train.")
     return build_dataclass(RunConfig, values)
+
+
+#: model fields added after runs were first saved -> the value a saved config that lacks
+#: the field was trained with (today's default may differ: the new field changed it)
+SAVED_MODEL_DEFAULTS: dict[tuple[str, str], Any] = {("gpt", "rope_pairing"): "halves"}
+
+
+def config_from_saved(values: dict[str, Any]) -> RunConfig:
+    """A run's or checkpoint's saved ``config.yaml`` (already parsed): as
+    :func:`config_from_dict`, except that a model field the saved config predates takes
+    the value the run was trained with (:data:`SAVED_MODEL_DEFAULTS`), not today's
+    default. Recipes and overrides go through :func:`config_from_dict`."""
+    if isinstance(values, dict) and isinstance(values.get("model"), dict):
+        model = dict(values["model"])
+        for (section, name), old in SAVED_MODEL_DEFAULTS.items():
+            nested = model.get(section)
+            if isinstance(nested, dict):
+                if name not in nested:
+                    model[section] = {**nested, name: old}
+            elif _FLAT_RENAMES.get((section, name), name) not in model:
+                model[_FLAT_RENAMES.get((section, name), name)] = old
+        values = {**values, "model": model}
+    return config_from_dict(values)
 
 
 def available_recipes() -> dict[str, Path]:

@@ -242,6 +242,7 @@ class LocalAttentionMemory(nn.Module):
         C = cfg.n_embd
         self.n_head = cfg.n_head
         self.head_dim = C // cfg.n_head
+        self.rope_pairing = cfg.rope_pairing
         self.window = mem.window
         self.mem_heads = mem.memory_heads or cfg.n_head
         self.mem_dim = C // self.mem_heads
@@ -330,7 +331,7 @@ class LocalAttentionMemory(nn.Module):
         qa = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         ka = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         va = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        qa, ka = apply_rope(qa, *rope), apply_rope(ka, *rope)
+        qa, ka = (apply_rope(t, *rope, pairing=self.rope_pairing) for t in (qa, ka))
         if state is not None:
             ka, va = state.update_kv(layer, ka, va)
         p_drop = self.dropout if self.training else 0.0

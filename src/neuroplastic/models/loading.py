@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from neuroplastic.config import RunConfig, config_from_dict
+from neuroplastic.config import RunConfig, config_from_saved
 from neuroplastic.errors import UserError
 from neuroplastic.models import checkpoint_io
 
@@ -43,7 +43,7 @@ def read_run_config(run_dir: Path) -> RunConfig | None:
     if not path.is_file():
         return None
     try:
-        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+        return config_from_saved(yaml.safe_load(path.read_text(encoding="utf-8")))
     except (yaml.YAMLError, UserError):
         return None
 
@@ -128,7 +128,7 @@ def load_trained(
     loaded = checkpoint_io.load_checkpoint(directory)
     directory = loaded["path"]
     try:
-        cfg: RunConfig = config_from_dict(yaml.safe_load(loaded["config_text"]))
+        cfg: RunConfig = config_from_saved(yaml.safe_load(loaded["config_text"]))
     except yaml.YAMLError as exc:
         raise UserError(f"The config.yaml in {str(directory)!r} is not valid YAML.") from exc
     if not (directory / "tokenizer").is_dir():

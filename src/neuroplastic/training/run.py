@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuroplastic.config import RunConfig, config_from_dict, dump_config
+from neuroplastic.config import RunConfig, config_from_saved, dump_config
 from neuroplastic.errors import UserError
 from neuroplastic.models import checkpoint_io
 from neuroplastic.training import checkpoint as ckpt
@@ -301,7 +301,7 @@ class Run:
             self._check(loaded, resume_path)
             return
         cfg = self.cfg
-        saved_cfg = config_from_dict(yaml.safe_load(loaded["config_text"]))
+        saved_cfg = config_from_saved(yaml.safe_load(loaded["config_text"]))
         now_model = cfg.to_dict()["model"]
         if now_model["vocab_size"] == 0:  # 0 = "from the tokenizer", which the checkpoint fixed
             now_model["vocab_size"] = saved_cfg.model.vocab_size
