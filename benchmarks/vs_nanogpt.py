@@ -16,6 +16,9 @@ with two edits of its own that this script reverts or neutralises: it sets
 ``nn.GELU(approximate="tanh")`` (reverted to nanoGPT's exact ``nn.GELU()``), and registers
 the causal-mask buffer even when flash attention is used (never read on the SDPA path).
 
+``--halves`` adds a fourth model, ours-default with ``model.rope_pairing=halves`` (the
+default before 2026-12-06), in its own docs section.
+
     python benchmarks/vs_nanogpt.py --device cpu --write-docs            # 4L/128 and 6L/384
     python benchmarks/vs_nanogpt.py --device cuda --write-docs           # GPT-2-124M, bf16
 """
@@ -128,7 +131,8 @@ def build(name: str, cfg: tuple, nano, device: str) -> torch.nn.Module:
             m = nano.GPT(nano.GPTConfig(block_size=block, vocab_size=vocab, n_layer=n_layer,
                                         n_head=n_head, n_embd=n_embd, dropout=0.0, bias=False))
     else:
-        extra = {"norm": "layernorm", "pos": "learned"} if name == "ours-matched" else {}
+        extra = {"ours-matched": {"norm": "layernorm", "pos": "learned"},
+                 "ours-halves": {"rope_pairing": "halves"}}.get(name, {})
         m = GPT(ModelConfig.from_flat(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=0.0, bias=False, **extra))
     return m.to(device).train()
@@ -167,7 +171,7 @@ def run_config(cname: str, cfg: tuple, nano, args, compile_: bool) -> list[str]:
     x = torch.randint(0, vocab, (batch, block + 1), device=args.device)
     data = (x[:, :-1].contiguous(), x[:, 1:].contiguous())
     autocast = args.device == "cuda"
-    names = ["nanoGPT", "ours-matched", "ours-default"]
+    names = ["nanoGPT", "ours-matched", "ours-default"] + (["ours-halves"] if args.halves else [])
     runners = []
     mode = "compiled" if compile_ else "eager"
     for name in names:
@@ -182,7 +186,7 @@ def run_config(cname: str, cfg: tuple, nano, args, compile_: bool) -> list[str]:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         runners.append(r)
     for rnd in range(args.rounds):
-        order = runners[rnd % 3:] + runners[: rnd % 3]
+        order = runners[rnd % len(runners):] + runners[: rnd % len(runners)]
         for r in order:
             r.tok_s.append(r.timed(args.steps))
         if args.rounds > 10 and (rnd + 1) % 10:
@@ -227,6 +231,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--nanogpt", default=None, help="path to a local copy of nanoGPT's model.py")
     ap.add_argument("--tiny", action="store_true", help="a 2L/32 smoke config (tests the script)")
+    ap.add_argument("--halves", action="store_true",
+                    help="also ours-halves: the default with model.rope_pairing=halves (the default "
+                         "before 2026-12-06), in its own docs section")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
@@ -258,9 +265,11 @@ def main(argv=None) -> int:
     cfg_txt = "; ".join(
         f"{c}: {CONFIGS[c][0]}L/{CONFIGS[c][1]}H/{CONFIGS[c][2]}, block {CONFIGS[c][3]}, "
         f"batch {CONFIGS[c][4]}, vocab {CONFIGS[c][5]}" for c in configs)
+    extra_col = " ours-halves tok/s (ratio) |" if args.halves else ""
     table = "\n".join([
-        "| config | mode | nanoGPT tok/s | ours-matched tok/s (ratio) | ours-default tok/s (ratio) | load avg 1/5/15 min at end |",
-        "|---|---|---|---|---|---|", *rows])
+        "| config | mode | nanoGPT tok/s | ours-matched tok/s (ratio) | ours-default tok/s (ratio) |"
+        f"{extra_col} load avg 1/5/15 min at end |",
+        "|---|---|---|---|---|" + ("---|" if args.halves else "") + "---|", *rows])
     print(table)
     if args.write_docs and not args.tiny:
         from _docs import write_section
@@ -268,8 +277,10 @@ def main(argv=None) -> int:
         cmd = "python benchmarks/vs_nanogpt.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section(
             ROOT / "docs" / "BENCHMARKS.md",
-            f"vs-nanogpt-{args.device}",
-            f"### vs nanoGPT, {args.device.upper()} (benchmarks/vs_nanogpt.py)\n\n"
+            f"vs-nanogpt-{args.device}" + ("-halves" if args.halves else ""),
+            f"### vs nanoGPT, {args.device.upper()}"
+            + (", with the halves RoPE pairing" if args.halves else "")
+            + " (benchmarks/vs_nanogpt.py)\n\n"
             f"Command: `{cmd.strip()}`\n\n{header} Configs: {cfg_txt}.\n\n{table}\n")
     return 0
 

@@ -64,6 +64,18 @@ def test_vs_nanogpt_tiny_prints_the_ratio_table(tmp_path, capsys):
     assert "load avg" in out
 
 
+def test_vs_nanogpt_halves_adds_a_fourth_model_column(tmp_path, capsys):
+    path = tmp_path / "model.py"
+    path.write_text(FAKE_NANOGPT)
+    assert vs_nanogpt.main(["--tiny", "--nanogpt", str(path), "--modes", "eager", "--halves",
+                            "--rounds", "2", "--steps", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ours-halves tok/s (ratio)" in out
+    row = [line for line in out.splitlines() if line.startswith("| tiny | eager |")][-1]
+    cells = row.split("|")
+    assert all("x)" in cells[i] for i in (4, 5, 6)) and "/" in cells[7]
+
+
 def test_vs_nanogpt_missing_file_exits(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         vs_nanogpt.main(["--tiny", "--nanogpt", str(tmp_path / "nope.py")])

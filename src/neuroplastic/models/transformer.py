@@ -186,9 +186,10 @@ class _QKVRopePairs(torch.autograd.Function):
     In place is safe here because nothing keeps ``c_attn``'s output: its backward needs
     the input and the weight only, forward hooks on ``c_attn`` ran before the rotation,
     and anything that saved the output for a backward of its own fails loudly (autograd's
-    version counter) instead of using rotated values. Measured: 4L/128 CPU eager, RoPE
-    model vs learned positions, 0.957 -> 0.979 of the step rate against a rotation into a
-    new buffer (docs/BENCHMARKS.md)."""
+    version counter) instead of using rotated values. Measured (docs/BENCHMARKS.md,
+    ``vs_nanogpt.py --halves``, CPU eager, 1 thread): the default model at 0.948x of
+    nanoGPT at 4L/128 and 0.987x at 6L/384, against 0.920x / 0.976x with the halves
+    rotation."""
 
     @staticmethod
     def forward(ctx, qkv, cis, cis_conj):
