@@ -272,7 +272,7 @@ def _rope_reference(
 
 @pytest.mark.parametrize("pairing", ["interleaved", "halves"])
 def test_rope_matches_complex_reference_and_gradcheck(pairing):
-    from neuroplastic.models.transformer import _rotate_pairs, apply_rope, rope_angles
+    from neuroplastic.models.transformer import _Rope, _rotate_pairs, apply_rope, rope_angles
 
     torch.manual_seed(0)
     pos = torch.arange(5, 5 + 7)
@@ -291,6 +291,8 @@ def test_rope_matches_complex_reference_and_gradcheck(pairing):
         torch.testing.assert_close(out_b.double(), ref, atol=5e-2, rtol=5e-2)
     xd = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double(), pairing), (xd,))
+    if pairing == "interleaved":  # the low-precision eager node, checked in float64
+        assert torch.autograd.gradcheck(lambda t: _Rope.apply(t, cos.double(), sin.double(), pairing), (xd,))
     # built once per forward in the compute dtype
     cb, sb = rope_angles(pos, 8, dtype=torch.bfloat16)
     assert cb.dtype == sb.dtype == torch.bfloat16
@@ -317,6 +319,27 @@ def test_qkv_rope_node_matches_reference():
     torch.testing.assert_close(k, ref_k)
     torch.testing.assert_close(v, qkv[:, :, 2].transpose(1, 2))
     assert torch.autograd.gradcheck(lambda t: _QKVRope.apply(t, cos, sin), (qkv,))
+
+
+def test_qkv_rope_node_interleaved_matches_reference():
+    """The four-kernel node with interleaved pairs (the bfloat16/float16 eager path)."""
+    from neuroplastic.models.transformer import _QKVRope, rope_angles
+
+    torch.manual_seed(1)
+    B, T, nh, hd = 2, 6, 3, 8
+    pos = torch.arange(T)
+    cos, sin = (t.double()[:, None, None] for t in rope_angles(pos, hd))
+    qkv = torch.randn(B, T, 3, nh, hd, dtype=torch.float64, requires_grad=True)
+    q, k, v = _QKVRope.apply(qkv, cos, sin, "interleaved")
+    torch.testing.assert_close(q, _rope_reference(qkv[:, :, 0].transpose(1, 2), pos, "interleaved"))
+    torch.testing.assert_close(k, _rope_reference(qkv[:, :, 1].transpose(1, 2), pos, "interleaved"))
+    assert torch.autograd.gradcheck(lambda t: _QKVRope.apply(t, cos, sin, "interleaved"), (qkv,))
+    # bfloat16 model forward takes it, and agrees with float32
+    model = GPT(tiny_cfg())
+    x = torch.randint(0, 48, (2, 8))
+    ref, _ = model(x)
+    low, _ = model.to(torch.bfloat16)(x)
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.1)
 
 
 def test_qkv_rope_pairs_node_matches_reference():

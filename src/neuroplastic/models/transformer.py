@@ -71,15 +71,19 @@ def _rotate(
     sin: torch.Tensor,
     inverse: bool,
     out: torch.Tensor | None = None,
+    pairing: str = "halves",
 ) -> torch.Tensor:
-    """The rotate-half rotation of ``x`` by the angles (``inverse``: by minus the angles),
-    written into ``out`` (default: a new contiguous tensor): two multiplies and two fused
-    multiply-adds on the halves, no ``cat``, ``neg`` or temporaries."""
+    """The rotation of ``x``'s pairs (``halves``: ``(i, i + d/2)``, ``interleaved``: ``(2i,
+    2i+1)``) by the angles (``inverse``: by minus the angles), written into ``out``
+    (default: a new contiguous tensor): two multiplies and two fused multiply-adds on the
+    pair members, no ``cat``, ``neg`` or temporaries."""
     h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    o1, o2 = out[..., :h], out[..., h:]
+    if pairing == "halves":
+        x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    else:
+        x1, x2, o1, o2 = x[..., 0::2], x[..., 1::2], out[..., 0::2], out[..., 1::2]
     torch.mul(x1, cos, out=o1)
     torch.mul(x2, cos, out=o2)
     sign = 1 if inverse else -1
@@ -93,14 +97,15 @@ class _Rope(torch.autograd.Function):
     rotation by minus the angles (same four kernels, nothing saved but cos/sin)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, pairing="halves"):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, inverse=False)
+        ctx.pairing = pairing
+        return _rotate(x, cos, sin, False, None, pairing)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, inverse=True), None, None
+        return _rotate(grad, cos, sin, True, None, ctx.pairing), None, None, None
 
 
 class _QKVRope(torch.autograd.Function):
@@ -108,16 +113,19 @@ class _QKVRope(torch.autograd.Function):
     contiguous ``(B, nh, T, hd)`` (the layout SDPA's kernels use), in one autograd node.
     The backward writes the three gradients straight into one ``(B, T, 3, nh, hd)``
     tensor, so there is no split/stack/cat of gradients and no strided gradient reaches
-    ``c_attn``'s matmuls. cos/sin are ``(T, 1, 1, hd/2)``."""
+    ``c_attn``'s matmuls. cos/sin are ``(T, 1, 1, hd/2)``. Either pairing (the halves
+    default's path until 2026-12-06; interleaved where the complex multiply of
+    :class:`_QKVRopePairs` does not apply: bfloat16/float16)."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin):
+    def forward(ctx, qkv, cos, sin, pairing="halves"):
         B, T, _, nh, hd = qkv.shape
         out = torch.empty(3, B, nh, T, hd, dtype=qkv.dtype, device=qkv.device)
         view = out.permute(1, 3, 0, 2, 4)  # (B, T, 3, nh, hd) view of out
-        _rotate(qkv[:, :, :2], cos, sin, False, view[:, :, :2])
+        _rotate(qkv[:, :, :2], cos, sin, False, view[:, :, :2], pairing)
         view[:, :, 2].copy_(qkv[:, :, 2])
         ctx.save_for_backward(cos, sin)
+        ctx.pairing = pairing
         return out[0], out[1], out[2]
 
     @staticmethod
@@ -126,9 +134,9 @@ class _QKVRope(torch.autograd.Function):
         B, nh, T, hd = gv.shape
         grad = torch.empty(B, T, 3, nh, hd, dtype=gv.dtype, device=gv.device)
         gqk = torch.stack((gq, gk), dim=1).permute(0, 3, 1, 2, 4)  # (B, T, 2, nh, hd)
-        _rotate(gqk, cos, sin, True, grad[:, :, :2])
+        _rotate(gqk, cos, sin, True, grad[:, :, :2], ctx.pairing)
         grad[:, :, 2].copy_(gv.transpose(1, 2))
-        return grad, None, None
+        return grad, None, None, None
 
 
 def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +247,9 @@ def apply_rope(
         if _complex_fast(x):
             z = _complex_pairs(x if _pairable(x) else x.contiguous())
             return torch.view_as_real(z * torch.complex(cos, sin)).flatten(-2)
-        return _rotate_pairs(x, cos, sin)
+        if torch.compiler.is_compiling():
+            return _rotate_pairs(x, cos, sin)
+        return _Rope.apply(x, cos, sin, pairing)
     if torch.compiler.is_compiling():
         # the halves as a size-2 dim: out = x * cos + swap(x) * (-sin, sin). Inductor
         # vectorizes this form; the chunk/cat form compiled to CPU kernels about 3x
@@ -395,8 +405,8 @@ class CausalSelfAttention(nn.Module):
             cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
             if cis is not None and cis.dtype == _COMPLEX.get(qkv.dtype) and _pairable(qkv):
                 q, k, v = _QKVRopePairs.apply(qkv, cis, cis_conj)
-            elif self.rope_pairing == "halves" and not torch.compiler.is_compiling():
-                q, k, v = _QKVRope.apply(qkv, cos, sin)
+            elif not torch.compiler.is_compiling():
+                q, k, v = _QKVRope.apply(qkv, cos, sin, self.rope_pairing)
             else:
                 qk, v = qkv.split((2, 1), dim=2)
                 qk = apply_rope(qk, cos, sin, self.rope_pairing)
