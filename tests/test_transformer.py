@@ -353,7 +353,7 @@ def test_qkv_rope_pairs_node_matches_reference():
     pos = torch.arange(T)
     cis, conj = rope_cis(*(t.double() for t in rope_angles(pos, hd)), nh)
     assert cis.shape == (T, 2, nh, hd // 2) and cis.is_contiguous()
-    torch.testing.assert_close(conj, cis.conj())
+    torch.testing.assert_close(conj, cis[:, 0].conj())
     qkv = torch.randn(B, T, 3, nh, hd, dtype=torch.float64, requires_grad=True)
     out = qkv * 1  # rotated in place: a non-leaf, as c_attn's output is
     q, k, v = _QKVRopePairs.apply(out, cis, conj)

@@ -171,14 +171,15 @@ _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def rope_cis(cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos + j sin`` and its conjugate, ``(T, 2, n_head, d/2)`` complex and contiguous,
-    for :class:`_QKVRopePairs` from ``cos``/``sin`` ``(T, d/2)``. Expanded over queries/keys
+    """``cos + j sin`` ``(T, 2, n_head, d/2)`` and its conjugate ``(T, n_head, d/2)`` (what
+    the backward multiplies one gradient by), complex and contiguous, for
+    :class:`_QKVRopePairs` from ``cos``/``sin`` ``(T, d/2)``. Expanded over queries/keys
     and heads (not broadcast) so that the complex multiply runs over whole rows of
     ``C`` elements instead of ``d/2`` at a time (2x faster on CPU at ``d`` = 32); built
     once per forward and shared by the layers."""
     T, h = cos.shape
     cis = torch.complex(cos, sin)[:, None, None].expand(T, 2, n_head, h).contiguous()
-    return cis, cis.conj().resolve_conj()
+    return cis, cis[:, 0].conj().resolve_conj()
 
 
 class _QKVRopePairs(torch.autograd.Function):
@@ -208,7 +209,7 @@ class _QKVRopePairs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        conj = ctx.cis_conj[:, 0]  # (T, nh, hd/2): against (B, T, nh, hd/2)
+        conj = ctx.cis_conj  # (T, nh, hd/2): against (B, T, nh, hd/2)
         like = gv if gv is not None else (gq if gq is not None else gk)
         B, nh, T, hd = like.shape
         grad = torch.empty(B, T, 3, nh, hd, dtype=like.dtype, device=like.device)
@@ -216,8 +217,8 @@ class _QKVRopePairs(torch.autograd.Function):
             if g is None:
                 grad[:, :, i].zero_()
                 continue
-            g = g.transpose(1, 2)
-            if not _pairable(g):
+            g = g.transpose(1, 2)  # contiguous from SDPA on CPU (then no copy)
+            if not g.is_contiguous():
                 g = g.contiguous()
             torch.mul(_complex_pairs(g), conj, out=_complex_pairs(grad[:, :, i]))
         if gv is None:
@@ -403,7 +404,7 @@ class CausalSelfAttention(nn.Module):
             # cis/cis_conj rope_cis's tables or None
             cos, sin, cis, cis_conj = rope
             cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
-            if cis is not None and cis.dtype == _COMPLEX.get(qkv.dtype) and _pairable(qkv):
+            if cis is not None and cis.dtype == _COMPLEX.get(qkv.dtype) and qkv.is_contiguous():
                 q, k, v = _QKVRopePairs.apply(qkv, cis, cis_conj)
             elif not torch.compiler.is_compiling():
                 q, k, v = _QKVRope.apply(qkv, cos, sin, self.rope_pairing)
@@ -524,6 +525,7 @@ class GPT(LanguageModel):
         # Tied: the output projection is transformer.wte.weight (no second module, so the
         # state dict has no shared tensors).
         self.lm_head = None if g.tie_weights else nn.Linear(g.n_embd, cfg.vocab_size, bias=False)
+        self._cis_cache = None  # (key, rope_cis tables) of the last forward; see _hidden
         if g.pos == "rope":
             # cos/sin of every position, float32, built once (not per forward: under
             # torch.compile, angles computed in the graph were fused into the rotation
@@ -541,6 +543,7 @@ class GPT(LanguageModel):
         weights, and residual output projections (``c_proj``) at 0.02 / sqrt(2 n_layer).
         Also (re)computes the RoPE tables (needed after meta-device construction)."""
         gpt2_init_(self, self.config.gpt.n_layer)
+        self._cis_cache = None
         if self.config.gpt.pos == "rope":
             pos = torch.arange(self.config.block_size, device=self.rope_cos.device)
             cos, sin = rope_angles(pos, self.head_dim, self.config.gpt.rope_theta)
@@ -599,7 +602,11 @@ class GPT(LanguageModel):
             cos, sin = (t[past : past + T].to(dtype) for t in (self.rope_cos, self.rope_sin))
             cis = cis_conj = None
             if g.rope_pairing == "interleaved" and dtype in _COMPLEX and not torch.compiler.is_compiling():
-                cis, cis_conj = rope_cis(cos, sin, g.n_head)
+                # the same tables every training step: kept (one entry) instead of rebuilt
+                key = (past, T, dtype, cos.device)
+                if self._cis_cache is None or self._cis_cache[0] != key:
+                    self._cis_cache = (key, rope_cis(cos, sin, g.n_head))
+                cis, cis_conj = self._cis_cache[1]
             rope = (cos[:, None, None], sin[:, None, None], cis, cis_conj)
         x = self.transformer["drop"](x)
         attn_mask = None
