@@ -175,8 +175,8 @@ def rope_cis(cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> tuple[torch.T
     the backward multiplies one gradient by), complex and contiguous, for
     :class:`_QKVRopePairs` from ``cos``/``sin`` ``(T, d/2)``. Expanded over queries/keys
     and heads (not broadcast) so that the complex multiply runs over whole rows of
-    ``C`` elements instead of ``d/2`` at a time (2x faster on CPU at ``d`` = 32); built
-    once per forward and shared by the layers."""
+    ``C`` elements instead of ``d/2`` at a time (2x faster on CPU at ``d`` = 32); shared
+    by the layers, and kept by :class:`GPT` while the positions stay the same."""
     T, h = cos.shape
     cis = torch.complex(cos, sin)[:, None, None].expand(T, 2, n_head, h).contiguous()
     return cis, cis[:, 0].conj().resolve_conj()
