@@ -403,12 +403,11 @@ class CausalSelfAttention(nn.Module):
             # queries and keys rotated in one call; rope's cos/sin are (T, 1, 1, hd/2),
             # cis/cis_conj rope_cis's tables or None
             cos, sin, cis, cis_conj = rope
-            cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
             if cis is not None and cis.dtype == _COMPLEX.get(qkv.dtype) and qkv.is_contiguous():
                 q, k, v = _QKVRopePairs.apply(qkv, cis, cis_conj)
             elif not torch.compiler.is_compiling():
-                q, k, v = _QKVRope.apply(qkv, cos, sin, self.rope_pairing)
-            else:
+                q, k, v = _QKVRope.apply(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), self.rope_pairing)
+            else:  # apply_rope casts cos/sin to qkv's dtype
                 qk, v = qkv.split((2, 1), dim=2)
                 qk = apply_rope(qk, cos, sin, self.rope_pairing)
                 q, k = (t.transpose(1, 2) for t in qk.unbind(2))
