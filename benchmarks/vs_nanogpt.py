@@ -17,7 +17,10 @@ with two edits of its own that this script reverts or neutralises: it sets
 the causal-mask buffer even when flash attention is used (never read on the SDPA path).
 
 ``--halves`` adds a fourth model, ours-default with ``model.rope_pairing=halves`` (the
-default before 2026-12-06), in its own docs section.
+default before 2026-12-06); ``--torch-forms`` adds ours-default on its PyTorch forms (the
+fused C++ CPU kernels of ``neuroplastic.ops.native`` switched off for that model: what runs
+where they cannot be built; eager CPU only, compiled models never take the kernels). Each
+goes into its own docs section.
 
     python benchmarks/vs_nanogpt.py --device cpu --write-docs            # 4L/128 and 6L/384
     python benchmarks/vs_nanogpt.py --device cuda --write-docs           # GPT-2-124M, bf16
@@ -26,6 +29,7 @@ default before 2026-12-06), in its own docs section.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib.util
@@ -47,6 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from neuroplastic.config import ModelConfig  # noqa: E402
 from neuroplastic.models.transformer import GPT  # noqa: E402
+from neuroplastic.ops.native import native_disabled, native_ops  # noqa: E402
 
 CACHE = ROOT / ".bench_cache" / "nanogpt"
 WHEEL = "lightning_thunder-0.2.6-py3-none-any.whl"
@@ -132,7 +137,7 @@ def build(name: str, cfg: tuple, nano, device: str) -> torch.nn.Module:
                                         n_head=n_head, n_embd=n_embd, dropout=0.0, bias=False))
     else:
         extra = {"ours-matched": {"norm": "layernorm", "pos": "learned"},
-                 "ours-halves": {"rope_pairing": "halves"}}.get(name, {})
+                 "ours-halves": {"rope_pairing": "halves"}}.get(name, {})  # ours-torch: default
         m = GPT(ModelConfig.from_flat(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=0.0, bias=False, **extra))
     return m.to(device).train()
@@ -148,7 +153,8 @@ class Runner:
         self.tok_s: list[float] = []
 
     def step(self):
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+        with (native_disabled() if self.name == "ours-torch" else contextlib.nullcontext()), \
+                torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             _, loss = self.fwd(self.x, self.y)
         loss.backward()
         self.opt.step()
@@ -171,7 +177,7 @@ def run_config(cname: str, cfg: tuple, nano, args, compile_: bool) -> list[str]:
     x = torch.randint(0, vocab, (batch, block + 1), device=args.device)
     data = (x[:, :-1].contiguous(), x[:, 1:].contiguous())
     autocast = args.device == "cuda"
-    names = ["nanoGPT", "ours-matched", "ours-default"] + (["ours-halves"] if args.halves else [])
+    names = ["nanoGPT", "ours-matched", "ours-default"] + extra_models(args)
     runners = []
     mode = "compiled" if compile_ else "eager"
     for name in names:
@@ -213,6 +219,13 @@ def run_config(cname: str, cfg: tuple, nano, args, compile_: bool) -> list[str]:
     return [row]
 
 
+def extra_models(args) -> list[str]:
+    return (["ours-halves"] if args.halves else []) + (["ours-torch"] if args.torch_forms else [])
+
+
+EXTRA_COLUMNS = {"ours-halves": "ours-halves", "ours-torch": "ours-default on PyTorch forms"}
+
+
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -234,11 +247,19 @@ def main(argv=None) -> int:
     ap.add_argument("--halves", action="store_true",
                     help="also ours-halves: the default with model.rope_pairing=halves (the default "
                          "before 2026-12-06), in its own docs section")
+    ap.add_argument("--torch-forms", action="store_true",
+                    help="also ours-torch: the default with the fused C++ CPU kernels switched off "
+                         "(eager CPU), in its own docs section")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
+    if args.torch_forms:
+        if cuda or "compile" in (args.modes or "eager,compile"):
+            raise SystemExit("--torch-forms compares eager CPU runs: use --device cpu --modes eager")
+        if native_ops() is None:
+            raise SystemExit("--torch-forms: the fused C++ CPU kernels are not built here (see the warning)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if cuda:
@@ -265,11 +286,12 @@ def main(argv=None) -> int:
     cfg_txt = "; ".join(
         f"{c}: {CONFIGS[c][0]}L/{CONFIGS[c][1]}H/{CONFIGS[c][2]}, block {CONFIGS[c][3]}, "
         f"batch {CONFIGS[c][4]}, vocab {CONFIGS[c][5]}" for c in configs)
-    extra_col = " ours-halves tok/s (ratio) |" if args.halves else ""
+    extras = extra_models(args)
+    extra_col = "".join(f" {EXTRA_COLUMNS[m]} tok/s (ratio) |" for m in extras)
     table = "\n".join([
         "| config | mode | nanoGPT tok/s | ours-matched tok/s (ratio) | ours-default tok/s (ratio) |"
         f"{extra_col} load avg 1/5/15 min at end |",
-        "|---|---|---|---|---|" + ("---|" if args.halves else "") + "---|", *rows])
+        "|---|---|---|---|---|" + "---|" * len(extras) + "---|", *rows])
     print(table)
     if args.write_docs and not args.tiny:
         from _docs import write_section
@@ -277,9 +299,10 @@ def main(argv=None) -> int:
         cmd = "python benchmarks/vs_nanogpt.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section(
             ROOT / "docs" / "BENCHMARKS.md",
-            f"vs-nanogpt-{args.device}" + ("-halves" if args.halves else ""),
+            f"vs-nanogpt-{args.device}" + "".join(f"-{m.split('-')[1]}" for m in extras),
             f"### vs nanoGPT, {args.device.upper()}"
             + (", with the halves RoPE pairing" if args.halves else "")
+            + (", with the PyTorch forms (no fused C++ kernels)" if args.torch_forms else "")
             + " (benchmarks/vs_nanogpt.py)\n\n"
             f"Command: `{cmd.strip()}`\n\n{header} Configs: {cfg_txt}.\n\n{table}\n")
     return 0

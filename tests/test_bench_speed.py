@@ -76,6 +76,23 @@ def test_vs_nanogpt_halves_adds_a_fourth_model_column(tmp_path, capsys):
     assert all("x)" in cells[i] for i in (4, 5, 6)) and "/" in cells[7]
 
 
+def test_vs_nanogpt_torch_forms_adds_the_kernel_free_default(tmp_path, capsys):
+    from neuroplastic.ops.native import native_ops
+
+    path = tmp_path / "model.py"
+    path.write_text(FAKE_NANOGPT)
+    with pytest.raises(SystemExit, match="--modes eager"):
+        vs_nanogpt.main(["--tiny", "--nanogpt", str(path), "--torch-forms"])
+    if native_ops() is None:
+        pytest.skip("the native CPU kernels could not be built here")
+    assert vs_nanogpt.main(["--tiny", "--nanogpt", str(path), "--modes", "eager", "--torch-forms",
+                            "--rounds", "2", "--steps", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ours-default on PyTorch forms tok/s (ratio)" in out
+    row = [line for line in out.splitlines() if line.startswith("| tiny | eager |")][-1]
+    assert all("x)" in row.split("|")[i] for i in (4, 5, 6))
+
+
 def test_vs_nanogpt_missing_file_exits(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         vs_nanogpt.main(["--tiny", "--nanogpt", str(tmp_path / "nope.py")])

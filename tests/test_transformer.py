@@ -437,10 +437,24 @@ def test_saved_config_without_rope_pairing_means_halves(tmp_path):
         GPT(tiny_cfg(rope_pairing="rotate"))
 
 
-def test_rmsnorm_matches_formula():
-    """The eager CPU RMSNorm (hand-written backward) = x * rsqrt(mean(x^2) + eps) * w, with
-    the same gradients; other dtypes take F.rms_norm; parameters are nn.RMSNorm's."""
-    from neuroplastic.models.transformer import RMSNorm, _RMSNormFn
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_rmsnorm_matches_formula(native):
+    """The eager CPU RMSNorm (the fused C++ kernel, or without it the hand-written
+    backward) = x * rsqrt(mean(x^2) + eps) * w, with the same gradients; other dtypes take
+    F.rms_norm; parameters are nn.RMSNorm's."""
+    import contextlib
+
+    from neuroplastic.models.transformer import _RMSNormFn
+    from neuroplastic.ops.native import native_disabled, native_ops
+
+    if native and native_ops() is None:
+        pytest.skip("the native CPU kernels could not be built here")
+    with contextlib.nullcontext() if native else native_disabled():
+        _rmsnorm_matches_formula("RMSNormFunction" if native else "RMSNormFnBackward", _RMSNormFn)
+
+
+def _rmsnorm_matches_formula(node, _RMSNormFn):
+    from neuroplastic.models.transformer import RMSNorm
 
     torch.manual_seed(2)
     norm = RMSNorm(16, eps=1e-5)
@@ -450,7 +464,7 @@ def test_rmsnorm_matches_formula():
     x = torch.randn(3, 5, 16, requires_grad=True)
     g = torch.randn(3, 5, 16)
     y = norm(x)
-    assert y.grad_fn is not None and "RMSNormFn" in type(y.grad_fn).__name__
+    assert y.grad_fn is not None and node in y.grad_fn.name()
     y.backward(g)
     x2 = x.detach().clone().requires_grad_()
     w2 = norm.weight.detach().clone().requires_grad_()

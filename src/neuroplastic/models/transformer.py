@@ -15,6 +15,11 @@ and its ``gpt`` section, :class:`neuroplastic.config.GPTConfig` (the layers see 
   shares the token embedding).
 
 Attention always goes through :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+Eager on CPU in float32/64, RMSNorm and the rotation of queries and keys run as fused C++
+kernels with C++ autograd nodes (:mod:`neuroplastic.ops.native`, built on first use); where
+they cannot be built, and on other devices, dtypes or under ``torch.compile``, the PyTorch
+forms below compute the same thing (the tests compare both).
 Generation uses a :class:`KVCache`; see :meth:`GPT.generate`.
 
 Weight tying: when ``tie_weights`` is true there is no separate ``lm_head`` module; the
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from neuroplastic.config import GPTConfig, ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.api import LanguageModel
+from neuroplastic.ops.native import native_ops, native_usable
 
 __all__ = ["GPT", "KVCache", "ROPE_PAIRINGS", "apply_rope", "rope_angles"]
 
@@ -302,11 +308,16 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    """:class:`torch.nn.RMSNorm` (same parameter, same formula) with a faster eager CPU
-    path: a float32 input that needs gradients goes through :class:`_RMSNormFn`; everything
-    else (CUDA, other dtypes, ``torch.compile``) calls ``F.rms_norm``."""
+    """:class:`torch.nn.RMSNorm` (same parameter, same formula) with faster eager CPU
+    paths: a float32/64 input goes through the fused C++ kernel (``neuroplastic.ops.native``)
+    when it is built, else a float32 one through :class:`_RMSNormFn`; everything else (CUDA,
+    other dtypes, ``torch.compile``) calls ``F.rms_norm``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        w = self.weight
+        if w is not None and w.dtype == x.dtype and len(self.normalized_shape) == 1 and native_usable(x):
+            return native_ops().rms_norm(x, w, eps)
         if (
             not torch.compiler.is_compiling()
             and x.device.type == "cpu"
@@ -315,7 +326,6 @@ class RMSNorm(nn.RMSNorm):
             and self.weight.dtype == torch.float32
             and len(self.normalized_shape) == 1
         ):
-            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
             return _RMSNormFn.apply(x, self.weight, eps)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
@@ -388,7 +398,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple | None,
         kv_cache: KVCache | None,
         layer: int,
         attn_mask: torch.Tensor | None,
@@ -400,16 +410,20 @@ class CausalSelfAttention(nn.Module):
         if rope is None:
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, T, hd)
         else:
-            # queries and keys rotated in one call; rope's cos/sin are (T, 1, 1, hd/2),
-            # cis/cis_conj rope_cis's tables or None
-            cos, sin, cis, cis_conj = rope
-            if cis is not None and cis.dtype == _COMPLEX.get(qkv.dtype) and qkv.is_contiguous():
+            # queries and keys rotated in one call. rope: cos/sin (T, hd/2); cis/cis_conj
+            # rope_cis's tables or None; native the fused kernels (neuroplastic.ops.native)
+            # when the model computes in float32/64 on CPU, eager, else None
+            cos, sin, cis, cis_conj, native = rope
+            if native is not None and qkv.is_contiguous():
+                q, k, v = native.rope_qkv_(qkv, cos, sin, self.rope_pairing == "interleaved")
+            elif cis is not None and cis.dtype == _COMPLEX.get(qkv.dtype) and qkv.is_contiguous():
                 q, k, v = _QKVRopePairs.apply(qkv, cis, cis_conj)
             elif not torch.compiler.is_compiling():
-                q, k, v = _QKVRope.apply(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), self.rope_pairing)
+                cos, sin = (t[:, None, None].to(qkv.dtype) for t in (cos, sin))
+                q, k, v = _QKVRope.apply(qkv, cos, sin, self.rope_pairing)
             else:  # apply_rope casts cos/sin to qkv's dtype
                 qk, v = qkv.split((2, 1), dim=2)
-                qk = apply_rope(qk, cos, sin, self.rope_pairing)
+                qk = apply_rope(qk, cos[:, None, None], sin[:, None, None], self.rope_pairing)
                 q, k = (t.transpose(1, 2) for t in qk.unbind(2))
                 v = v.squeeze(2).transpose(1, 2)
         is_causal = True
@@ -600,13 +614,16 @@ class GPT(LanguageModel):
                 dtype = torch.get_autocast_dtype(x.device.type)
             cos, sin = (t[past : past + T].to(dtype) for t in (self.rope_cos, self.rope_sin))
             cis = cis_conj = None
-            if g.rope_pairing == "interleaved" and dtype in _COMPLEX and not torch.compiler.is_compiling():
+            # the fused kernel (float32/64 CPU, eager) reads cos/sin (T, hd/2) as they are
+            native = native_ops() if dtype == x.dtype and native_usable(x) else None
+            interleaved = g.rope_pairing == "interleaved"
+            if native is None and interleaved and dtype in _COMPLEX and not torch.compiler.is_compiling():
                 # the same tables every training step: kept (one entry) instead of rebuilt
                 key = (past, T, dtype, cos.device)
                 if self._cis_cache is None or self._cis_cache[0] != key:
                     self._cis_cache = (key, rope_cis(cos, sin, g.n_head))
                 cis, cis_conj = self._cis_cache[1]
-            rope = (cos[:, None, None], sin[:, None, None], cis, cis_conj)
+            rope = (cos, sin, cis, cis_conj, native)
         x = self.transformer["drop"](x)
         attn_mask = None
         if kv_cache is not None and past > 0 and T > 1:
