@@ -117,6 +117,10 @@ def test_build_dir_is_keyed_by_python_torch_and_source(tmp_path, monkeypatch):
     assert d.parent == tmp_path
     assert d.name.startswith(f"py{sys.version_info.major}{sys.version_info.minor}-torch")
     assert torch.__version__.replace("+", "_") in d.name
+    import neuroplastic.ops.native as native
+
+    monkeypatch.setattr(native, "_cpu_signature", lambda: b"model name: another CPU")
+    assert native_build_dir() != d  # never a library built for another instruction set
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
