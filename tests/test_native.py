@@ -163,3 +163,38 @@ def test_no_native_env_skips_the_build(tmp_path):
     assert "native False loss" in done.stdout
     assert "building" not in done.stderr and "could not be built" not in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "halves"])
+def test_compiled_graph_takes_the_functional_kernel(ops, pairing):
+    """Under torch.compile (fullgraph, AOT autograd) RoPE is the functional op rope_qkv in
+    the graph, with its registered fake and gradient formulas: same loss and gradients as
+    eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(3)
+    cfg = ModelConfig.from_flat(vocab_size=48, block_size=24, n_layer=2, n_head=4, n_embd=32,
+                                mlp_ratio=2.0, rope_pairing=pairing)
+    model = GPT(cfg)
+    x = torch.randint(0, 48, (2, 12))
+    _, loss = model(x, x)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    _, loss_c = torch.compile(model, backend=counter, fullgraph=True)(x, x)
+    loss_c.backward()
+    assert "neuroplastic.rope_qkv" in counter.graphs[0].code
+    torch.testing.assert_close(loss_c, loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], msg=name)
+    # the functional op and its backward against the in-place one
+    qkv = torch.randn(2, 5, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_angles(torch.arange(5), 8, dtype=torch.float64)
+    inter = pairing == "interleaved"
+    assert torch.autograd.gradcheck(
+        lambda t: torch.ops.neuroplastic.rope_qkv.default(t, cos, sin, inter), (qkv,))
+    ref = ops.rope_qkv_(qkv.detach().clone(), cos, sin, inter)
+    for a, b in zip(torch.ops.neuroplastic.rope_qkv.default(qkv.detach(), cos, sin, inter), ref):
+        torch.testing.assert_close(a, b.transpose(1, 2))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from neuroplastic.config import GPTConfig, ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.api import LanguageModel
-from neuroplastic.ops.native import native_ops, native_usable
+from neuroplastic.ops.native import native_built, native_ops, native_usable
 
 __all__ = ["GPT", "KVCache", "ROPE_PAIRINGS", "apply_rope", "rope_angles"]
 
@@ -174,6 +174,8 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 #: the complex dtype the interleaved rotation multiplies in, per real dtype
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+#: the dtypes of the fused C++ kernels (neuroplastic.ops.native)
+_NATIVE = (torch.float32, torch.float64)
 
 
 def rope_cis(cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,7 +423,15 @@ class CausalSelfAttention(nn.Module):
             elif not torch.compiler.is_compiling():
                 cos, sin = (t[:, None, None].to(qkv.dtype) for t in (cos, sin))
                 q, k, v = _QKVRope.apply(qkv, cos, sin, self.rope_pairing)
-            else:  # apply_rope casts cos/sin to qkv's dtype
+            elif (
+                qkv.device.type == "cpu" and qkv.dtype == cos.dtype and qkv.dtype in _NATIVE
+                and qkv.is_contiguous() and native_built()
+            ):
+                # torch.compile, CPU: the fused kernel's functional form as one op of the
+                # graph (inductor's own code for the rotation cost more; docs/BENCHMARKS.md)
+                q, k, v = (t.transpose(1, 2) for t in torch.ops.neuroplastic.rope_qkv.default(
+                    qkv, cos, sin, self.rope_pairing == "interleaved"))
+            else:  # torch.compile; apply_rope casts cos/sin to qkv's dtype
                 qk, v = qkv.split((2, 1), dim=2)
                 qk = apply_rope(qk, cos[:, None, None], sin[:, None, None], self.rope_pairing)
                 q, k = (t.transpose(1, 2) for t in qk.unbind(2))

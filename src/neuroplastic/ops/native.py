@@ -4,9 +4,12 @@
 ``torch.ops.neuroplastic.rope_qkv_`` (float32/float64, CPU), each with a C++ autograd node:
 RMSNorm in one pass forward and one backward (the PyTorch forms make three and four), RoPE
 rotating queries and keys in place on ``c_attn``'s output. Neither the forward nor the
-backward runs Python, which at small sizes is most of the saving: measured in
-docs/BENCHMARKS.md (``benchmarks/vs_nanogpt.py``; the ``--no-native`` column is the same
-model on the PyTorch forms).
+backward runs Python, which at small sizes is most of the saving. Under ``torch.compile``
+(which cannot trace in-place ops returning views) RoPE is ``rope_qkv``, the same kernel
+writing new q/k/v tensors, with fake and gradient formulas registered here
+(``rope_qkv_backward``: one kernel into ``c_attn``'s layout); RMSNorm is left to inductor,
+which fuses it well. Measured in docs/BENCHMARKS.md (``benchmarks/vs_nanogpt.py``; its
+``--torch-forms`` column is the same model on the PyTorch forms).
 
 The kernels are compiled once per CPU type, Python and torch version with
 ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; about 20 s on 2 cores) into
@@ -37,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["NativeOps", "native_build_dir", "native_disabled", "native_ops", "native_usable"]
+__all__ = ["NativeOps", "native_build_dir", "native_built", "native_disabled", "native_ops", "native_usable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # -march=native on x86-64 Linux: measured at 4L/128 sizes (768 rows, 1 thread), RMSNorm
@@ -58,6 +61,7 @@ class NativeOps(NamedTuple):
 
     rms_norm: Callable  # (x, weight, eps) -> y
     rope_qkv_: Callable  # (qkv (B, T, 3, nh, hd), cos (T, hd/2), sin, interleaved) -> q, k, v
+    rope_qkv: Callable  # the same, functional: q, k, v as new (B, T, nh, hd) tensors (compile)
 
 
 def _cpu_signature() -> bytes:
@@ -114,8 +118,38 @@ def _build() -> NativeOps:
         # the marker last: a process that starts while another is still linking builds
         # (or waits on torch's lock) instead of loading a half-written library
         built.write_text(torch.__version__ + "\n")
+    _register_compile_formulas()
     # the OpOverloads, not the packets: no overload resolution per call
-    return NativeOps(torch.ops.neuroplastic.rms_norm.default, torch.ops.neuroplastic.rope_qkv_.default)
+    ops = torch.ops.neuroplastic
+    return NativeOps(ops.rms_norm.default, ops.rope_qkv_.default, ops.rope_qkv.default)
+
+
+def _register_compile_formulas() -> None:
+    """What torch.compile needs to put ``rope_qkv`` in its graph: the outputs' shapes (fake
+    tensors) and the gradient (``rope_qkv_backward``, one kernel into qkv's layout)."""
+
+    def fake(qkv, cos, sin, interleaved):
+        B, T, _, nh, hd = qkv.shape
+        return tuple(qkv.new_empty(B, T, nh, hd) for _ in range(3))
+
+    def fake_backward(gq, gk, gv, cos, sin, interleaved):
+        B, T, nh, hd = gq.shape
+        return gq.new_empty(B, T, 3, nh, hd)
+
+    def setup_context(ctx, inputs, output):
+        _, cos, sin, ctx.interleaved = inputs
+        ctx.save_for_backward(cos, sin)
+
+    def backward(ctx, gq, gk, gv):
+        cos, sin = ctx.saved_tensors
+        gq, gk, gv = (g if g is not None else torch.zeros_like(other)
+                      for g, other in ((gq, gv if gv is not None else gk), (gk, gq), (gv, gq)))
+        grad = torch.ops.neuroplastic.rope_qkv_backward.default(gq, gk, gv, cos, sin, ctx.interleaved)
+        return grad, None, None, None
+
+    torch.library.register_fake("neuroplastic::rope_qkv")(fake)
+    torch.library.register_fake("neuroplastic::rope_qkv_backward")(fake_backward)
+    torch.library.register_autograd("neuroplastic::rope_qkv", backward, setup_context=setup_context)
 
 
 def _compile(name: str, build_dir: Path) -> None:
@@ -162,6 +196,13 @@ def native_ops() -> NativeOps | None:
                     )
             _state["ops"] = ops
     return _state["ops"]
+
+
+@torch.compiler.assume_constant_result
+def native_built() -> bool:
+    """Whether the kernels are built and switched on (builds them on the first call). For
+    code that torch.compile traces: its result is a constant of the compiled graph."""
+    return _enabled and native_ops() is not None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,9 @@
 //       qkv (nanoGPT's layout for SDPA: no new buffer). The backward writes the
 //       conjugate-rotated q/k gradients and the v gradient into one (B, T, 3, nh, hd)
 //       gradient: the one copy a split's backward makes anyway.
+//   rope_qkv(qkv, cos, sin, interleaved) -> (q, k, v) and rope_qkv_backward: the same
+//       without mutation or aliasing (new (B, T, nh, hd) tensors), for torch.compile's graph
+//       (fake and autograd formulas in native.py).
 //
 // The formulas are the ones of neuroplastic.models.transformer (RMSNorm, apply_rope); the
 // tests compare both and run gradcheck in float64. Rows are split over ATen's intra-op
@@ -217,34 +220,19 @@ void rope_rotate_inplace(at::Tensor& qkv, const at::Tensor& cos_, const at::Tens
   });
 }
 
-class RopeQKVFunction : public torch::autograd::Function<RopeQKVFunction> {
- public:
-  static tensor_list forward(AutogradContext* ctx, at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
-                             bool interleaved) {
-    rope_rotate_inplace(qkv, cos, sin, interleaved);
-    // written through raw pointers: tell autograd, so anything that saved qkv for its own
-    // backward fails loudly instead of reading rotated values
-    qkv.unsafeGetTensorImpl()->bump_version();
-    ctx->save_for_backward({cos.contiguous(), sin.contiguous()});
-    ctx->saved_data["interleaved"] = interleaved;
-    ctx->saved_data["B"] = qkv.size(0);
-    return rope_views(qkv);
-  }
-
-  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& cos = saved[0];
-    const at::Tensor& sin = saved[1];
-    const bool interleaved = ctx->saved_data["interleaved"].toBool();
-    const int64_t B = ctx->saved_data["B"].toInt();
+// The gradient of (q, k, v) = rotate(qkv): q/k gradients rotated by minus the angles and the
+// v gradient, all written into one (B, T, 3, nh, hd) tensor. grads are (B, nh, T, hd) with
+// any strides, or undefined (zero); undefined when all are.
+at::Tensor rope_qkv_grad(const tensor_list& grads, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                         int64_t B) {
     const int64_t T = cos.size(0), half = cos.size(1), hd = 2 * half;
     const at::Tensor* like = nullptr;
     for (const auto& g : grads) if (g.defined()) { like = &g; break; }
-    if (like == nullptr) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (like == nullptr) return at::Tensor();
     const int64_t nh = like->size(1);
     for (const auto& g : grads)
       TORCH_CHECK(!g.defined() || (g.dim() == 4 && g.scalar_type() == cos.scalar_type()),
-                  "neuroplastic::rope_qkv_ backward: unexpected gradient");
+                  "neuroplastic::rope_qkv backward: unexpected gradient");
     at::Tensor grad = at::empty({B, T, 3, nh, hd}, like->options().memory_format(at::MemoryFormat::Contiguous));
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "neuroplastic_rope_backward", [&] {
       scalar_t* out = grad.data_ptr<scalar_t>();
@@ -280,9 +268,68 @@ class RopeQKVFunction : public torch::autograd::Function<RopeQKVFunction> {
         }
       });
     });
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+    return grad;
+}
+
+class RopeQKVFunction : public torch::autograd::Function<RopeQKVFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
+                             bool interleaved) {
+    rope_rotate_inplace(qkv, cos, sin, interleaved);
+    // written through raw pointers: tell autograd, so anything that saved qkv for its own
+    // backward fails loudly instead of reading rotated values
+    qkv.unsafeGetTensorImpl()->bump_version();
+    ctx->save_for_backward({cos.contiguous(), sin.contiguous()});
+    ctx->saved_data["interleaved"] = interleaved;
+    ctx->saved_data["B"] = qkv.size(0);
+    return rope_views(qkv);
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool interleaved = ctx->saved_data["interleaved"].toBool();
+    const int64_t B = ctx->saved_data["B"].toInt();
+    return {rope_qkv_grad(grads, saved[0], saved[1], interleaved, B), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// Functional forms for torch.compile (no mutation, no aliasing: what functionalization
+// and inductor accept; fake and autograd formulas registered in native.py). rope_qkv: q, k
+// (rotated) and v as new (B, T, nh, hd) tensors; rope_qkv_backward: their gradients (any
+// strides) into one (B, T, 3, nh, hd) gradient of qkv.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_qkv_functional(const at::Tensor& qkv, const at::Tensor& cos_,
+                                                                   const at::Tensor& sin_, bool interleaved) {
+  check_rope(qkv, cos_, sin_);
+  const at::Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
+  const int64_t B = qkv.size(0), T = qkv.size(1), nh = qkv.size(3), hd = qkv.size(4), half = hd / 2;
+  at::Tensor q = at::empty({B, T, nh, hd}, qkv.options()), k = at::empty_like(q), v = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "neuroplastic_rope_qkv", [&] {
+    const scalar_t* p = qkv.const_data_ptr<scalar_t>();
+    scalar_t* outs[3] = {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>()};
+    const scalar_t* cp = cos.const_data_ptr<scalar_t>();
+    const scalar_t* sp = sin.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * T, row_grain(3 * nh * hd), [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end; ++bt) {
+        const int64_t t = bt % T;
+        const scalar_t* row = p + bt * 3 * nh * hd;
+        for (int s = 0; s < 2; ++s)
+          for (int64_t h = 0; h < nh; ++h)
+            rotate_head<scalar_t>(row + (s * nh + h) * hd, 1, outs[s] + (bt * nh + h) * hd, cp + t * half,
+                                  sp + t * half, half, interleaved, scalar_t(1));
+        std::copy(row + 2 * nh * hd, row + 3 * nh * hd, outs[2] + bt * nh * hd);
+      }
+    });
+  });
+  return {q, k, v};
+}
+
+at::Tensor rope_qkv_backward_cpu(const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
+                                 const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  TORCH_CHECK(gq.dim() == 4 && gk.sizes() == gq.sizes() && gv.sizes() == gq.sizes(),
+              "neuroplastic::rope_qkv_backward: gradients must be three (B, T, nh, hd) tensors");
+  return rope_qkv_grad({gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)}, cos, sin, interleaved,
+                       gq.size(0));
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_qkv_cpu(at::Tensor& qkv, const at::Tensor& cos,
                                                             const at::Tensor& sin, bool interleaved) {
@@ -302,11 +349,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_qkv_autograd(at::Tensor& qkv
 TORCH_LIBRARY(neuroplastic, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_qkv_(Tensor(a!) qkv, Tensor cos, Tensor sin, bool interleaved) -> (Tensor(a), Tensor(a), Tensor(a))");
+  m.def("rope_qkv(Tensor qkv, Tensor cos, Tensor sin, bool interleaved) -> (Tensor, Tensor, Tensor)");
+  m.def("rope_qkv_backward(Tensor gq, Tensor gk, Tensor gv, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neuroplastic, CPU, m) {
   m.impl("rms_norm", rms_norm_cpu);
   m.impl("rope_qkv_", rope_qkv_cpu);
+  m.impl("rope_qkv", rope_qkv_functional);
+  m.impl("rope_qkv_backward", rope_qkv_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(neuroplastic, Autograd, m) {
