@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from neuroplastic.config import GPTConfig, ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.api import LanguageModel
-from neuroplastic.ops.native import native_built, native_ops, native_usable
+from neuroplastic.ops.native import native_for_compile, native_ops, native_usable
 
 __all__ = ["GPT", "KVCache", "ROPE_PAIRINGS", "apply_rope", "rope_angles"]
 
@@ -425,7 +425,7 @@ class CausalSelfAttention(nn.Module):
                 q, k, v = _QKVRope.apply(qkv, cos, sin, self.rope_pairing)
             elif (
                 qkv.device.type == "cpu" and qkv.dtype == cos.dtype and qkv.dtype in _NATIVE
-                and qkv.is_contiguous() and native_built()
+                and qkv.is_contiguous() and native_for_compile()
             ):
                 # torch.compile, CPU: the fused kernel's functional form as one op of the
                 # graph (inductor's own code for the rotation cost more; docs/BENCHMARKS.md)

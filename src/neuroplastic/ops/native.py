@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["NativeOps", "native_build_dir", "native_built", "native_disabled", "native_ops", "native_usable"]
+__all__ = ["NativeOps", "native_build_dir", "native_for_compile", "native_disabled", "native_ops", "native_usable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # -march=native on x86-64 Linux: measured at 4L/128 sizes (768 rows, 1 thread), RMSNorm
@@ -118,7 +118,13 @@ def _build() -> NativeOps:
         # the marker last: a process that starts while another is still linking builds
         # (or waits on torch's lock) instead of loading a half-written library
         built.write_text(torch.__version__ + "\n")
-    _register_compile_formulas()
+    try:
+        _register_compile_formulas()
+        _state["compile"] = True
+    except Exception as err:  # an older torch.library: compiled models keep the PyTorch forms
+        _state["compile"] = False
+        warnings.warn(f"neuroplastic: the fused RoPE kernel is not offered to torch.compile ({err})",
+                      RuntimeWarning, stacklevel=2)
     # the OpOverloads, not the packets: no overload resolution per call
     ops = torch.ops.neuroplastic
     return NativeOps(ops.rms_norm.default, ops.rope_qkv_.default, ops.rope_qkv.default)
@@ -199,10 +205,11 @@ def native_ops() -> NativeOps | None:
 
 
 @torch.compiler.assume_constant_result
-def native_built() -> bool:
-    """Whether the kernels are built and switched on (builds them on the first call). For
-    code that torch.compile traces: its result is a constant of the compiled graph."""
-    return _enabled and native_ops() is not None
+def native_for_compile() -> bool:
+    """Whether torch.compile may put the kernels' functional forms in its graph: built,
+    switched on, and their fake/gradient formulas registered (builds them on the first
+    call). For code that torch.compile traces: the result is a constant of the graph."""
+    return _enabled and native_ops() is not None and bool(_state.get("compile"))
 
 
 @contextlib.contextmanager
