@@ -15,12 +15,13 @@ and its ``gpt`` section, :class:`neuroplastic.config.GPTConfig` (the layers see 
   shares the token embedding).
 
 Attention always goes through :func:`torch.nn.functional.scaled_dot_product_attention`.
+Generation uses a :class:`KVCache`; see :meth:`GPT.generate`.
 
 Eager on CPU in float32/64, RMSNorm and the rotation of queries and keys run as fused C++
-kernels with C++ autograd nodes (:mod:`neuroplastic.ops.native`, built on first use); where
-they cannot be built, and on other devices, dtypes or under ``torch.compile``, the PyTorch
-forms below compute the same thing (the tests compare both).
-Generation uses a :class:`KVCache`; see :meth:`GPT.generate`.
+kernels with C++ autograd nodes (:mod:`neuroplastic.ops.native`, built on first use; under
+``torch.compile`` on CPU the rotation is the kernel's functional form); where they cannot be
+built, and on other devices and dtypes, the PyTorch forms below compute the same thing (the
+tests compare both).
 
 Weight tying: when ``tie_weights`` is true there is no separate ``lm_head`` module; the
 output projection reads ``transformer.wte.weight``. The state dict therefore holds no
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from neuroplastic.config import GPTConfig, ModelConfig
 from neuroplastic.errors import UserError
 from neuroplastic.models.api import LanguageModel
-from neuroplastic.ops.native import native_for_compile, native_ops, native_usable
+from neuroplastic.ops.native import NATIVE_DTYPES, native_for_compile, native_ops, native_usable
 
 __all__ = ["GPT", "KVCache", "ROPE_PAIRINGS", "apply_rope", "rope_angles"]
 
@@ -174,8 +175,6 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 #: the complex dtype the interleaved rotation multiplies in, per real dtype
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-#: the dtypes of the fused C++ kernels (neuroplastic.ops.native)
-_NATIVE = (torch.float32, torch.float64)
 
 
 def rope_cis(cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,11 +323,11 @@ class RMSNorm(nn.RMSNorm):
             not torch.compiler.is_compiling()
             and x.device.type == "cpu"
             and x.dtype == torch.float32
-            and self.weight is not None
-            and self.weight.dtype == torch.float32
+            and w is not None
+            and w.dtype == torch.float32
             and len(self.normalized_shape) == 1
         ):
-            return _RMSNormFn.apply(x, self.weight, eps)
+            return _RMSNormFn.apply(x, w, eps)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
@@ -424,7 +423,7 @@ class CausalSelfAttention(nn.Module):
                 cos, sin = (t[:, None, None].to(qkv.dtype) for t in (cos, sin))
                 q, k, v = _QKVRope.apply(qkv, cos, sin, self.rope_pairing)
             elif (
-                qkv.device.type == "cpu" and qkv.dtype == cos.dtype and qkv.dtype in _NATIVE
+                qkv.device.type == "cpu" and qkv.dtype == cos.dtype and qkv.dtype in NATIVE_DTYPES
                 and qkv.is_contiguous() and native_for_compile()
             ):
                 # torch.compile, CPU: the fused kernel's functional form as one op of the
@@ -626,8 +625,7 @@ class GPT(LanguageModel):
             cis = cis_conj = None
             # the fused kernel (float32/64 CPU, eager) reads cos/sin (T, hd/2) as they are
             native = native_ops() if dtype == x.dtype and native_usable(x) else None
-            interleaved = g.rope_pairing == "interleaved"
-            if native is None and interleaved and dtype in _COMPLEX and not torch.compiler.is_compiling():
+            if native is None and g.rope_pairing == "interleaved" and dtype in _COMPLEX and not torch.compiler.is_compiling():
                 # the same tables every training step: kept (one entry) instead of rebuilt
                 key = (past, T, dtype, cos.device)
                 if self._cis_cache is None or self._cis_cache[0] != key:

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["NativeOps", "native_build_dir", "native_for_compile", "native_disabled", "native_ops", "native_usable"]
+__all__ = ["NATIVE_DTYPES", "NativeOps", "native_build_dir", "native_for_compile", "native_disabled", "native_ops", "native_usable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # -march=native on x86-64 Linux: measured at 4L/128 sizes (768 rows, 1 thread), RMSNorm
@@ -49,7 +49,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # different machines never loads a library built for another instruction set.
 _X86_LINUX = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 CFLAGS = ("-O3", "-fopenmp-simd") + (("-march=native",) if _X86_LINUX else ())
-_DTYPES = (torch.float32, torch.float64)
+NATIVE_DTYPES = (torch.float32, torch.float64)  # what the kernels compute in
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -148,8 +148,8 @@ def _register_compile_formulas() -> None:
 
     def backward(ctx, gq, gk, gv):
         cos, sin = ctx.saved_tensors
-        gq, gk, gv = (g if g is not None else torch.zeros_like(other)
-                      for g, other in ((gq, gv if gv is not None else gk), (gk, gq), (gv, gq)))
+        like = next(g for g in (gq, gk, gv) if g is not None)
+        gq, gk, gv = (torch.zeros_like(like) if g is None else g for g in (gq, gk, gv))
         grad = torch.ops.neuroplastic.rope_qkv_backward.default(gq, gk, gv, cos, sin, ctx.interleaved)
         return grad, None, None, None
 
@@ -231,7 +231,7 @@ def native_usable(x: torch.Tensor) -> bool:
     return (
         _enabled
         and x.device.type == "cpu"
-        and x.dtype in _DTYPES
+        and x.dtype in NATIVE_DTYPES
         and not torch.compiler.is_compiling()
         and native_ops() is not None
     )
